@@ -1,0 +1,1 @@
+"""Shared machinery: masks, validation, dispatch, numerics and test helpers."""

@@ -1,0 +1,487 @@
+"""Attention masks: one algebra, three lowerings.
+
+A mask says which key ``j`` each query ``i`` may attend to.  Masks compose with
+``&`` (both allow) and ``|`` (either allows).  Every mask offers three
+lowerings, so no fast path ever needs a ``T x S`` boolean array:
+
+1. ``materialize(T, S) -> bool[B|1, H|1, T, S]`` — for references and tests.
+2. ``classify(T, S, bq, bk) -> int8[B|1, H|1, nq, nk]`` — each ``(bq, bk)`` tile
+   is :data:`EMPTY` (no visible pair: skip it), :data:`FULL` (every pair
+   visible: skip the predicate) or :data:`PARTIAL`.  Masks whose structure is
+   independent of the data (``is_static``) return a NumPy array at trace time,
+   so work can be skipped at compile time; data-dependent masks return a JAX
+   array.  Classification is *sound*: a tile called EMPTY has no visible pair
+   and a tile called FULL has no hidden pair.  It is *exact* for every primitive
+   mask; compositions with ``&``/``|`` may call a tile PARTIAL that is in fact
+   empty or full (the predicate still gives the right answer).
+3. ``predicate(q_idx, k_idx, T, S) -> bool[B|1, H|1, tq, tk]`` — elementwise
+   evaluation on (possibly traced) index vectors, for partial tiles.
+
+Alignment.  When ``T != S`` the positional masks (causal, sliding window,
+chunked, prefix-LM) are *bottom-right aligned*: query ``i`` sits at position
+``i + (S - T)``, so the last query lines up with the last key.  That is what
+decoding and chunked prefill need (``jax.nn.dot_product_attention`` aligns
+top-left instead).  Pass ``offset=`` to choose the query position explicitly:
+query ``i`` is at position ``i + offset``.  ``offset`` may be an int or an
+integer array of shape ``[B]`` (per-row offsets, e.g. a KV cache whose rows
+hold different lengths; the mask is then data-dependent).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+__all__ = [
+    "EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "chunked", "segments",
+    "prefix_lm", "dense", "key_padding", "as_mask",
+]
+
+
+def _is_concrete_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _block_bounds(n: int, b: int):
+    """First and last valid index of every block of size b over n positions."""
+    starts = np.arange(0, n, b)
+    ends = np.minimum(starts + b, n) - 1
+    return starts, ends
+
+
+def _check_block_sizes(T, S, bq, bk):
+    for name, v in (("bq", bq), ("bk", bk)):
+        if not _is_concrete_int(v) or v <= 0:
+            raise ValueError(f"block size {name} must be a positive int, got {v!r}")
+    for name, v in (("T", T), ("S", S)):
+        if not _is_concrete_int(v) or v <= 0:
+            raise ValueError(f"sequence length {name} must be a positive int, got {v!r}")
+
+
+class Mask:
+    """Base class.  Subclasses implement ``predicate`` and ``classify``."""
+
+    #: True when visibility depends only on (i, j, T, S), not on array data.
+    is_static: bool = True
+
+    def predicate(self, q_idx, k_idx, T: int, S: int):
+        raise NotImplementedError
+
+    def classify(self, T: int, S: int, bq: int, bk: int):
+        raise NotImplementedError
+
+    def materialize(self, T: int, S: int):
+        out = self.predicate(jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32), T, S)
+        return jnp.asarray(out, dtype=bool)
+
+    def check(self, B: int, H: int, T: int, S: int) -> None:
+        """Raise ValueError if the mask cannot broadcast to ``[B, H, T, S]``."""
+
+    def arrays(self) -> tuple:
+        """The data arrays the mask holds (for NaN-safety and sharding logic)."""
+        return ()
+
+    def __and__(self, other: "Mask") -> "Mask":
+        return _Combine("and", (self, as_mask(other)))
+
+    def __or__(self, other: "Mask") -> "Mask":
+        return _Combine("or", (self, as_mask(other)))
+
+    def __rand__(self, other):
+        return as_mask(other) & self
+
+    def __ror__(self, other):
+        return as_mask(other) | self
+
+
+# ----------------------------------------------------------------------------- positional masks
+
+
+class _Positional(Mask):
+    """Masks defined by the query position ``p = i + offset`` and key index ``j``."""
+
+    def __init__(self, offset):
+        if offset is not None and not _is_concrete_int(offset):
+            offset = jnp.asarray(offset)
+            if not jnp.issubdtype(offset.dtype, jnp.integer):
+                raise TypeError(f"offset must be an int or an integer array of shape [B], got dtype {offset.dtype}")
+            if offset.ndim != 1:
+                raise ValueError(f"offset array must have shape [B], got shape {offset.shape}")
+            self.is_static = False
+        self.offset = offset
+
+    def _offset(self, T, S, xp):
+        """Offset broadcastable to [B|1, 1, 1, 1] (arrays) or a Python int."""
+        if self.offset is None:
+            return S - T
+        if _is_concrete_int(self.offset):
+            return int(self.offset)
+        return xp.asarray(self.offset).reshape(-1, 1, 1, 1)
+
+    def check(self, B, H, T, S):
+        if self.offset is not None and not _is_concrete_int(self.offset):
+            if self.offset.shape[0] not in (1, B):
+                raise ValueError(f"mask offset: expected shape [{B}] (or [1]), got {tuple(self.offset.shape)}")
+
+    def arrays(self):
+        return () if self.offset is None or _is_concrete_int(self.offset) else (self.offset,)
+
+    def predicate(self, q_idx, k_idx, T, S):
+        p = jnp.asarray(q_idx)[:, None] + self._offset(T, S, jnp)
+        j = jnp.asarray(k_idx)[None, :]
+        out = self._visible(p, j)  # [tq, tk], or [B, 1, tq, tk] with per-row offsets
+        return out if out.ndim == 4 else out[None, None]
+
+    def classify(self, T, S, bq, bk):
+        _check_block_sizes(T, S, bq, bk)
+        xp = np if self.is_static else jnp
+        off = self._offset(T, S, xp)
+        qs, qe = _block_bounds(T, bq)
+        ks, ke = _block_bounds(S, bk)
+        pmin = qs[:, None] + off  # broadcasts to [B|1,1,nq,1] or [nq,1]
+        pmax = qe[:, None] + off
+        kmin = ks[None, :]
+        kmax = ke[None, :]
+        empty, full = self._classify(pmin, pmax, kmin, kmax, xp)
+        cls = xp.where(empty, EMPTY, xp.where(full, FULL, PARTIAL)).astype(xp.int8)
+        if cls.ndim == 2:
+            cls = cls[None, None]
+        return cls
+
+
+class _Causal(_Positional):
+    def _visible(self, p, j):
+        return j <= p
+
+    def _classify(self, pmin, pmax, kmin, kmax, xp):
+        return kmin > pmax, kmax <= pmin
+
+    def __repr__(self):
+        return f"causal(offset={self.offset!r})"
+
+
+class _SlidingWindow(_Positional):
+    def __init__(self, left, right, offset):
+        super().__init__(offset)
+        self.left, self.right = left, right
+
+    def _visible(self, p, j):
+        return (j >= p - self.left) & (j <= p + self.right)
+
+    def _classify(self, pmin, pmax, kmin, kmax, xp):
+        # Some query in [pmin, pmax] sees some key in [kmin, kmax] iff the query range
+        # intersects [kmin - right, kmax + left].
+        lo = xp.maximum(pmin, kmin - self.right)
+        hi = xp.minimum(pmax, kmax + self.left)
+        empty = lo > hi
+        full = (kmax <= pmin + self.right) & (kmin >= pmax - self.left)
+        return empty, full
+
+    def __repr__(self):
+        return f"sliding_window(left={self.left}, right={self.right}, offset={self.offset!r})"
+
+
+class _Chunked(_Positional):
+    def __init__(self, size, offset):
+        super().__init__(offset)
+        self.size = size
+
+    def _visible(self, p, j):
+        return (p // self.size) == (j // self.size)
+
+    def _classify(self, pmin, pmax, kmin, kmax, xp):
+        s = self.size
+        cq0, cq1 = xp.floor_divide(pmin, s), xp.floor_divide(pmax, s)
+        ck0, ck1 = xp.floor_divide(kmin, s), xp.floor_divide(kmax, s)
+        empty = (cq1 < ck0) | (ck1 < cq0)
+        full = (cq0 == cq1) & (ck0 == ck1) & (cq0 == ck0)
+        return empty, full
+
+    def __repr__(self):
+        return f"chunked(size={self.size}, offset={self.offset!r})"
+
+
+class _PrefixLM(_Positional):
+    def __init__(self, prefix_len, offset):
+        super().__init__(offset)
+        self.prefix_len = prefix_len
+
+    def _visible(self, p, j):
+        return (j < self.prefix_len) | (j <= p)
+
+    def _classify(self, pmin, pmax, kmin, kmax, xp):
+        n = self.prefix_len
+        empty = (kmin >= n) & (kmin > pmax)
+        full = kmax < xp.maximum(n, pmin + 1)
+        return empty, full
+
+    def __repr__(self):
+        return f"prefix_lm(prefix_len={self.prefix_len}, offset={self.offset!r})"
+
+
+def _check_nonneg_int(name, v):
+    if not _is_concrete_int(v):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def causal(offset=None) -> Mask:
+    """Key ``j`` visible to query ``i`` iff ``j <= i + offset`` (default offset ``S - T``)."""
+    return _Causal(offset)
+
+
+def sliding_window(left: int, right: int = 0, *, offset=None) -> Mask:
+    """Key ``j`` visible to query ``i`` iff ``p - left <= j <= p + right``, ``p = i + offset``.
+
+    Both bounds are inclusive: ``sliding_window(w)`` lets a query see itself and the
+    ``w`` keys before it (``w + 1`` keys in all).  It is *not* causal by itself when
+    ``right > 0``; ``sliding_window(w)`` with the default ``right=0`` is causal.
+    """
+    _check_nonneg_int("left", left)
+    _check_nonneg_int("right", right)
+    return _SlidingWindow(int(left), int(right), offset)
+
+
+def chunked(size: int, *, offset=None) -> Mask:
+    """Bidirectional local blocks: visible iff ``p // size == j // size``.
+
+    Combine with ``causal()`` for causal chunked attention (Llama-4 style).
+    """
+    _check_nonneg_int("size", size)
+    if size == 0:
+        raise ValueError("size must be >= 1, got 0")
+    return _Chunked(int(size), offset)
+
+
+def prefix_lm(prefix_len: int, *, offset=None) -> Mask:
+    """Bidirectional over the first ``prefix_len`` keys, causal after them."""
+    _check_nonneg_int("prefix_len", prefix_len)
+    return _PrefixLM(int(prefix_len), offset)
+
+
+# ----------------------------------------------------------------------------- data masks
+
+
+def _block_minmax(ids, n: int, b: int, fill_min, fill_max):
+    """Per-block min and max of ids[..., n] over valid positions; ids: [B, n]."""
+    nb = -(-n // b)
+    pad = nb * b - n
+    lo = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=fill_min).reshape(ids.shape[0], nb, b)
+    hi = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=fill_max).reshape(ids.shape[0], nb, b)
+    return lo.min(-1), hi.max(-1)
+
+
+class _Segments(Mask):
+    is_static = False
+
+    def __init__(self, q_ids, kv_ids):
+        self.q_ids = q_ids
+        self.kv_ids = kv_ids
+
+    def _kv(self):
+        return self.q_ids if self.kv_ids is None else self.kv_ids
+
+    def check(self, B, H, T, S):
+        for name, ids, n in (("q_segment_ids", self.q_ids, T), ("kv_segment_ids", self._kv(), S)):
+            if ids.ndim != 2 or ids.shape[0] not in (1, B) or ids.shape[1] != n:
+                extra = " (kv_segment_ids defaults to q_segment_ids, which needs T == S)" if (
+                    self.kv_ids is None and name == "kv_segment_ids") else ""
+                raise ValueError(f"{name}: expected shape [{B}, {n}], got {tuple(ids.shape)}{extra}")
+
+    def arrays(self):
+        return (self.q_ids, self._kv())
+
+    def predicate(self, q_idx, k_idx, T, S):
+        qi = jnp.take(self.q_ids, q_idx, axis=1, mode="clip")
+        ki = jnp.take(self._kv(), k_idx, axis=1, mode="clip")
+        vis = (qi[:, :, None] == ki[:, None, :]) & (qi[:, :, None] != 0)
+        return vis[:, None]
+
+    def classify(self, T, S, bq, bk):
+        _check_block_sizes(T, S, bq, bk)
+        big = jnp.iinfo(jnp.int32).max
+        q = self.q_ids.astype(jnp.int32)
+        k = self._kv().astype(jnp.int32)
+        # Padding (id 0) never matches: treat it as "absent" for the range test.
+        qmin, qmax = _block_minmax(jnp.where(q == 0, big, q), T, bq, big, -1)
+        kmin, kmax = _block_minmax(jnp.where(k == 0, big, k), S, bk, big, -1)
+        qmax = jnp.where(qmax == big, -1, qmax)  # blocks holding only padding
+        kmax = jnp.where(kmax == big, -1, kmax)
+        qmin_, qmax_ = qmin[:, :, None], qmax[:, :, None]
+        kmin_, kmax_ = kmin[:, None, :], kmax[:, None, :]
+        empty = (qmax_ < kmin_) | (kmax_ < qmin_) | (qmax_ < 0) | (kmax_ < 0)
+        q_all_real = _block_minmax(q, T, bq, big, -1)[0] > 0
+        k_all_real = _block_minmax(k, S, bk, big, -1)[0] > 0
+        full = ((qmin_ == qmax_) & (kmin_ == kmax_) & (qmin_ == kmin_)
+                & q_all_real[:, :, None] & k_all_real[:, None, :])
+        cls = jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
+        return cls[:, None]
+
+    def __repr__(self):
+        return f"segments(q_segment_ids{tuple(self.q_ids.shape)}, kv_segment_ids=" + (
+            "None)" if self.kv_ids is None else f"{tuple(self.kv_ids.shape)})")
+
+
+class _KeyPadding(Mask):
+    is_static = False
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def check(self, B, H, T, S):
+        if self.lengths.ndim != 1 or self.lengths.shape[0] not in (1, B):
+            raise ValueError(f"key_padding lengths: expected shape [{B}], got {tuple(self.lengths.shape)}")
+
+    def arrays(self):
+        return (self.lengths,)
+
+    def predicate(self, q_idx, k_idx, T, S):
+        vis = jnp.asarray(k_idx)[None, None, None, :] < self.lengths[:, None, None, None]
+        return jnp.broadcast_to(vis, (self.lengths.shape[0], 1, jnp.shape(q_idx)[0], jnp.shape(k_idx)[0]))
+
+    def classify(self, T, S, bq, bk):
+        _check_block_sizes(T, S, bq, bk)
+        ks, ke = _block_bounds(S, bk)
+        n = self.lengths[:, None, None, None]
+        cls = jnp.where(ks >= n, EMPTY, jnp.where(ke < n, FULL, PARTIAL)).astype(jnp.int8)
+        nq = -(-T // bq)
+        return jnp.broadcast_to(cls, (self.lengths.shape[0], 1, nq, ks.shape[0]))
+
+    def __repr__(self):
+        return f"key_padding(lengths{tuple(self.lengths.shape)})"
+
+
+class _Dense(Mask):
+    is_static = False
+
+    def __init__(self, m):
+        self.m = m
+
+    def check(self, B, H, T, S):
+        m = self.m
+        if m.ndim != 4 or m.shape[0] not in (1, B) or m.shape[1] not in (1, H) or m.shape[2:] != (T, S):
+            raise ValueError(f"mask: expected a boolean array broadcastable as [B|1, H|1, T, S] = "
+                             f"[{B}|1, {H}|1, {T}, {S}], got shape {tuple(m.shape)}")
+
+    def arrays(self):
+        return (self.m,)
+
+    def materialize(self, T, S):
+        return self.m
+
+    def predicate(self, q_idx, k_idx, T, S):
+        rows = jnp.take(self.m, q_idx, axis=2, mode="clip")
+        return jnp.take(rows, k_idx, axis=3, mode="clip")
+
+    def classify(self, T, S, bq, bk):
+        _check_block_sizes(T, S, bq, bk)
+        nq, nk = -(-T // bq), -(-S // bk)
+        m = self.m
+        a = jnp.pad(m, ((0, 0), (0, 0), (0, nq * bq - T), (0, nk * bk - S)), constant_values=False)
+        a = a.reshape(m.shape[0], m.shape[1], nq, bq, nk, bk)
+        valid = np.zeros((nq * bq, nk * bk), bool)
+        valid[:T, :S] = True
+        valid = valid.reshape(nq, bq, nk, bk)
+        any_ = a.any(axis=(3, 5))
+        all_ = (a | ~valid[None, None]).all(axis=(3, 5))
+        return jnp.where(~any_, EMPTY, jnp.where(all_, FULL, PARTIAL)).astype(jnp.int8)
+
+    def __repr__(self):
+        return f"dense({tuple(self.m.shape)})"
+
+
+def _int_array(name, x):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+    return x
+
+
+def segments(q_segment_ids, kv_segment_ids=None) -> Mask:
+    """Packed documents: visible iff the segment ids match and are non-zero (0 = padding).
+
+    ``q_segment_ids: int[B, T]``; ``kv_segment_ids: int[B, S]`` (defaults to the query ids).
+    """
+    q = _int_array("q_segment_ids", q_segment_ids)
+    kv = None if kv_segment_ids is None else _int_array("kv_segment_ids", kv_segment_ids)
+    if q.ndim != 2:
+        raise ValueError(f"q_segment_ids: expected shape [B, T], got {tuple(q.shape)}")
+    if kv is not None and kv.ndim != 2:
+        raise ValueError(f"kv_segment_ids: expected shape [B, S], got {tuple(kv.shape)}")
+    return _Segments(q, kv)
+
+
+def key_padding(lengths) -> Mask:
+    """Key ``j`` of batch row ``b`` is visible iff ``j < lengths[b]``."""
+    n = _int_array("lengths", lengths)
+    if n.ndim != 1:
+        raise ValueError(f"lengths: expected shape [B], got {tuple(n.shape)}")
+    return _KeyPadding(n)
+
+
+def dense(mask) -> Mask:
+    """An explicit boolean mask ``[B|1, H|1, T, S]`` (True = attend)."""
+    m = jnp.asarray(mask)
+    if m.dtype != jnp.bool_:
+        raise TypeError(f"mask: expected a boolean array, got dtype {m.dtype}")
+    if m.ndim != 4:
+        raise ValueError(f"mask: expected rank 4 [B|1, H|1, T, S], got shape {tuple(m.shape)}")
+    return _Dense(m)
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+class _Combine(Mask):
+    def __init__(self, op, parts):
+        flat = []
+        for p in parts:
+            flat.extend(p.parts if isinstance(p, _Combine) and p.op == op else [p])
+        self.op, self.parts = op, tuple(flat)
+        self.is_static = all(p.is_static for p in self.parts)
+
+    def check(self, B, H, T, S):
+        for p in self.parts:
+            p.check(B, H, T, S)
+
+    def arrays(self):
+        return tuple(a for p in self.parts for a in p.arrays())
+
+    def predicate(self, q_idx, k_idx, T, S):
+        outs = [p.predicate(q_idx, k_idx, T, S) for p in self.parts]
+        out = outs[0]
+        for o in outs[1:]:
+            out = (out & o) if self.op == "and" else (out | o)
+        return out
+
+    def classify(self, T, S, bq, bk):
+        cls = [p.classify(T, S, bq, bk) for p in self.parts]
+        xp = np if self.is_static else jnp
+        out = cls[0]
+        for c in cls[1:]:
+            # EMPTY < PARTIAL < FULL: "and" is the elementwise min, "or" the max. Both are sound.
+            out = xp.minimum(out, c) if self.op == "and" else xp.maximum(out, c)
+        return out
+
+    def __repr__(self):
+        return "(" + f" {'&' if self.op == 'and' else '|'} ".join(map(repr, self.parts)) + ")"
+
+
+def as_mask(mask: Any) -> Mask | None:
+    """None -> None; a Mask -> itself; a boolean array -> :func:`dense`."""
+    if mask is None or isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, (jax.Array, np.ndarray)):
+        return dense(mask)
+    raise TypeError(f"mask: expected an attn_jax.masks.Mask, a boolean array or None, got {type(mask).__name__}")
+
+
+def num_blocks(n: int, b: int) -> int:
+    return math.ceil(n / b)

@@ -1,0 +1,32 @@
+"""Positional schemes: rotary (RoPE, xPos), additive biases (ALiBi, T5) and absolute embeddings.
+
+Rotary schemes transform queries and keys ``[B, T, H, D]`` before attention; additive biases are
+:class:`attn_jax.core.bias.StructuredBias` pytrees passed as ``bias=`` to attention; absolute
+embeddings are added to token embeddings.
+"""
+
+from attn_jax.positional.absolute import (
+    init_learned_absolute,
+    learned_absolute_embedding,
+    sinusoidal_embedding,
+)
+from attn_jax.positional.alibi import ALiBi, alibi, alibi_slopes
+from attn_jax.positional.rope import RopeScaling, apply_rope, rope_frequencies, yarn_attention_factor
+from attn_jax.positional.t5 import T5RelativeBias, relative_position_bucket
+from attn_jax.positional.xpos import apply_xpos
+
+__all__ = [
+    "apply_rope",
+    "rope_frequencies",
+    "RopeScaling",
+    "yarn_attention_factor",
+    "alibi_slopes",
+    "ALiBi",
+    "alibi",
+    "relative_position_bucket",
+    "T5RelativeBias",
+    "sinusoidal_embedding",
+    "learned_absolute_embedding",
+    "init_learned_absolute",
+    "apply_xpos",
+]
