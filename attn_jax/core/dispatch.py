@@ -53,6 +53,11 @@ def _unservable_lowering(ctx, *args, avals, message):
     raise ValueError(message)
 
 
+def _unservable_impl(*args, avals, message):
+    raise ValueError(message)  # eager evaluation on a platform nothing serves
+
+
+_unservable_p.def_impl(_unservable_impl)
 mlir.register_lowering(_unservable_p, _unservable_lowering)
 
 

@@ -310,10 +310,11 @@ class _Segments(Mask):
         q = self.q_ids.astype(jnp.int32)
         k = self._kv().astype(jnp.int32)
         # Padding (id 0) never matches: treat it as "absent" for the range test.
-        qmin, qmax = _block_minmax(jnp.where(q == 0, big, q), T, bq, big, -1)
-        kmin, kmax = _block_minmax(jnp.where(k == 0, big, k), S, bk, big, -1)
-        qmax = jnp.where(qmax == big, -1, qmax)  # blocks holding only padding
-        kmax = jnp.where(kmax == big, -1, kmax)
+        # Ranges over real tokens only; a block of pure padding gets max = -1.
+        qmin = _block_minmax(jnp.where(q == 0, big, q), T, bq, big, -1)[0]
+        qmax = _block_minmax(jnp.where(q == 0, -1, q), T, bq, big, -1)[1]
+        kmin = _block_minmax(jnp.where(k == 0, big, k), S, bk, big, -1)[0]
+        kmax = _block_minmax(jnp.where(k == 0, -1, k), S, bk, big, -1)[1]
         qmin_, qmax_ = qmin[:, :, None], qmax[:, :, None]
         kmin_, kmax_ = kmin[:, None, :], kmax[:, None, :]
         empty = (qmax_ < kmin_) | (kmax_ < qmin_) | (qmax_ < 0) | (kmax_ < 0)

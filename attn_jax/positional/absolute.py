@@ -63,7 +63,8 @@ def learned_absolute_embedding(
 ) -> Float[Array, "... dim"]:
     """Rows ``table[positions]`` (dtype of ``table``); see module docstring for range checks."""
     if not hasattr(table, "shape") or table.ndim != 2:
-        raise ValueError(f"table: expected shape [max_len, dim], got {getattr(table, 'shape', type(table).__name__)}")
+        got = getattr(table, "shape", type(table).__name__)
+        raise ValueError(f"table: expected shape [max_len, dim], got {got}")
     if not jnp.issubdtype(table.dtype, jnp.floating):
         raise TypeError(f"table: expected a floating dtype, got {table.dtype}")
     if not hasattr(positions, "dtype"):

@@ -89,7 +89,9 @@ class ALiBi(StructuredBias):
         self.causal = causal
         self.num_heads = int(slopes.shape[0])
 
-    def tile(self, q_idx: Int[Array, " tq"], k_idx: Int[Array, " tk"], T: int, S: int) -> Float[Array, "1 H tq tk"]:
+    def tile(
+        self, q_idx: Int[Array, " tq"], k_idx: Int[Array, " tk"], T: int, S: int
+    ) -> Float[Array, "1 H tq tk"]:
         q_idx = check_index(q_idx, "q_idx")
         k_idx = check_index(k_idx, "k_idx")
         qpos = query_positions(q_idx, T, S)

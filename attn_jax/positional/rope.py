@@ -1,9 +1,10 @@
 """Rotary position embedding (RoPE) and its context-extension scalings.
 
 Paper: Su, Lu, Pan, Murtadha, Wen, Liu, "RoFormer: Enhanced Transformer with Rotary Position
-Embedding", 2021, arXiv:2104.09864 (Eq. 34).  For a vector ``x`` at position ``m`` and the
-inverse frequencies ``theta_i = base^(-2i/d)``, ``i = 0 .. d/2-1``, each pair of dimensions
-``(a_i, b_i)`` is rotated by the angle ``m * theta_i``::
+Embedding", 2021, arXiv:2104.09864 (Sec. 3.2; the elementwise form of Sec. 3.4.2).  For a
+vector ``x`` at position ``m`` and the inverse frequencies ``theta_i = base^(-2i/d)``,
+``i = 0 .. d/2-1``, each pair of dimensions ``(a_i, b_i)`` is rotated by the angle
+``m * theta_i``::
 
     a_i' = a_i cos(m theta_i) - b_i sin(m theta_i)
     b_i' = b_i cos(m theta_i) + a_i sin(m theta_i)
@@ -21,12 +22,12 @@ Scalings (:class:`RopeScaling`) change the inverse frequencies, never the positi
 
 * ``"linear"`` (position interpolation, Chen et al. 2023, arXiv:2306.15595):
   ``theta_i / factor``, identical to using positions ``m / factor``.
-* ``"ntk"`` (NTK-aware, bloc97 2023; written up in the YaRN paper, Sec. 3.1):
-  ``base' = base * factor^(d / (d - 2))``.
+* ``"ntk"`` (NTK-aware, bloc97 2023; written up in the YaRN paper as "NTK-aware"
+  interpolation): ``base' = base * factor^(d / (d - 2))``.
 * ``"yarn"`` (Peng, Quesnelle, Fan, Shippole, "YaRN: Efficient Context Window Extension of
-  Large Language Models", 2023, arXiv:2309.00071, Eqs. 17-21): with the original context
-  length ``L``, the number of rotations ``r_i = L / lambda_i`` of the wavelength
-  ``lambda_i = 2 pi / theta_i`` and the ramp ``gamma`` between ``alpha = beta_slow = 1`` and
+  Large Language Models", 2023, arXiv:2309.00071, "NTK-by-parts" interpolation): with the
+  original context length ``L``, the number of rotations ``r_i = L / lambda_i`` of the
+  wavelength ``lambda_i = 2 pi / theta_i`` and the ramp ``gamma`` between ``alpha = beta_slow = 1`` and
   ``beta = beta_fast = 32``::
 
       theta_i' = (1 - gamma_i) * theta_i / factor + gamma_i * theta_i
@@ -37,11 +38,11 @@ Scalings (:class:`RopeScaling`) change the inverse frequencies, never the positi
   pair index: the boundaries ``i(r) = d * ln(L / (2 pi r)) / (2 ln base)`` are rounded
   outwards (``floor`` for ``r = beta_fast``, ``ceil`` for ``r = beta_slow``), clipped to
   ``[0, d - 1]``, and ``gamma_i = 1 - clip((i - low) / (high - low), 0, 1)``.
-  YaRN also scales the logits by ``1/t`` with ``sqrt(1/t) = 0.1 ln(factor) + 1`` (Eq. 22;
-  :func:`yarn_attention_factor`).  Like Hugging Face, :func:`apply_rope` multiplies ``cos``
-  and ``sin`` by ``sqrt(1/t)``, so applying it to both queries and keys scales the logits of
-  the rotated dimensions by ``1/t``.  Deviation named: pass-through dimensions of a partial
-  rotary are *not* scaled (same as Hugging Face).
+  YaRN also scales the logits by ``1/t`` with ``sqrt(1/t) = 0.1 ln(factor) + 1`` (its
+  attention temperature; :func:`yarn_attention_factor`).  Like Hugging Face,
+  :func:`apply_rope` multiplies ``cos`` and ``sin`` by ``sqrt(1/t)``, so applying it to both
+  queries and keys scales the logits of the rotated dimensions by ``1/t``.  Deviation named:
+  pass-through dimensions of a partial rotary are *not* scaled (same as Hugging Face).
 
 Numerics: angles, ``cos``/``sin`` and the rotation are computed in float32; the result is cast
 back to the input dtype.  Positions are converted to float32, so they are exact up to 2^24.
@@ -109,7 +110,7 @@ class RopeScaling:
 
 
 def yarn_attention_factor(factor: float) -> float:
-    """YaRN's ``sqrt(1/t) = 0.1 ln(factor) + 1`` (arXiv:2309.00071 Eq. 22); 1 for ``factor <= 1``."""
+    """YaRN's ``sqrt(1/t) = 0.1 ln(factor) + 1`` (YaRN, arXiv:2309.00071); 1 for ``factor <= 1``."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
         raise TypeError(f"factor: expected a finite Python number, got {factor!r}")
     if factor <= 1.0:
@@ -201,7 +202,7 @@ def check_input(x, name: str = "x"):
     return jnp.asarray(x)
 
 
-def positions_for(positions, batch: int, length: int) -> Float[Array, "B|1 T"]:
+def positions_for(positions, batch: int, length: int) -> Float[Array, "#B T"]:
     """Validate ``positions`` (``[T]``, ``[B, T]`` or ``None``) and return float32 ``[B|1, T]``."""
     if positions is None:
         return jnp.arange(length, dtype=jnp.float32)[None, :]

@@ -127,7 +127,9 @@ class T5RelativeBias(StructuredBias):
         self.max_distance = int(max_distance)
         self.num_heads = int(table.shape[1])
 
-    def buckets(self, q_idx: Int[Array, " tq"], k_idx: Int[Array, " tk"], T: int, S: int) -> Int[Array, "tq tk"]:
+    def buckets(
+        self, q_idx: Int[Array, " tq"], k_idx: Int[Array, " tk"], T: int, S: int
+    ) -> Int[Array, "tq tk"]:
         """Bucket index of every (query, key) pair of the tile."""
         q_idx = check_index(q_idx, "q_idx")
         k_idx = check_index(k_idx, "k_idx")
@@ -139,7 +141,9 @@ class T5RelativeBias(StructuredBias):
             max_distance=self.max_distance,
         )
 
-    def tile(self, q_idx: Int[Array, " tq"], k_idx: Int[Array, " tk"], T: int, S: int) -> Float[Array, "1 H tq tk"]:
+    def tile(
+        self, q_idx: Int[Array, " tq"], k_idx: Int[Array, " tk"], T: int, S: int
+    ) -> Float[Array, "1 H tq tk"]:
         values = jnp.take(self.table.astype(jnp.float32), self.buckets(q_idx, k_idx, T, S), axis=0)
         return jnp.transpose(values, (2, 0, 1))[None]  # [tq, tk, H] -> [1, H, tq, tk]
 

@@ -1,7 +1,7 @@
 """xPos: RoPE with an exponential per-dimension decay (length-extrapolatable rotary).
 
 Paper: Sun, Dong, Patra, Ma, Huang, Benhaim, Chaudhary, Song, Wei, "A Length-Extrapolatable
-Transformer", 2022, arXiv:2212.10554 (Sec. 3.2, Eq. 7 and Algorithm 1).  With the RoPE rotation
+Transformer", 2022, arXiv:2212.10554 (the xPos rotary embedding).  With the RoPE rotation
 ``R_n`` of position ``n`` (see :mod:`attn_jax.positional.rope`) and, for the pair index
 ``i = 0 .. d/2-1``::
 

@@ -11,6 +11,8 @@ whole row (none, or a top-left-consistent causal mask) are accepted.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -24,10 +26,24 @@ def _causal_offset(mask):
     raise LookupError
 
 
+@functools.cache
+def _cudnn_traceable() -> bool:
+    """jax.nn's cuDNN path queries the installed cuDNN while *tracing*, so it cannot even be
+    traced (or exported for cuda) on a machine without the CUDA plugin."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+        check_cudnn_version()
+        return True
+    except Exception:  # RuntimeError("cuDNN is not detected.") or a missing private module
+        return False
+
+
 def unsupported(platform: str, p) -> list[str]:
     r = []
     if platform != "cuda":
         r.append(f"cuDNN runs only on CUDA GPUs (lowering platform '{platform}')")
+    elif not _cudnn_traceable():
+        r.append("cuDNN is not installed here (jax.nn's cuDNN path checks the cuDNN version at trace time)")
     if p.dtype not in (jnp.bfloat16, jnp.float16):
         r.append(f"cuDNN flash attention needs float16/bfloat16 inputs, got {jnp.dtype(p.dtype).name}")
     d = p.dims
