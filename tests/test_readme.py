@@ -1,0 +1,25 @@
+"""The README stays true: the feature matrix matches the registries, and its commands exist."""
+
+import pathlib
+import re
+
+from attn_jax import feature_matrix
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_feature_matrix_matches_registry():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(re.escape(feature_matrix.BEGIN) + r"\n(.*?)\n" + re.escape(feature_matrix.END), text, re.S)
+    assert block, "README lacks the feature-matrix block"
+    assert block.group(1) == feature_matrix.markdown(), (
+        "README feature matrix is stale: run `python -m attn_jax.feature_matrix --write README.md`")
+
+
+def test_readme_commands_are_the_makefile_targets():
+    readme = (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("demo", "test"):
+        assert f"make {target}" in readme
+        assert re.search(rf"^{target}:", makefile, re.M), f"Makefile has no '{target}' target"
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
