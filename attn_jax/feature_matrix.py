@@ -34,32 +34,33 @@ def _sds(*shape, dtype=jnp.float32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _attention_rows() -> list[tuple[str, dict]]:
+def _attention_rows() -> list[tuple[str, str, dict]]:
+    """(row title, feature key used by mixers, attention problem)."""
     from attn_jax import masks
     from attn_jax.positional import ALiBi, T5RelativeBias, alibi_slopes
 
     B, T, H, D = 2, 64, 4, 64
     ids = jnp.ones((B, T), jnp.int32)
     return [
-        ("Exact softmax attention (MHA)", dict()),
-        ("GQA / MQA (grouped, no K/V repeat)", dict(K=1)),
-        ("Dk ≠ Dv", dict(Dv=32)),
-        ("T ≠ S (cross-attention)", dict(S=96)),
-        ("Causal mask (bottom-right aligned)", dict(mask=masks.causal())),
-        ("Sliding window (inclusive)", dict(mask=masks.causal() & masks.sliding_window(16))),
-        ("Chunked local attention", dict(mask=masks.chunked(16) & masks.causal())),
-        ("Prefix-LM", dict(mask=masks.prefix_lm(8))),
-        ("Packed segments", dict(mask=masks.segments(ids) & masks.causal())),
-        ("Key padding (lengths)", dict(mask=masks.key_padding(jnp.full((B,), T, jnp.int32)))),
-        ("Dense boolean mask", dict(mask=jnp.ones((1, 1, T, T), bool))),
-        ("Additive bias (dense, with dbias)", dict(bias=_sds(1, H, T, T))),
-        ("ALiBi (evaluated per tile)", dict(bias=ALiBi(alibi_slopes(H)))),
-        ("T5 relative bias (per tile, learned)", dict(bias=T5RelativeBias(jnp.zeros((32, H))))),
-        ("Logit softcap", dict(softcap=30.0)),
-        ("Learned sinks (with gradient)", dict(sinks=_sds(H))),
-        ("Attention dropout (counter-based)", dict(dropout_rate=0.1)),
-        ("LSE output / merge_attention", dict(return_lse=True)),
-        ("bfloat16 / float16 inputs", dict(dtype=jnp.bfloat16)),
+        ("Exact softmax attention (MHA)", "mha", dict()),
+        ("GQA / MQA (grouped, no K/V repeat)", "gqa", dict(K=1)),
+        ("Dk ≠ Dv", "dk_ne_dv", dict(Dv=32)),
+        ("T ≠ S (cross-attention)", "cross", dict(S=96)),
+        ("Causal mask (bottom-right aligned)", "causal", dict(mask=masks.causal())),
+        ("Sliding window (inclusive)", "sliding_window", dict(mask=masks.causal() & masks.sliding_window(16))),
+        ("Chunked local attention", "chunked", dict(mask=masks.chunked(16) & masks.causal())),
+        ("Prefix-LM", "prefix_lm", dict(mask=masks.prefix_lm(8))),
+        ("Packed segments", "segments", dict(mask=masks.segments(ids) & masks.causal())),
+        ("Key padding (lengths)", "key_padding", dict(mask=masks.key_padding(jnp.full((B,), T, jnp.int32)))),
+        ("Dense boolean mask", "dense_mask", dict(mask=jnp.ones((1, 1, T, T), bool))),
+        ("Additive bias (dense, with dbias)", "bias", dict(bias=_sds(1, H, T, T))),
+        ("ALiBi (evaluated per tile)", "alibi", dict(bias=ALiBi(alibi_slopes(H)))),
+        ("T5 relative bias (per tile, learned)", "t5", dict(bias=T5RelativeBias(jnp.zeros((32, H))))),
+        ("Logit softcap", "softcap", dict(softcap=30.0)),
+        ("Learned sinks (with gradient)", "sinks", dict(sinks=_sds(H))),
+        ("Attention dropout (counter-based)", "dropout", dict(dropout_rate=0.1)),
+        ("LSE output / merge_attention", "lse", dict(return_lse=True)),
+        ("bfloat16 / float16 inputs", "bf16", dict(dtype=jnp.bfloat16)),
     ]
 
 
@@ -81,25 +82,53 @@ def _serves(impl: str, platform: str, spec: dict) -> bool:
     return aj.explain(q, k, v, impl=impl, platform=platform, **kw).chosen[platform] == impl
 
 
-def _decode_serves(spec: dict) -> bool:
-    try:
-        decode = importlib.import_module("attn_jax.softmax.decode")
-    except ImportError:
-        return False
-    supports = getattr(decode, "supports", None)
-    return bool(supports and supports(**spec))
+def _decode_serves(feature: str, spec: dict) -> bool:
+    """Whether the decode path (one new query over a KV cache) serves the row's feature."""
+    from attn_jax import masks
+    from attn_jax.softmax import decode
+
+    spec = dict(spec)
+    B, S, H, D = 2, 64, 4, 64
+    K, Dv, dt = spec.pop("K", H), spec.pop("Dv", D), spec.pop("dtype", jnp.float32)
+    spec.pop("S", None)
+    q, k, v = _sds(B, 1, H, D, dtype=dt), _sds(B, S, K, D, dtype=dt), _sds(B, S, K, Dv, dtype=dt)
+    kw = {n: spec.pop(n) for n in ("sinks", "dropout_rate", "return_lse") if n in spec}
+    spec.pop("softcap", None)  # a plain keyword of decode_attention, forwarded to attention
+    if "bias" in spec:
+        b = spec.pop("bias")
+        kw["bias"] = _sds(1, H, 1, S) if isinstance(b, jax.ShapeDtypeStruct) else b
+    if "mask" in spec:  # decode is causal already; other masks are given in cache coordinates
+        spec.pop("mask")
+        extra = {
+            "causal": None,
+            "sliding_window": None,
+            "chunked": masks.chunked(16, offset=jnp.full((B,), S - 1, jnp.int32)),
+            "prefix_lm": masks.prefix_lm(8, offset=jnp.full((B,), S - 1, jnp.int32)),
+            "segments": masks.segments(jnp.ones((B, 1), jnp.int32), jnp.ones((B, S), jnp.int32)),
+            "key_padding": None,  # the cache's own lengths
+            "dense_mask": jnp.ones((1, 1, 1, S), bool),
+        }[feature]
+        if extra is not None:
+            kw["mask"] = extra
+        if feature == "sliding_window":
+            kw["window"] = 16
+    if spec:
+        raise ValueError(f"feature matrix: decode probe does not understand {sorted(spec)}")
+    lengths = jnp.full((B,), S, jnp.int32)
+    return decode.explain_decode(q, k, v, lengths=lengths, platform="cpu", **kw).chosen["cpu"] is not None
 
 
-def _mixer_serves(spec: dict) -> bool:
+def _mixer_serves(feature: str) -> bool:
+    """Whether the registered "softmax" mixer claims ``feature`` (its SUPPORTED_FEATURES)."""
     try:
         mixers = importlib.import_module("attn_jax.mixers")
-    except ImportError:
+        cls = mixers.get("softmax")
+    except (ImportError, ValueError, KeyError):
         return False
-    supports = getattr(mixers, "softmax_supports", None)
-    return bool(supports and supports(**spec))
+    return feature in getattr(cls, "SUPPORTED_FEATURES", frozenset())
 
 
-def _positional_rows() -> list[tuple[str, Callable[[], bool]]]:
+def _positional_rows() -> list[tuple[str, str, Callable[[], bool]]]:
     def has(*names):
         def check():
             mod = importlib.import_module("attn_jax.positional")
@@ -107,31 +136,31 @@ def _positional_rows() -> list[tuple[str, Callable[[], bool]]]:
         return check
 
     return [
-        ("RoPE (half-split / interleaved, partial, linear / NTK / YaRN)", has("apply_rope", "RopeScaling")),
-        ("xPos", has("apply_xpos")),
-        ("Sinusoidal and learned absolute embeddings",
+        ("RoPE (half-split / interleaved, partial, linear / NTK / YaRN)", "rope", has("apply_rope", "RopeScaling")),
+        ("xPos", "xpos", has("apply_xpos")),
+        ("Sinusoidal and learned absolute embeddings", "absolute",
          has("sinusoidal_embedding", "learned_absolute_embedding")),
     ]
 
 
 def rows() -> list[tuple[str, dict[str, str]]]:
     out = []
-    for name, spec in _attention_rows():
+    for name, feature, spec in _attention_rows():
         cells = {
             "reference": _serves("reference", "cpu", spec),
             "xla": _serves("xla", "cpu", spec),
             "pallas-gpu": _serves("pallas", "cuda", spec),
             "pallas-tpu": _serves("pallas", "tpu", spec),
-            "decode": _decode_serves(spec),
-            "mixer": _mixer_serves(spec),
+            "decode": _decode_serves(feature, spec),
+            "mixer": _mixer_serves(feature),
         }
         out.append((name, {c: YES if v else NO for c, v in cells.items()}))
-    for name, check in _positional_rows():
+    for name, feature, check in _positional_rows():
         ok = YES if check() else NO
         # Rotary / absolute schemes are elementwise functions applied to q, k or embeddings:
         # they run wherever XLA runs and need no kernel of their own.
         out.append((name, {"reference": ok, "xla": ok, "pallas-gpu": NA, "pallas-tpu": NA, "decode": ok,
-                           "mixer": NO if not _mixer_serves({"positional": name}) else YES}))
+                           "mixer": YES if _mixer_serves(feature) else NO}))
     return out
 
 

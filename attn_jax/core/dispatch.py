@@ -27,7 +27,9 @@ import jax
 from jax import lax
 from jax._src import core as _jcore
 from jax.extend.core import Primitive
-from jax.interpreters import mlir
+import jax.numpy as jnp
+from jax._src.interpreters import batching
+from jax.interpreters import ad, mlir
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -57,8 +59,37 @@ def _unservable_impl(*args, avals, message):
     raise ValueError(message)  # eager evaluation on a platform nothing serves
 
 
+def _unservable_jvp(primals, tangents, *, avals, message):
+    # The tangent goes through the same primitive, so a gradient can never silently be zero:
+    # whichever of the forward or backward pass survives dead-code elimination raises at lowering.
+    out = _unservable_p.bind(*primals, avals=avals, message=message)
+    tans = [ad.instantiate_zeros(t) for t in tangents]
+    return out, _unservable_p.bind(*tans, avals=avals, message=message)
+
+
+def _unservable_transpose(cts, *args, avals, message):
+    cts = [ad.instantiate_zeros(c) for c in cts]
+    in_avals = tuple(_jcore.ShapedArray(a.aval.shape if ad.is_undefined_primal(a) else jnp.shape(a),
+                                        a.aval.dtype if ad.is_undefined_primal(a) else jnp.result_type(a))
+                     for a in args)
+    res = _unservable_p.bind(*cts, avals=in_avals, message=message)
+    return [r if ad.is_undefined_primal(a) else None for r, a in zip(res, args)]
+
+
+def _unservable_batch(args, dims, *, avals, message):
+    mapped = [d is not None and not isinstance(d, batching.NotMapped) for d in dims]
+    size = next(a.shape[d] for a, d, m in zip(args, dims, mapped) if m)
+    args = [jnp.moveaxis(a, d, 0) if m else jnp.broadcast_to(a, (size, *a.shape))
+            for a, d, m in zip(args, dims, mapped)]
+    avals = tuple(_jcore.ShapedArray((size, *a.shape), a.dtype) for a in avals)
+    return _unservable_p.bind(*args, avals=avals, message=message), [0] * len(avals)
+
+
 _unservable_p.def_impl(_unservable_impl)
 mlir.register_lowering(_unservable_p, _unservable_lowering)
+ad.primitive_jvps[_unservable_p] = _unservable_jvp
+ad.primitive_transposes[_unservable_p] = _unservable_transpose
+batching.primitive_batchers[_unservable_p] = _unservable_batch
 
 
 @dataclass

@@ -134,6 +134,8 @@ def merge_attention(parts, *, return_lse: bool = False):
 # ----------------------------------------------------------------------------- registration
 # Registration order is the "auto" priority order.
 from attn_jax.softmax import cudnn as _cudnn  # noqa: E402
+from attn_jax.softmax import pallas as _pallas  # noqa: E402
+from attn_jax.softmax import xla as _xla  # noqa: E402
 from attn_jax.softmax.reference import attention_reference as _attention_reference  # noqa: E402
 
 
@@ -146,5 +148,8 @@ def _reference_unsupported(platform, p):
     return []
 
 
+ATTENTION.register("pallas", _pallas.attention_pallas, _pallas.unsupported)
 ATTENTION.register("cudnn", _cudnn.attention_cudnn, _cudnn.unsupported)
-ATTENTION.register("reference", _reference_impl, _reference_unsupported)
+ATTENTION.register("xla", _xla.attention_xla, _xla.unsupported)
+# The reference materialises T x S: never chosen by "auto", only when asked for by name.
+ATTENTION.register("reference", _reference_impl, _reference_unsupported, auto=False)

@@ -90,3 +90,16 @@ def test_cudnn_refuses_misaligned_causal_and_unsupported_features_with_reasons()
         aj.attention(q, q, q, impl="cudnn")
     # auto on bf16 must still work on a machine without cuDNN (the cuda branch is not traced).
     assert aj.attention(q, q, q, mask=masks.causal()).shape == q.shape
+
+
+def test_unservable_branch_survives_grad_and_vmap_until_lowering():
+    reg = Registry("toy3")
+    reg.register("gpu_only", lambda p, x: jnp.sin(x), lambda plat, p: [] if plat == "cuda" else ["needs cuda"])
+    f = lambda x: reg.call("gpu_only", None, x).sum()
+    shape = jax.ShapeDtypeStruct((3, 2), jnp.float32)
+    export.export(jax.jit(jax.grad(f)), platforms=["cuda"])(shape)
+    export.export(jax.jit(jax.vmap(jax.grad(f))), platforms=["cuda"])(shape)
+    with pytest.raises(ValueError, match="needs cuda"):
+        jax.jit(jax.grad(f))(jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match="needs cuda"):
+        jax.jit(jax.vmap(f))(jnp.ones((3, 2)))
