@@ -23,3 +23,12 @@ def test_readme_commands_are_the_makefile_targets():
         assert f"make {target}" in readme
         assert re.search(rf"^{target}:", makefile, re.M), f"Makefile has no '{target}' target"
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_python_examples_run():
+    """Every ```python block of the README runs, in order, in one namespace."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
