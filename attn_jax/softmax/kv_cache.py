@@ -154,11 +154,30 @@ def _register(cls, data, meta=()):
     return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
 
 
+class _BufferProperties:
+    """Shape properties and ``replace`` shared by caches holding ``k: [B, S|W, K, Dk]``."""
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def dtype(self):
+        return self.k.dtype
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
 # ----------------------------------------------------------------------------- contiguous cache
 
 
 @dataclasses.dataclass(frozen=True)
-class KVCache:
+class KVCache(_BufferProperties):
     """Contiguous per-row cache: position ``p`` of row ``b`` at ``k[b, p]`` (see module docstring)."""
 
     k: Float[Array, "B S K Dk"]
@@ -172,20 +191,8 @@ class KVCache:
         return cls(k, v, jnp.zeros((k.shape[0],), jnp.int32))
 
     @property
-    def batch(self) -> int:
-        return self.k.shape[0]
-
-    @property
     def max_len(self) -> int:
         return self.k.shape[1]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def dtype(self):
-        return self.k.dtype
 
     def append(self, k_new: Float[Array, "B T K Dk"], v_new: Float[Array, "B T K Dv"],
                n_new: Int[Array, "B"] | None = None) -> "KVCache":
@@ -201,8 +208,6 @@ class KVCache:
         v = _write_windows(self.v, v_new, starts, self.lengths, n)
         return KVCache(k, v, jnp.minimum(self.lengths + n, S).astype(jnp.int32))
 
-    def replace(self, **kw) -> "KVCache":
-        return dataclasses.replace(self, **kw)
 
 
 _register(KVCache, ("k", "v", "lengths"))
@@ -212,7 +217,7 @@ _register(KVCache, ("k", "v", "lengths"))
 
 
 @dataclasses.dataclass(frozen=True)
-class RingKVCache:
+class RingKVCache(_BufferProperties):
     """Sliding-window cache of ``capacity`` slots; position ``p`` at slot ``p % capacity``.
 
     ``positions[b, s]`` is the absolute position held in slot ``s`` (``-1``: empty);
@@ -240,20 +245,8 @@ class RingKVCache:
                    window)
 
     @property
-    def batch(self) -> int:
-        return self.k.shape[0]
-
-    @property
     def capacity(self) -> int:
         return self.k.shape[1]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def dtype(self):
-        return self.k.dtype
 
     def append(self, k_new, v_new, n_new=None) -> "RingKVCache":
         """Write the valid tokens of a chunk; only the last ``capacity`` of them are kept."""
@@ -283,8 +276,6 @@ class RingKVCache:
         v = jnp.take_along_axis(self.v, idx[:, :, None, None], axis=1)
         return k, v, jnp.take_along_axis(self.positions, idx, axis=1)
 
-    def replace(self, **kw) -> "RingKVCache":
-        return dataclasses.replace(self, **kw)
 
 
 _register(RingKVCache, ("k", "v", "positions", "lengths"), ("window",))
