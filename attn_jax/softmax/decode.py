@@ -75,6 +75,7 @@ from attn_jax.core import masks
 from attn_jax.core import validation as V
 from attn_jax.core.bias import StructuredBias
 from attn_jax.core.dispatch import Decision, Registry
+from attn_jax.softmax import decode_pallas as _decode_pallas
 from attn_jax.softmax.api import attention, merge_attention
 from attn_jax.softmax.kv_cache import KVCache, PagedKVCache, RingKVCache, _n_new
 
@@ -296,6 +297,8 @@ def _split_k_unsupported(platform, p: DecodeProblem):
 
 DECODE.register("split_k", _split_k, _split_k_unsupported)
 DECODE.register("direct", _direct, _direct_unsupported)
+# Opt-in until the kernels have run on hardware (checked in interpret mode and by lowering only).
+DECODE.register("pallas", _decode_pallas.decode_pallas, _decode_pallas.unsupported, auto=False)
 
 
 # ----------------------------------------------------------------------------- public: contiguous
