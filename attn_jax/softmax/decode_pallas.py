@@ -47,3 +47,23 @@ def unsupported(platform: str, p) -> list[str]:
     if platform == "cuda" and max(p.dims.Dk, p.dims.Dv) > 256:
         r.append(f"head_dim > 256 exceeds the Triton kernel's register budget (Dk={p.dims.Dk}, Dv={p.dims.Dv})")
     return r
+
+
+def paged_decode_pallas(pp, q, cache, lengths, offset, bias, sinks):
+    from pallas_kernels.decode_attention import paged_decode_attention as kernel
+
+    p = pp.decode
+
+    def branch(platform):
+        def run(q, cache, lengths, offset, sinks):
+            o, lse = kernel(q, cache.k_pages, cache.v_pages, cache.page_table, lengths, offsets=offset,
+                            pages_per_split=pp.pages_per_split, scale=p.scale, softcap=p.softcap, sinks=sinks,
+                            causal=p.causal, platform=platform)
+            return (o, lse) if p.return_lse else o
+        return run
+
+    return jax.lax.platform_dependent(q, cache, lengths, offset, sinks, cuda=branch("gpu"), tpu=branch("tpu"))
+
+
+def paged_unsupported(platform: str, pp) -> list[str]:
+    return unsupported(platform, pp.decode)

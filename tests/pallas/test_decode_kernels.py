@@ -211,3 +211,18 @@ def test_decode_registry_method_pallas_lowers_to_the_kernels_and_explains_cpu():
                          lengths=jnp.full((B,), S, jnp.int32), method="pallas", window=8, platform="cpu")
     assert d.chosen["cpu"] is None
     assert "need a GPU or TPU" in str(d) and "sliding windows" in str(d)
+
+
+def test_paged_attention_method_pallas_lowers_to_the_kernels():
+    import attn_jax.softmax.decode as D
+    from attn_jax.softmax.kv_cache import PagedKVCache
+
+    B, H, K, Dh, ps, M = 2, 4, 2, 64, 16, 4
+    cache = PagedKVCache.init(B, num_pages=B * M, page_size=ps, max_pages_per_seq=M, kv_heads=K, head_dim=Dh,
+                              dtype=jnp.bfloat16, page_table=jnp.arange(B * M, dtype=jnp.int32).reshape(B, M))
+    q = jax.ShapeDtypeStruct((B, 1, H, Dh), jnp.bfloat16)
+    f = lambda q, c: D.paged_attention(q, c, pages_per_split=2, method="pallas")
+    for platform, call in (("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")):
+        assert call in lower_for(f, platform, q, cache).mlir_module(), platform
+    with pytest.raises(ValueError, match="need a GPU or TPU"):
+        jax.jit(f)(jnp.zeros((B, 1, H, Dh), jnp.bfloat16), cache)
