@@ -29,7 +29,7 @@ from flax.core import FrozenDict
 from attn_jax import mixers
 from attn_jax.nn.layers import Embed, check_positive_int, default_kernel_init, make_mlp, make_norm, param
 
-__all__ = ["DecoderConfig", "DecoderBlock", "TransformerBlock", "DecoderLM", "build_mixer", "freeze_kwargs",
+__all__ = ["TransformerConfig", "StackConfig", "DecoderConfig", "DecoderBlock", "TransformerBlock", "DecoderLM", "build_mixer", "freeze_kwargs",
            "validate_common", "mlp_width", "parse_mixer_pattern", "check_heads"]
 
 
@@ -108,9 +108,9 @@ def check_heads(d_model: int, num_heads: int, num_kv_heads: int | None, head_dim
             raise ValueError(f"num_kv_heads: {num_kv_heads} kv heads do not divide num_heads={num_heads}")
 
 
-@dataclasses.dataclass(frozen=True)
-class DecoderConfig:
-    """Configuration of :class:`DecoderLM` (validated when the model is built).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+    """Fields every model shares: widths, heads, MLP, norm, dropout, dtypes.
 
     ``mixer_kwargs`` maps a mixer name to the keyword arguments of its factory (e.g.
     ``{"softmax": {"positional": "alibi"}, "sliding_window": {"window": 64}}``).
@@ -118,19 +118,15 @@ class DecoderConfig:
     multiple of 8 (swiglu, Shazeer 2020's parameter-matched width).
     """
 
-    vocab_size: int
     d_model: int = 64
-    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int | None = None
     head_dim: int | None = None
-    mixer_pattern: str | Sequence[str] = "softmax"
     mixer_kwargs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    mlp: str = "swiglu"
+    mlp: str = "gelu"
     mlp_hidden: int | None = None
-    norm: str = "rms"
+    norm: str = "layer"
     norm_eps: float = 1e-6
-    tie_embeddings: bool = True
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -139,18 +135,37 @@ class DecoderConfig:
         # Hashable fields: the config is static metadata of the module graph (jit cache key).
         freeze_kwargs(self)
 
+    @property
+    def hidden(self) -> int:
+        return mlp_width(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StackConfig(TransformerConfig):
+    """A single stack of ``num_layers`` blocks whose mixers follow ``mixer_pattern``."""
+
+    num_layers: int = 2
+    mixer_pattern: str | Sequence[str] = "softmax"
+
+    def layer_mixers(self) -> list[str]:
+        return parse_mixer_pattern(self.mixer_pattern, self.num_layers)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig(StackConfig):
+    """Configuration of :class:`DecoderLM` (validated when the model is built); see
+    :class:`TransformerConfig` for the shared fields."""
+
+    vocab_size: int
+    mlp: str = "swiglu"
+    norm: str = "rms"
+    tie_embeddings: bool = True
+
     def validate(self) -> "DecoderConfig":
         check_positive_int("vocab_size", self.vocab_size)
         validate_common(self)
         self.layer_mixers()
         return self
-
-    def layer_mixers(self) -> list[str]:
-        return parse_mixer_pattern(self.mixer_pattern, self.num_layers)
-
-    @property
-    def hidden(self) -> int:
-        return mlp_width(self)
 
 
 def build_mixer(name: str, d_model: int, num_heads: int, *, num_kv_heads=None, head_dim=None, kwargs=None,

@@ -14,14 +14,13 @@ applies a linear head: ``logits = pool(h_L) W_c + b_c``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax.nn.layers import Embed, check_positive_int, default_kernel_init, make_norm, param
-from attn_jax.models.decoder_lm import (TransformerBlock, freeze_kwargs, mlp_width, parse_mixer_pattern,
-                                        validate_common)
+from attn_jax.models.decoder_lm import StackConfig, TransformerBlock, validate_common
 
 __all__ = ["Encoder", "EncoderConfig", "EncoderClassifier", "pool"]
 
@@ -48,30 +47,13 @@ def pool(x, valid, kind: str):
     return ((x.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)).astype(x.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class EncoderConfig:
-    """Configuration of :class:`EncoderClassifier` (fields as in :class:`DecoderConfig`)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EncoderConfig(StackConfig):
+    """Configuration of :class:`EncoderClassifier` (shared fields: :class:`TransformerConfig`)."""
 
     vocab_size: int
     num_classes: int
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    mixer_pattern: str | Sequence[str] = "softmax"
-    mixer_kwargs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     pooling: str = "cls"
-    mlp: str = "gelu"
-    mlp_hidden: int | None = None
-    norm: str = "layer"
-    norm_eps: float = 1e-6
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def __post_init__(self):
-        freeze_kwargs(self)
 
     def validate(self) -> "EncoderConfig":
         check_positive_int("vocab_size", self.vocab_size)
@@ -81,14 +63,6 @@ class EncoderConfig:
             raise ValueError(f"pooling: expected 'cls' or 'mean', got {self.pooling!r}")
         self.layer_mixers()
         return self
-
-    def layer_mixers(self) -> list[str]:
-        return parse_mixer_pattern(self.mixer_pattern, self.num_layers)
-
-    @property
-    def hidden(self) -> int:
-        return mlp_width(self)
-
 
 class EncoderClassifier(nnx.Module):
     """``logits [B, num_classes] = model(tokens [B, T], padding_mask=None)``.

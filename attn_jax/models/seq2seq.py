@@ -14,46 +14,34 @@ once), then ``logits, cache = model.decode(tgt_chunk, cache=cache)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax.nn.attention import MultiHeadAttention
 from attn_jax.nn.layers import Embed, check_positive_int, default_kernel_init, make_mlp, make_norm, param
-from attn_jax.models.decoder_lm import (build_mixer, freeze_kwargs, mlp_width, parse_mixer_pattern,
-                                        validate_common)
+from attn_jax.models.decoder_lm import TransformerConfig, build_mixer, parse_mixer_pattern, validate_common
 from attn_jax.models.encoder import Encoder
 
 __all__ = ["Seq2SeqConfig", "Seq2Seq", "CrossDecoderBlock"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Seq2SeqConfig:
-    """Configuration of :class:`Seq2Seq` (``tgt_vocab_size`` defaults to ``src_vocab_size``)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Seq2SeqConfig(TransformerConfig):
+    """Configuration of :class:`Seq2Seq` (``tgt_vocab_size`` defaults to ``src_vocab_size``;
+    shared fields: :class:`TransformerConfig`)."""
 
     src_vocab_size: int
     tgt_vocab_size: int | None = None
-    d_model: int = 64
     num_encoder_layers: int = 2
     num_decoder_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
     encoder_mixer_pattern: str | Sequence[str] = "softmax"
     decoder_mixer_pattern: str | Sequence[str] = "softmax"
-    mixer_kwargs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    mlp: str = "gelu"
-    mlp_hidden: int | None = None
-    norm: str = "layer"
-    norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        freeze_kwargs(self)
+        super().__post_init__()
         for f in ("encoder_mixer_pattern", "decoder_mixer_pattern"):
             if isinstance(getattr(self, f), list):
                 object.__setattr__(self, f, tuple(getattr(self, f)))
@@ -70,11 +58,6 @@ class Seq2SeqConfig:
         parse_mixer_pattern(self.encoder_mixer_pattern, self.num_encoder_layers, "encoder_mixer_pattern")
         parse_mixer_pattern(self.decoder_mixer_pattern, self.num_decoder_layers, "decoder_mixer_pattern")
         return self
-
-    @property
-    def hidden(self) -> int:
-        return mlp_width(self)
-
 
 class CrossDecoderBlock(nnx.Module):
     """Causal self-mixer, cross-attention to the memory, MLP; each pre-norm with a residual."""

@@ -18,14 +18,14 @@ embeddings.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax.nn.layers import check_positive_int, default_kernel_init, param
 from attn_jax.positional import sinusoidal_embedding
-from attn_jax.models.decoder_lm import freeze_kwargs, mlp_width, parse_mixer_pattern, validate_common
+from attn_jax.models.decoder_lm import StackConfig, validate_common
 from attn_jax.models.encoder import Encoder, pool
 
 __all__ = ["ViTConfig", "ViT", "sincos_2d"]
@@ -44,35 +44,23 @@ def _default_vit_mixer_kwargs():
     return {"softmax": {"positional": "none"}, "sliding_window": {"positional": "none"}}
 
 
-@dataclasses.dataclass(frozen=True)
-class ViTConfig:
-    """Configuration of :class:`ViT`; ``image_size`` is an int (square) or ``(H, W)``."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTConfig(StackConfig):
+    """Configuration of :class:`ViT`; ``image_size`` is an int (square) or ``(H, W)`` (shared
+    fields: :class:`TransformerConfig`)."""
 
     num_classes: int
     image_size: int | tuple[int, int] = 32
     patch_size: int = 4
     channels: int = 3
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    mixer_pattern: str | Sequence[str] = "softmax"
     mixer_kwargs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_default_vit_mixer_kwargs)
     position_embedding: str = "learned"
     pooling: str = "cls"
-    mlp: str = "gelu"
-    mlp_hidden: int | None = None
-    norm: str = "layer"
-    norm_eps: float = 1e-6
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         if isinstance(self.image_size, list):
             object.__setattr__(self, "image_size", tuple(self.image_size))
-        freeze_kwargs(self)
+        super().__post_init__()
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -100,12 +88,6 @@ class ViTConfig:
         self.layer_mixers()
         return self
 
-    def layer_mixers(self) -> list[str]:
-        return parse_mixer_pattern(self.mixer_pattern, self.num_layers)
-
-    @property
-    def hidden(self) -> int:
-        return mlp_width(self)
 
 
 def patchify(images, p: int):
