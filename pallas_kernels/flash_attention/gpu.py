@@ -15,7 +15,6 @@ The recurrences are in :mod:`pallas_kernels.flash_attention`.  GPU specifics:
 
 from __future__ import annotations
 
-import collections
 import functools
 
 import jax
@@ -24,32 +23,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.call_cache import PallasCallCache
 from pallas_kernels.flash_attention import Config, tile_dropout, tile_grads, tile_logits, tile_visible
 
 _TN = (((0,), (0,)), ((), ()))   # a.T @ b
 
 
-_CALLS: "collections.OrderedDict" = collections.OrderedDict()
+_CACHE = PallasCallCache()
 
 
 def _call(c: Config, kernel, *, name: str, args, **kw):
-    """Run ``pallas_call(kernel, **kw)(*args)``, reusing the callable built for the same config.
-
-    Everything in ``kw`` is a function of ``c`` and the argument types, so the callable (a jitted
-    function) can be reused: repeated traces -- the cuda and tpu branches of the dispatcher,
-    forward and backward, repeated calls -- hit JAX's trace cache instead of re-tracing the kernel.
-    """
-    key = (c, name, tuple((a.shape, jnp.dtype(a.dtype)) for a in args))
-    fn = _CALLS.get(key)
-    if fn is None:
-        params = plgpu.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
-        fn = pl.pallas_call(kernel, interpret=c.interpret, compiler_params=params, name=name, **kw)
-        _CALLS[key] = fn
-        if len(_CALLS) > 256:
-            _CALLS.popitem(last=False)
-    else:
-        _CALLS.move_to_end(key)
-    return fn(*args)
+    """``pallas_call(kernel, **kw)(*args)`` through the shared callable cache."""
+    params = plgpu.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
+    return _CACHE(c, kernel, name=name, args=args, interpret=c.interpret, compiler_params=params, **kw)
 
 
 def _full(x):
