@@ -475,6 +475,13 @@ def _choose_block(n: int, b: int) -> int:
     return max(1, min(b, n))
 
 
+def _tiling(T: int, S: int, block_q: int | None, block_k: int | None) -> tuple[int, int, int, int]:
+    """Block sizes (defaults from :data:`DEFAULT_BLOCK_SIZES`, clipped to the lengths) and counts."""
+    bq = _choose_block(T, DEFAULT_BLOCK_SIZES["block_q"] if block_q is None else int(block_q))
+    bk = _choose_block(S, DEFAULT_BLOCK_SIZES["block_k"] if block_k is None else int(block_k))
+    return bq, bk, -(-T // bq), -(-S // bk)
+
+
 def attention_blockwise(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"], *,
                         mask=None, bias=None, scale: float | None = None, softcap: float | None = None,
                         sinks: Float[Array, " H"] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
@@ -488,9 +495,7 @@ def attention_blockwise(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"]
     B, T, H, Dk = q.shape
     S, K, Dv = k.shape[1], k.shape[2], v.shape[3]
     mask = M.as_mask(mask)
-    bq = _choose_block(T, DEFAULT_BLOCK_SIZES["block_q"] if block_q is None else int(block_q))
-    bk = _choose_block(S, DEFAULT_BLOCK_SIZES["block_k"] if block_k is None else int(block_k))
-    nq, nk = -(-T // bq), -(-S // bk)
+    bq, bk, nq, nk = _tiling(T, S, block_q, block_k)
     dtype = q.dtype
     cdt = jnp.float64 if dtype == jnp.float64 else jnp.float32
     mdt = dtype if dtype in (jnp.bfloat16, jnp.float16) else cdt
@@ -587,9 +592,7 @@ def forward_tile_count(q, k, v, *, mask=None, block_q: int | None = None, block_
     B, T, H, Dk = q.shape
     S, K, Dv = k.shape[1], k.shape[2], v.shape[3]
     mask = M.as_mask(mask)
-    bq = _choose_block(T, DEFAULT_BLOCK_SIZES["block_q"] if block_q is None else int(block_q))
-    bk = _choose_block(S, DEFAULT_BLOCK_SIZES["block_k"] if block_k is None else int(block_k))
-    nq, nk = -(-T // bq), -(-S // bk)
+    bq, bk, nq, nk = _tiling(T, S, block_q, block_k)
     c = _Cfg(B, T, S, H, K, H // K, Dk, Dv, bq, bk, nq, nk, float(Dk ** -0.5), None, 0.0, q.dtype, jnp.float32,
              jnp.float32, lax.Precision.HIGHEST)
     kernel = _Kernel(c, mask, "none", None, None, False)
