@@ -123,6 +123,23 @@ def vjp_with_random_cotangent(fn: Callable, primals: Sequence, key):
     return out, pullback(jax.tree.unflatten(tree, cts))
 
 
+_bias_tile = jax.jit(lambda b, q, k, T, S: b.tile(q, k, T, S), static_argnums=(3, 4))
+_bias_dense = jax.jit(lambda b, T, S: b.materialize(T, S), static_argnums=(1, 2))
+
+
+def check_structured_bias_tile(bias, T: int, S: int, q_idx, k_idx) -> None:
+    """``bias.tile(q_idx, k_idx)`` equals the same rows/columns of ``bias.materialize(T, S)``.
+
+    Index vectors may be in any order and repeat (fast paths pass arbitrary subsets).
+    """
+    q_idx, k_idx = np.asarray(q_idx, np.int32), np.asarray(k_idx, np.int32)
+    tile = np.asarray(_bias_tile(bias, jnp.asarray(q_idx), jnp.asarray(k_idx), T, S))
+    dense = np.asarray(_bias_dense(bias, T, S))
+    if tile.ndim != 4 or tile.shape[2:] != (len(q_idx), len(k_idx)):
+        raise AssertionError(f"tile shape {tile.shape}: expected rank 4 ending in {(len(q_idx), len(k_idx))}")
+    np.testing.assert_array_equal(tile, dense[:, :, q_idx][:, :, :, k_idx])
+
+
 # ----------------------------------------------------------------------------- invariants
 # `fn(q, k, v) -> o` with causal semantics for the causal checks; o: [B, T, H, Dv].
 
