@@ -475,6 +475,41 @@ class _Combine(Mask):
         return "(" + f" {'&' if self.op == 'and' else '|'} ".join(map(repr, self.parts)) + ")"
 
 
+# ----------------------------------------------------------------------------- pytrees
+# Masks are pytrees: their arrays (segment ids, lengths, dense masks, per-row offsets) are the
+# leaves and everything else is static, so masks can cross jit, custom_vjp and vmap boundaries.
+
+
+def _flatten_leaf_mask(m):
+    arrays = tuple(sorted(n for n, x in vars(m).items() if isinstance(x, jax.Array)))
+    static = tuple(sorted((n, x) for n, x in vars(m).items() if n not in arrays))
+    return tuple(getattr(m, n) for n in arrays), (arrays, static)
+
+
+def _unflatten_leaf_mask(cls):
+    def unflatten(aux, children):
+        arrays, static = aux
+        m = object.__new__(cls)
+        for n, x in (*static, *zip(arrays, children)):
+            setattr(m, n, x)
+        return m
+    return unflatten
+
+
+for _cls in (_Causal, _SlidingWindow, _Chunked, _PrefixLM, _Segments, _KeyPadding, _Dense):
+    jax.tree_util.register_pytree_node(_cls, _flatten_leaf_mask, _unflatten_leaf_mask(_cls))
+
+
+def _unflatten_combine(aux, parts):
+    m = object.__new__(_Combine)
+    m.op, m.is_static = aux
+    m.parts = tuple(parts)
+    return m
+
+
+jax.tree_util.register_pytree_node(_Combine, lambda m: (m.parts, (m.op, m.is_static)), _unflatten_combine)
+
+
 def as_mask(mask: Any) -> Mask | None:
     """None -> None; a Mask -> itself; a boolean array -> :func:`dense`."""
     if mask is None or isinstance(mask, Mask):

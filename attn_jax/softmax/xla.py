@@ -50,7 +50,6 @@ position that is used elsewhere -- where the reference itself returns NaN).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,41 +78,7 @@ def unsupported(platform: str, p) -> list[str]:
     return []
 
 
-# ----------------------------------------------------------------------------- masks as pytrees
-
-
-def _mask_leaves(mask) -> list:
-    """JAX arrays a mask holds (in a fixed order), so they can cross ``custom_vjp``."""
-    out = []
-
-    def walk(m):
-        if isinstance(m, M._Combine):
-            for part in m.parts:
-                walk(part)
-            return
-        for name in sorted(vars(m)):
-            if isinstance(getattr(m, name), jax.Array):
-                out.append(getattr(m, name))
-
-    if mask is not None:
-        walk(mask)
-    return out
-
-
-def _mask_rebuild(mask, leaves):
-    it = iter(leaves)
-
-    def rebuild(m):
-        new = copy.copy(m)
-        if isinstance(m, M._Combine):
-            new.parts = tuple(rebuild(part) for part in m.parts)
-            return new
-        for name in sorted(vars(m)):
-            if isinstance(getattr(m, name), jax.Array):
-                setattr(new, name, next(it))
-        return new
-
-    return None if mask is None else rebuild(mask)
+# ----------------------------------------------------------------------------- masks
 
 
 def _split_static(mask):
@@ -520,7 +485,7 @@ def attention_blockwise(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"]
 
     kernel = _Kernel(c, mask, bias_kind, bias_static, bias_shape, sinks is not None)
     seed = aj_random.dropout_seed(dropout_rng) if c.rate > 0 else None
-    mask_in = _mask_leaves(mask)
+    mask_in = jax.tree.leaves(mask)
 
     def prep_bias(b):
         if bias_kind != "dense":
@@ -530,7 +495,7 @@ def attention_blockwise(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"]
         return _pad_axis(_pad_axis(b4, 2, nq * bq), 3, nk * bk)
 
     def run_fwd(q, k, v, b, sinks, seed, mask_leaves):
-        m = _mask_rebuild(mask, mask_leaves)
+        m = jax.tree.unflatten(jax.tree.structure(mask), mask_leaves)
         o_l, lse_l = kernel.forward(_layout_q(q, c), _layout_kv(k, c), _layout_kv(v, c), prep_bias(b), sinks,
                                     seed, m)
         return o_l, lse_l
@@ -548,7 +513,7 @@ def attention_blockwise(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"]
     def core_bwd(res, cts):
         q, k, v, b, sinks, seed, mask_leaves, o_l, lse_l = res
         do, dlse = cts
-        m = _mask_rebuild(mask, mask_leaves)
+        m = jax.tree.unflatten(jax.tree.structure(mask), mask_leaves)
         do_l = _layout_q(do.astype(dtype), c)
         delta = (do_l.astype(cdt) * o_l).sum(axis=-1)
         delta = delta - _layout_q(dlse.astype(cdt)[..., None], c)[..., 0]
