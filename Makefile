@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]" matplotlib
+	$(BIN)/python -m pip install -q -e ".[test,experiments]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.exact_attention
 
 matrix: $(STAMP)
-	$(BIN)/python -m attn_jax.core.feature_matrix --write README.md
+	$(BIN)/python -m attn_jax.feature_matrix --write README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,120 @@
+"""Shared machinery of the linear / recurrent attention family: validation, the problem
+record the dispatch registries read, packed-segment layout, GQA expansion.
+
+Conventions (DESIGN.md §2): ``q: [B, T, H, Dk]``, ``k: [B, T, K, Dk]``, ``v: [B, T, K, Dv]``
+with ``H % K == 0`` (k/v heads are shared by ``H // K`` query heads); gates are log-space
+float arrays ``[B, T, H]`` (one decay per head) or ``[B, T, H, Dk]`` (one per key channel);
+states are float32 ``[B, H, Dk, Dv]``.
+
+Packed sequences: ``segment_ids: int [B, T]``, id 0 = padding.  Padding is *transparent*:
+a padding token writes nothing to the state, does not decay it and outputs zero.  A
+document starts at a token whose id is non-zero and differs from the id of the last
+non-padding token before it; the state resets (to zero) there.  ``initial_state`` is the
+state before the first token, so it belongs to the first document of each row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attn_jax.core.validation import check_float_array, check_qkv, shape_str
+
+__all__ = ["RecurrentProblem", "validate", "SegmentLayout", "segment_layout", "expand_kv_heads", "default_scale"]
+
+
+@dataclass(frozen=True)
+class RecurrentProblem:
+    """Static description of a recurrent-family call (what ``unsupported()`` reasons read)."""
+
+    mechanism: str
+    B: int
+    T: int
+    H: int
+    K: int
+    Dk: int
+    Dv: int
+    dtype: str
+    gate: str            # "none" | "scalar" | "vector"
+    causal: bool
+    segments: bool
+    initial_state: bool
+
+
+def default_scale(scale, Dk: int) -> float:
+    if scale is None:
+        return Dk ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale: expected a positive Python float or None, got {scale!r}")
+    return float(scale)
+
+
+def validate(mechanism: str, q, k, v, gate=None, *, gate_name: str = "log_g", allow_vector_gate: bool = True,
+             initial_state=None, segment_ids=None, causal: bool = True) -> RecurrentProblem:
+    """Check shapes and dtypes; errors name the argument.  ``gate`` may be None."""
+    dims = check_qkv(q, k, v)
+    if dims.S != dims.T:
+        raise ValueError(f"k: recurrent mechanisms mix a sequence with itself; expected S == T = {dims.T}, "
+                         f"got k with S={dims.S} (shape {shape_str(k)})")
+    B, T, H = dims.B, dims.T, dims.H
+    kind = "none"
+    if gate is not None:
+        check_float_array(gate_name, gate)
+        if gate.shape == (B, T, H):
+            kind = "scalar"
+        elif allow_vector_gate and gate.shape == (B, T, H, dims.Dk):
+            kind = "vector"
+        else:
+            want = "[B, T, H]" + (" or [B, T, H, Dk]" if allow_vector_gate else "")
+            raise ValueError(f"{gate_name}: expected shape {want} = {[B, T, H]}"
+                             + (f" or {[B, T, H, dims.Dk]}" if allow_vector_gate else "")
+                             + f", got {shape_str(gate)}")
+        if not causal:
+            raise ValueError(f"{gate_name}: decay gates are only defined for causal=True (a decay needs an order)")
+    if initial_state is not None:
+        check_float_array("initial_state", initial_state)
+        if initial_state.shape != (B, H, dims.Dk, dims.Dv):
+            raise ValueError(f"initial_state: expected shape [B, H, Dk, Dv] = {[B, H, dims.Dk, dims.Dv]}, "
+                             f"got {shape_str(initial_state)}")
+        if not causal:
+            raise ValueError("initial_state: only defined for causal=True")
+    if segment_ids is not None:
+        if not jnp.issubdtype(getattr(segment_ids, "dtype", jnp.float32), jnp.integer):
+            raise TypeError(f"segment_ids: expected an integer array, got {getattr(segment_ids, 'dtype', type(segment_ids))}")
+        if segment_ids.shape != (B, T):
+            raise ValueError(f"segment_ids: expected shape [B, T] = {[B, T]}, got {shape_str(segment_ids)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {causal!r}")
+    return RecurrentProblem(mechanism, B, T, H, dims.K, dims.Dk, dims.Dv, jnp.dtype(q.dtype).name, kind, causal,
+                            segment_ids is not None, initial_state is not None)
+
+
+def expand_kv_heads(x, H: int):
+    """``[B, T, K, D] -> [B, T, H, D]`` by repeating each k/v head for its ``H // K`` query heads."""
+    K = x.shape[2]
+    return x if K == H else jnp.repeat(x, H // K, axis=2)
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    valid: jax.Array   # bool [B, T]: non-padding tokens
+    reset: jax.Array   # bool [B, T]: the state is zeroed before this token is written
+    doc: jax.Array     # int32 [B, T]: cumulative number of resets (monotone document index)
+
+
+def segment_layout(segment_ids, B: int, T: int) -> SegmentLayout:
+    if segment_ids is None:
+        ones = jnp.ones((B, T), bool)
+        return SegmentLayout(ones, jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32))
+    seg = segment_ids.astype(jnp.int32)
+    valid = seg != 0
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    last_valid = lax.cummax(jnp.where(valid, idx, -1), axis=1)               # last valid index <= t
+    before = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), last_valid[:, :-1]], axis=1)  # < t
+    prev_seg = jnp.take_along_axis(seg, jnp.maximum(before, 0), axis=1)
+    reset = valid & (before >= 0) & (prev_seg != seg)
+    doc = jnp.cumsum(reset.astype(jnp.int32), axis=1)
+    return SegmentLayout(valid, reset, doc)
