@@ -157,9 +157,9 @@ def check_causality_by_perturbation(fn: Callable, q, k, v, *, dtype=None) -> Non
     """Changing tokens after position i must not change outputs up to i."""
     T = q.shape[1]
     i = T // 2
-    noise = jax.random.normal(jax.random.key(7), k[:, i + 1:].shape, jnp.float32).astype(k.dtype)
-    k2 = k.at[:, i + 1:].set(noise * 3)
-    v2 = v.at[:, i + 1:].set(-noise)
+    nk, nv = jax.random.split(jax.random.key(7))
+    k2 = k.at[:, i + 1:].set(3 * jax.random.normal(nk, k[:, i + 1:].shape, jnp.float32).astype(k.dtype))
+    v2 = v.at[:, i + 1:].set(-jax.random.normal(nv, v[:, i + 1:].shape, jnp.float32).astype(v.dtype))
     q2 = q.at[:, i + 1:].set(q[:, i + 1:] * 2)
     a = fn(q, k, v)[:, : i + 1]
     b = fn(q2, k2, v2)[:, : i + 1]

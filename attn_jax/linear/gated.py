@@ -360,7 +360,6 @@ def _pallas_dispatch(call, *args):
         default=functools.partial(_chunk, call))
 
 
-GATED.register("pallas", _pallas_dispatch, _pallas_unsupported)
 GATED.register("chunk", _chunk, _always)
 GATED.register("parallel", _parallel, _always, auto=False)
 GATED.register("recurrent", _recurrent, _causal_only, auto=False)

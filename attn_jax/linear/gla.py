@@ -1,0 +1,42 @@
+"""Gated Linear Attention (GLA): data-dependent vector forget gates.
+
+Yang, Wang, Shen, Panda, Kim, "Gated Linear Attention Transformers with Hardware-Efficient
+Training", 2023, arXiv:2312.06635.  Eq. (3) of the paper, in log space:
+
+    S_t = diag(α_t) S_{t-1} + k_t^T v_t,      α_t = exp(log_g_t) ∈ (0, 1]^{Dk}
+    o_t = scale * q_t S_t
+
+The paper parameterises ``α_t = sigmoid(x_t W_α1 W_α2 + b)^{1/τ}`` with ``τ = 16``; the layer
+(:mod:`attn_jax.nn.linear_mixers`) computes ``log_g = log_sigmoid(·) / τ`` and this op takes the
+log gates directly.  Forms and dispatch: :mod:`attn_jax.linear.gated` (chunk = the paper's
+chunkwise form with secondary chunking, §4.2; Pallas kernel on GPU/TPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
+
+__all__ = ["gla", "gla_log_gates"]
+
+
+def gla(q, k, v, log_g, *, scale=None, initial_state=None, return_final_state=False, segment_ids=None, impl="auto",
+        chunk_size=DEFAULT_CHUNK):
+    """``o, state = gla(q, k, v, log_g)``; ``log_g: [B, T, H, Dk]`` (or ``[B, T, H]``) log forget gates.
+
+    ``q: [B, T, H, Dk]``, ``k: [B, T, K, Dk]``, ``v: [B, T, K, Dv]``; state float32 ``[B, H, Dk, Dv]``.
+    """
+    if log_g is None:
+        raise ValueError("log_g: GLA needs forget gates ([B, T, H, Dk] log-space); use linear_attention for none")
+    return gated_linear_attention(q, k, v, log_g, scale=scale, initial_state=initial_state,
+                                  return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
+                                  chunk_size=chunk_size, mechanism="gla")
+
+
+def gla_log_gates(gate_logits, *, temperature: float = 16.0):
+    """The paper's gate ``α = sigmoid(logits)^{1/τ}`` in log space: ``log_sigmoid(logits) / τ`` (float32)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    return jax.nn.log_sigmoid(gate_logits.astype(jnp.float32)) / temperature

@@ -1,0 +1,55 @@
+"""Lightning Attention (1 and 2): causal linear attention by intra-/inter-block tiling.
+
+Qin, Sun, Li, Shen, Sun, Zhong, "Various Lengths, Constant Speed: Efficient Language Modeling
+with Lightning Attention", 2024, arXiv:2405.17381, and Qin et al., "Lightning Attention-2: A
+Free Lunch for Handling Unlimited Sequence Lengths in Large Language Models", 2024,
+arXiv:2401.04658.  With per-head decay ``λ`` (TransNormerLLM's decayed linear attention)::
+
+    O_intra = [(Q_i K_i^T) ⊙ M] V_i,   M_ts = λ^{t-s} (t >= s)
+    O_inter = Λ Q_i (KV),              KV <- λ^B KV + (λ^{B-s} K_i)^T V_i
+
+which is exactly the ``"chunk"`` form of :mod:`attn_jax.linear.gated` with a scalar gate
+``log λ`` per head (``decays=None`` gives Lightning-1, no decay).  The default decays are
+TransNormerLLM's: ``λ_h = exp(-s_h)`` with ``s_h`` the ALiBi slopes of ``H`` heads, optionally
+multiplied by the per-layer factor ``1 - l / (L - 1)`` (``layer_scale``).  No softmax scale
+(``scale=1``) as in TransNormerLLM; the layer normalises the output.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
+from attn_jax.positional.alibi import alibi_slopes
+
+__all__ = ["lightning_attention", "lightning_decays"]
+
+
+def lightning_decays(num_heads: int, layer_scale: float = 1.0) -> np.ndarray:
+    """``λ_h = exp(-slope_h * layer_scale)`` with ALiBi slopes (TransNormerLLM's default)."""
+    slopes = np.asarray(alibi_slopes(num_heads), np.float64)
+    return np.exp(-slopes * float(layer_scale))
+
+
+def lightning_attention(q, k, v, *, decays="transnormer", scale=1.0, initial_state=None, return_final_state=False,
+                        segment_ids=None, impl="auto", chunk_size=DEFAULT_CHUNK):
+    """``o, state = lightning_attention(q, k, v)``.
+
+    ``decays``: ``"transnormer"`` (default, :func:`lightning_decays`), ``None`` (Lightning-1: no
+    decay) or ``[H]`` values in ``(0, 1]``.
+    """
+    B, T, H = q.shape[:3]
+    if decays is None:
+        log_g = None
+    else:
+        lam = lightning_decays(H) if isinstance(decays, str) and decays == "transnormer" else decays
+        if isinstance(lam, str):
+            raise ValueError(f"decays: expected 'transnormer', None or [H] values, got {decays!r}")
+        lam = jnp.asarray(lam, jnp.promote_types(q.dtype, jnp.float32))
+        if lam.shape != (H,):
+            raise ValueError(f"decays: expected shape [H] = [{H}], got {list(lam.shape)}")
+        log_g = jnp.broadcast_to(jnp.log(lam), (B, T, H))
+    return gated_linear_attention(q, k, v, log_g, scale=scale, initial_state=initial_state,
+                                  return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
+                                  chunk_size=chunk_size, mechanism="lightning", gate_name="decays")

@@ -1,0 +1,231 @@
+"""Kernelised linear attention (normalised) and cosFormer, on the gated linear-attention engine.
+
+Linear attention: Katharopoulos et al., "Transformers are RNNs: Fast Autoregressive
+Transformers with Linear Attention", 2020, arXiv:2006.16236, Eq. 4-9:
+
+    o_i = scale φ(q_i) S_i / (scale φ(q_i)·z_i + eps)
+    S_i = Σ_{j ≤ i} φ(k_j)ᵀ v_j,   z_i = Σ_{j ≤ i} φ(k_j)         (causal)
+
+or with the sums over the whole document of ``i`` (``causal=False``).  ``normalize=False``
+drops the denominator (``o_i = scale φ(q_i) S_i``).  ``scale`` defaults to 1 (with
+normalisation it only matters relative to ``eps``).
+
+Implementation: one call of :func:`attn_jax.linear.gated.gated_linear_attention` (no gate) on
+``φ(q)``, ``φ(k)`` and ``[v, 1]`` — the appended ones column makes the normaliser ``z`` the last
+output channel.  So the state is float32 ``[B, H, D', Dv + 1]`` (``D'`` the feature dimension)
+and **its last column is the normaliser** ``z``; ``initial_state`` must have that shape too
+(``[B, H, D', Dv]`` when ``normalize=False``).  Packed segments, padding (transparent, zero
+output), GQA and initial/final state follow the engine (:mod:`attn_jax.linear.common`).
+Features are computed and accumulated in float32 (float64 stays float64); the output is cast to
+the dtype of ``q``.
+
+cosFormer: Qin et al., "cosFormer: Rethinking Softmax in Attention", 2022, arXiv:2202.08791,
+Eq. 9-11: ReLU features re-weighted by ``cos(π/2 · (i − j)/M)``,
+
+    o_i = Σ_j φ(q_i)·φ(k_j) cos(π(i−j)/2M) v_j / Σ_j φ(q_i)·φ(k_j) cos(π(i−j)/2M)
+
+decomposed with ``cos(a − b) = cos a cos b + sin a sin b`` into two linear attentions, one on
+``φ(x_t) cos(πt/2M)`` and one on ``φ(x_t) sin(πt/2M)``.  We run them as a single engine call on the
+concatenated ``2D`` features (the dot product of the concatenations is the sum of the two
+attentions' kernels; numerator and normaliser come out of the same call).  ``M = max_len``
+(default ``T``; the official code uses the longer of the query and key lengths) must be ``>= T``
+so every weight is ``>= 0``.  Positions ``t`` are absolute row indices; only differences
+``i − j`` within a document matter, so packed documents need no re-indexing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from attn_jax.core.validation import check_qkv, shape_str
+from attn_jax.linear.common import expand_kv_heads, segment_layout, validate
+from attn_jax.linear.feature_maps import relu, resolve_feature_map
+from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
+
+__all__ = ["linear_attention", "linear_attention_reference", "cosformer_attention", "cosformer_attention_reference"]
+
+
+def _compute_dtype(x):
+    return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps: expected a non-negative Python float, got {eps!r}")
+    return float(eps)
+
+
+def _check_scale(scale):
+    if scale is None:
+        return 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale: expected a positive Python float or None, got {scale!r}")
+    return float(scale)
+
+
+def _feature_maps(feature_map):
+    if isinstance(feature_map, tuple):
+        if len(feature_map) != 2:
+            raise ValueError(f"feature_map: a tuple must be (phi_q, phi_k), got {len(feature_map)} entries")
+        return resolve_feature_map(feature_map[0]), resolve_feature_map(feature_map[1])
+    f = resolve_feature_map(feature_map)
+    return f, f
+
+
+def _featurize(q, k, v, feature_map):
+    """φ(q), φ(k) in the compute dtype, plus validation of the feature shapes."""
+    check_qkv(q, k, v)
+    phi_q, phi_k = _feature_maps(feature_map)
+    dt = _compute_dtype(q)
+    fq, fk = phi_q(q).astype(dt), phi_k(k).astype(dt)
+    if fq.shape[:-1] != q.shape[:-1] or fk.shape[:-1] != k.shape[:-1] or fq.shape[-1] != fk.shape[-1]:
+        raise ValueError(f"feature_map: must map [..., D] -> [..., D'] with the same D' for q and k; got "
+                         f"φ(q) {shape_str(fq)} from q {shape_str(q)} and φ(k) {shape_str(fk)} from k {shape_str(k)}")
+    return fq, fk, v.astype(dt)
+
+
+def _augment(v, normalize):
+    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1) if normalize else v
+
+
+def _normalise(o, normalize, eps):
+    if not normalize:
+        return o
+    den = o[..., -1:] + eps
+    return o[..., :-1] / jnp.where(den == 0, 1.0, den)
+
+
+def linear_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v: Float[Array, "B T K Dv"], *,
+                     feature_map="elu", normalize: bool = True, eps: float = 1e-6, scale: float | None = None,
+                     causal: bool = True, initial_state=None, return_final_state: bool = False,
+                     segment_ids: Int[Array, "B T"] | None = None, impl="auto", chunk_size: int = DEFAULT_CHUNK):
+    """Normalised kernel linear attention (see the module docstring); returns ``(o, state)``.
+
+    ``feature_map``: a name (``"elu"``, ``"identity"``, ``"relu"``, ``"taylor"``, ``"dpfp"``),
+    a callable ``[..., D] -> [..., D']``, or a pair ``(φ_q, φ_k)``.  ``state`` (float32,
+    ``None`` unless ``return_final_state``) is ``[B, H, D', Dv + 1]`` with the normaliser in its
+    last column when ``normalize`` (``[B, H, D', Dv]`` otherwise).  ``impl`` selects the engine
+    form (``"auto"``, ``"chunk"``, ``"parallel"``, ``"recurrent"``, ``"reference"``).
+    """
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {normalize!r}")
+    eps = _check_eps(eps)
+    scale = _check_scale(scale)
+    fq, fk, vc = _featurize(q, k, v, feature_map)
+    o, state = gated_linear_attention(fq, fk, _augment(vc, normalize), None, scale=scale,
+                                      initial_state=initial_state, return_final_state=return_final_state,
+                                      segment_ids=segment_ids, causal=causal, impl=impl, chunk_size=chunk_size,
+                                      mechanism="linear_attention")
+    return _normalise(o, normalize, eps).astype(q.dtype), state
+
+
+def _check_reference_args(q, k, v, fq, fk, vc, normalize, initial_state, segment_ids, causal):
+    # the same checks as the engine, on the featurised problem (errors name the same arguments)
+    validate("linear_attention", fq, fk, _augment(vc, normalize), None, initial_state=initial_state,
+             segment_ids=segment_ids, causal=causal)
+
+
+def linear_attention_reference(q, k, v, *, feature_map="elu", normalize: bool = True, eps: float = 1e-6,
+                               scale: float | None = None, causal: bool = True, initial_state=None,
+                               return_final_state: bool = False, segment_ids=None):
+    """The quadratic form of :func:`linear_attention`, written directly (no engine).
+
+    ``A_ij = scale φ(q_i)·φ(k_j)`` on visible pairs (same document, ``j <= i`` if causal,
+    ``j`` not padding); ``o_i = Σ_j A_ij v_j / (Σ_j A_ij + eps)``; the initial state adds
+    ``scale φ(q_i) S_0`` (numerator and, via its last column, normaliser) for tokens of the first
+    document.
+    """
+    eps = _check_eps(eps)
+    scale = _check_scale(scale)
+    fq, fk, vc = _featurize(q, k, v, feature_map)
+    _check_reference_args(q, k, v, fq, fk, vc, normalize, initial_state, segment_ids, causal)
+    if return_final_state and not causal:
+        raise ValueError("return_final_state: only defined for causal=True")
+    B, T, H = q.shape[:3]
+    fk, va = expand_kv_heads(fk, H), expand_kv_heads(_augment(vc, normalize), H)
+    lay = segment_layout(segment_ids, B, T)
+    visible = (lay.doc[:, :, None] == lay.doc[:, None, :]) & lay.valid[:, None, :]        # [B, i, j]
+    if causal:
+        visible = visible & jnp.tril(jnp.ones((T, T), bool))
+    fk = jnp.where(lay.valid[:, :, None, None], fk, 0.0)
+    va = jnp.where(lay.valid[:, :, None, None], va, 0.0)
+    a = jnp.where(visible[:, None], jnp.einsum("bihd,bjhd->bhij", fq, fk), 0.0) * scale
+    o = jnp.einsum("bhij,bjhv->bihv", a, va)
+    if initial_state is not None:
+        h0 = initial_state.astype(o.dtype)
+        o = o + jnp.where((lay.doc == 0)[:, :, None, None], scale * jnp.einsum("bthd,bhdv->bthv", fq, h0), 0.0)
+    o = jnp.where(lay.valid[:, :, None, None], _normalise(o, normalize, eps), 0.0).astype(q.dtype)
+    state = None
+    if return_final_state:
+        last = (lay.doc == lay.doc[:, -1:]) & lay.valid
+        state = jnp.einsum("bthd,bthv->bhdv", jnp.where(last[:, :, None, None], fk, 0.0), va)
+        if initial_state is not None:
+            state = state + jnp.where((lay.doc[:, -1] == 0)[:, None, None, None], initial_state.astype(state.dtype), 0.0)
+    return o, state
+
+
+# ----------------------------------------------------------------------------- cosFormer
+def _check_max_len(max_len, T):
+    if max_len is None:
+        return T
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < T:
+        raise ValueError(f"max_len: expected an int M >= T = {T} (cos(π/2·(i−j)/M) must stay >= 0), got {max_len!r}")
+    return max_len
+
+
+def _cosformer_features(x, M, feature_map):
+    f = resolve_feature_map(feature_map)(x)
+    T = x.shape[1]
+    ang = (math.pi / 2) * jnp.arange(T, dtype=f.dtype) / M
+    c, s = jnp.cos(ang)[None, :, None, None], jnp.sin(ang)[None, :, None, None]
+    return jnp.concatenate([f * c, f * s], axis=-1)
+
+
+def cosformer_attention(q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], v: Float[Array, "B T K Dv"], *,
+                        causal: bool = True, max_len: int | None = None, eps: float = 1e-6, feature_map="relu",
+                        segment_ids=None, initial_state=None, return_final_state: bool = False, impl="auto",
+                        chunk_size: int = DEFAULT_CHUNK):
+    """cosFormer attention (arXiv:2202.08791, Eq. 11); returns ``(o, state)``.
+
+    ``state``: ``[B, H, 2D, Dv + 1]`` (cos features then sin features; normaliser last column).
+    A state carried across calls (decode) is only consistent when positions continue, which this
+    function does not track — pass ``initial_state`` only for a continuation whose positions
+    start at 0 of the same ``max_len`` frame (prefer one call over the whole sequence).
+    """
+    check_qkv(q, k, v)
+    M = _check_max_len(max_len, q.shape[1])
+    fm = resolve_feature_map(feature_map)
+    feats = lambda x: _cosformer_features(x, M, fm)
+    return linear_attention(q, k, v, feature_map=feats, normalize=True, eps=eps, scale=1.0, causal=causal,
+                            initial_state=initial_state, return_final_state=return_final_state,
+                            segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)
+
+
+def cosformer_attention_reference(q, k, v, *, causal: bool = True, max_len: int | None = None, eps: float = 1e-6,
+                                  feature_map="relu", segment_ids=None):
+    """cosFormer written densely: ``A_ij = φ(q_i)·φ(k_j) cos(π(i−j)/2M)`` on visible pairs."""
+    eps = _check_eps(eps)
+    check_qkv(q, k, v)
+    B, T, H = q.shape[:3]
+    M = _check_max_len(max_len, T)
+    dt = _compute_dtype(q)
+    fm = resolve_feature_map(feature_map)
+    fq, fk = fm(q).astype(dt), expand_kv_heads(fm(k).astype(dt), H)
+    vv = expand_kv_heads(v.astype(dt), H)
+    lay = segment_layout(segment_ids, B, T)
+    visible = (lay.doc[:, :, None] == lay.doc[:, None, :]) & lay.valid[:, None, :] & lay.valid[:, :, None]
+    if causal:
+        visible = visible & jnp.tril(jnp.ones((T, T), bool))
+    idx = jnp.arange(T, dtype=dt)
+    w = jnp.cos((math.pi / 2) * (idx[:, None] - idx[None, :]) / M)
+    a = jnp.einsum("bihd,bjhd->bhij", fq, fk) * w
+    a = jnp.where(visible[:, None], a, 0.0)
+    vv = jnp.where(lay.valid[:, :, None, None], vv, 0.0)
+    num = jnp.einsum("bhij,bjhv->bihv", a, vv)
+    den = jnp.moveaxis(a.sum(-1), 1, 2)[..., None] + eps
+    o = num / jnp.where(den == 0, 1.0, den)
+    return jnp.where(lay.valid[:, :, None, None], o, 0.0).astype(q.dtype)

@@ -1,0 +1,43 @@
+"""RetNet retention: multi-scale, fixed per-head exponential decay.
+
+Sun, Dong, Huang, Ma, Xia, Xue, Wang, Wei, "Retentive Network: A Successor to Transformer for
+Large Language Models", 2023, arXiv:2307.08621.  Eq. (5)-(8): the parallel form
+``Retention(X) = (Q K^T ⊙ D) V`` with ``D_nm = γ^{n-m}`` for ``n >= m`` (0 otherwise), the
+recurrent form ``S_n = γ S_{n-1} + K_n^T V_n``, ``o_n = Q_n S_n``, and the chunkwise form; the
+multi-scale heads use ``γ_h = 1 - 2^{-5-h}`` for ``h = 0..H-1`` (§2.2).  The ``xPos`` rotation
+and the GroupNorm / swish gate of the full layer live in the mixer
+(:mod:`attn_jax.nn.linear_mixers`); the scale follows the paper's ``K / sqrt(d)``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
+
+__all__ = ["retention", "retnet_decays"]
+
+
+def retnet_decays(num_heads: int) -> np.ndarray:
+    """``γ_h = 1 - 2^{-5-h}`` (float64 numpy, one per head)."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+    return 1.0 - 2.0 ** (-5.0 - np.arange(num_heads, dtype=np.float64))
+
+
+def retention(q, k, v, *, decays=None, scale=None, initial_state=None, return_final_state=False, segment_ids=None,
+              impl="auto", chunk_size=DEFAULT_CHUNK):
+    """``o, state = retention(q, k, v)`` with per-head decays ``γ`` (default :func:`retnet_decays`).
+
+    ``decays``: ``[H]`` values in ``(0, 1]``.
+    """
+    B, T, H = q.shape[:3]
+    gammas = retnet_decays(H) if decays is None else decays
+    gammas = jnp.asarray(gammas, jnp.promote_types(q.dtype, jnp.float32))
+    if gammas.shape != (H,):
+        raise ValueError(f"decays: expected shape [H] = [{H}], got {list(gammas.shape)}")
+    log_g = jnp.broadcast_to(jnp.log(gammas), (B, T, H))
+    return gated_linear_attention(q, k, v, log_g, scale=scale, initial_state=initial_state,
+                                  return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
+                                  chunk_size=chunk_size, mechanism="retention", gate_name="decays")

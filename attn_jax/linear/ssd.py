@@ -1,0 +1,40 @@
+"""Scalar data-dependent per-head decay: the state-space-duality (SSD) form of Mamba-2.
+
+Dao, Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured
+State Space Duality", 2024, arXiv:2405.21060.  With a scalar ``A`` per head (§3-§6)::
+
+    h_t = a_t h_{t-1} + B_t^T x_t,     y_t = C_t h_t,     a_t = exp(Δ_t A) ∈ (0, 1)
+
+i.e. masked attention ``Y = (C B^T ⊙ L) X`` with the 1-semiseparable mask
+``L_ts = a_{s+1} ... a_t``.  In attention notation ``C -> q``, ``B -> k``, ``x -> v`` (Mamba-2
+feeds ``Δ_t x_t`` as the value; the layer does that) and ``log_a = Δ A`` is the ``[B, T, H]``
+log decay.  No softmax scale (``scale=1``).  Forms and dispatch: :mod:`attn_jax.linear.gated`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
+
+__all__ = ["ssd", "ssd_log_decay"]
+
+
+def ssd_log_decay(dt_logits, A_log, *, dt_bias=None):
+    """Mamba-2's ``log a_t = Δ_t A`` with ``Δ = softplus(dt_logits + dt_bias)``, ``A = -exp(A_log)``.
+
+    ``dt_logits: [B, T, H]``, ``A_log: [H]``; returns float32 ``[B, T, H]`` (``<= 0``).
+    """
+    dt = dt_logits.astype(jnp.float32) + (0.0 if dt_bias is None else dt_bias.astype(jnp.float32))
+    return jax.nn.softplus(dt) * -jnp.exp(A_log.astype(jnp.float32))
+
+
+def ssd(q, k, v, log_a, *, scale=1.0, initial_state=None, return_final_state=False, segment_ids=None, impl="auto",
+        chunk_size=DEFAULT_CHUNK):
+    """``o, state = ssd(C, B, X, log_a)`` with ``log_a: [B, T, H]`` (one decay per head and token)."""
+    if log_a is None:
+        raise ValueError("log_a: SSD needs per-head log decays [B, T, H]")
+    return gated_linear_attention(q, k, v, log_a, scale=scale, initial_state=initial_state,
+                                  return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
+                                  chunk_size=chunk_size, mechanism="ssd", gate_name="log_a", allow_vector_gate=False)
