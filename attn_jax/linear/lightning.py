@@ -17,6 +17,7 @@ multiplied by the per-layer factor ``1 - l / (L - 1)`` (``layer_scale``).  No so
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,7 +29,8 @@ __all__ = ["lightning_attention", "lightning_decays"]
 
 def lightning_decays(num_heads: int, layer_scale: float = 1.0) -> np.ndarray:
     """``λ_h = exp(-slope_h * layer_scale)`` with ALiBi slopes (TransNormerLLM's default)."""
-    slopes = np.asarray(alibi_slopes(num_heads), np.float64)
+    with jax.ensure_compile_time_eval():  # static per-head constants, also under jit
+        slopes = np.asarray(alibi_slopes(num_heads), np.float64)
     return np.exp(-slopes * float(layer_scale))
 
 
