@@ -1,0 +1,86 @@
+"""The catalogue of linear / recurrent mechanisms: what each computes, which forms it has, which
+mixer wraps it.  The README's linear-attention matrix and the catalogue-wide parity tests
+(``tests/linear/test_catalog.py``) both read this list, so a form that is claimed is a form
+that is run against the reference.
+
+An entry's ``call(impl, inputs, **kw)`` runs the mechanism on the standard inputs of
+:func:`standard_inputs` (q, k, v, a vector gate, a scalar gate, beta, a state) with one ``impl``
+and returns the output array; ``forms`` lists the ``impl`` names it claims besides
+``"reference"``; ``causal`` / ``noncausal`` say which directions it defines.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Mechanism", "CATALOG", "standard_inputs", "get"]
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    name: str
+    paper: str
+    call: Callable             # (impl, inputs, *, causal, segment_ids, initial_state) -> o
+    forms: tuple[str, ...]     # impls besides "reference"
+    causal: bool = True
+    noncausal: bool = False
+    segments: bool = True
+    initial_state: bool = True
+    mixer: str | None = None
+    pallas: bool = False       # the chunked Pallas kernel serves it on cuda and tpu
+    notes: str = ""
+
+
+def standard_inputs(key, B=2, T=37, H=4, K=2, Dk=12, Dv=20, dtype=jnp.float32):
+    ks = jax.random.split(key, 7)
+    q = jax.random.normal(ks[0], (B, T, H, Dk), dtype)
+    k = jax.random.normal(ks[1], (B, T, K, Dk), dtype)
+    v = jax.random.normal(ks[2], (B, T, K, Dv), dtype)
+    return {
+        "q": q, "k": k, "v": v,
+        "log_g": -jax.random.uniform(ks[3], (B, T, H, Dk), dtype, 0.01, 1.0),
+        "log_a": -jax.random.uniform(ks[4], (B, T, H), dtype, 0.01, 1.0),
+        "beta": jax.random.uniform(ks[5], (B, T, H), dtype, 0.05, 0.95),
+        "h0": jax.random.normal(ks[6], (B, H, Dk, Dv), dtype),
+    }
+
+
+def _linear():
+    return importlib.import_module("attn_jax.linear")
+
+
+def _gated(fn_name: str, *gate_names: str, **fixed):
+    def call(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+        fn = getattr(_linear(), fn_name)
+        kw = dict(fixed, impl=impl, segment_ids=segment_ids, initial_state=initial_state)
+        if not causal:
+            kw["causal"] = False
+        return fn(x["q"], x["k"], x["v"], *(x[g] for g in gate_names), **kw)[0]
+    return call
+
+
+CATALOG: list[Mechanism] = [
+    Mechanism("Linear attention (no decay)", "Katharopoulos et al. 2020, arXiv:2006.16236",
+              _gated("gated_linear_attention"), ("chunk", "parallel", "recurrent"), noncausal=True,
+              pallas=True),
+    Mechanism("RetNet retention (multi-scale decay)", "Sun et al. 2023, arXiv:2307.08621",
+              _gated("retention"), ("chunk", "parallel", "recurrent"), mixer="retnet", pallas=True),
+    Mechanism("Lightning attention 1/2 (intra/inter-block tiling)", "Qin et al. 2024, arXiv:2401.04658",
+              _gated("lightning_attention"), ("chunk", "parallel", "recurrent"), mixer="lightning", pallas=True),
+    Mechanism("Scalar data-dependent decay (Mamba-2 SSD)", "Dao & Gu 2024, arXiv:2405.21060",
+              _gated("ssd", "log_a"), ("chunk", "parallel", "recurrent"), mixer="ssd", pallas=True),
+    Mechanism("GLA (vector gates, secondary chunking)", "Yang et al. 2023, arXiv:2312.06635",
+              _gated("gla", "log_g"), ("chunk", "parallel", "recurrent"), mixer="gla", pallas=True),
+]
+
+
+def get(name: str) -> Mechanism:
+    for m in CATALOG:
+        if m.name == name:
+            return m
+    raise ValueError(f"name: unknown mechanism {name!r}; known: {[m.name for m in CATALOG]}")
