@@ -10,7 +10,7 @@ expanded by ``beta [D, N]`` into ``N`` EMA dimensions, each with its own damped 
 with ``alpha, delta ∈ (0, 1)`` (the layer obtains them through a sigmoid; this pure op takes
 the values) and ``eta [D, N]`` the projection back (the official code folds a ``N^-1/2`` scale
 into ``eta``; :class:`attn_jax.nn.mega.MegaMixer` does that, this op does not).  Unrolled, the
-output is a causal convolution of each channel with the kernel (§3.1, eq. 2-3 of the paper)
+output is a causal convolution of each channel with the kernel (§3.1; the paper computes it by FFT)
 
     K_{j,d} = sum_n eta_{d,n} (alpha ⊙ beta)_{d,n} q_{d,n}^j,     q = 1 - alpha ⊙ delta.
 
