@@ -76,6 +76,12 @@ CATALOG: list[Mechanism] = [
               _gated("ssd", "log_a"), ("chunk", "parallel", "recurrent"), mixer="ssd", pallas=True),
     Mechanism("GLA (vector gates, secondary chunking)", "Yang et al. 2023, arXiv:2312.06635",
               _gated("gla", "log_g"), ("chunk", "parallel", "recurrent"), mixer="gla", pallas=True),
+    Mechanism("DeltaNet (delta rule, WY/UT chunking)", "Schlag et al. 2021, arXiv:2102.11174; Yang et al. 2024, "
+              "arXiv:2406.06484", _gated("delta_rule", "beta"), ("chunk", "parallel", "recurrent"), mixer="deltanet",
+              notes="keys L2-normalised by the caller"),
+    Mechanism("Gated DeltaNet", "Yang, Kautz, Hatamizadeh 2024, arXiv:2412.06464",
+              _gated("gated_delta_rule", "beta", "log_a"), ("chunk", "parallel", "recurrent"),
+              mixer="gated_deltanet"),
 ]
 
 
