@@ -54,13 +54,18 @@ def _linear():
     return importlib.import_module("attn_jax.linear")
 
 
-def _gated(fn_name: str, *gate_names: str, **fixed):
+def _unit_keys(k):
+    return k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+
+
+def _gated(fn_name: str, *gate_names: str, normalize_keys: bool = False, **fixed):
     def call(impl, x, *, causal=True, segment_ids=None, initial_state=None):
         fn = getattr(_linear(), fn_name)
         kw = dict(fixed, impl=impl, segment_ids=segment_ids, initial_state=initial_state)
         if not causal:
             kw["causal"] = False
-        return fn(x["q"], x["k"], x["v"], *(x[g] for g in gate_names), **kw)[0]
+        k = _unit_keys(x["k"]) if normalize_keys else x["k"]
+        return fn(x["q"], k, x["v"], *(x[g] for g in gate_names), **kw)[0]
     return call
 
 
@@ -77,10 +82,10 @@ CATALOG: list[Mechanism] = [
     Mechanism("GLA (vector gates, secondary chunking)", "Yang et al. 2023, arXiv:2312.06635",
               _gated("gla", "log_g"), ("chunk", "parallel", "recurrent"), mixer="gla", pallas=True),
     Mechanism("DeltaNet (delta rule, WY/UT chunking)", "Schlag et al. 2021, arXiv:2102.11174; Yang et al. 2024, "
-              "arXiv:2406.06484", _gated("delta_rule", "beta"), ("chunk", "parallel", "recurrent"), mixer="deltanet",
+              "arXiv:2406.06484", _gated("delta_rule", "beta", normalize_keys=True), ("chunk", "parallel", "recurrent"), mixer="deltanet",
               notes="keys L2-normalised by the caller"),
     Mechanism("Gated DeltaNet", "Yang, Kautz, Hatamizadeh 2024, arXiv:2412.06464",
-              _gated("gated_delta_rule", "beta", "log_a"), ("chunk", "parallel", "recurrent"),
+              _gated("gated_delta_rule", "beta", "log_a", normalize_keys=True), ("chunk", "parallel", "recurrent"),
               mixer="gated_deltanet"),
 ]
 
