@@ -332,16 +332,15 @@ def _pallas_unsupported(platform: str, call: GatedCall) -> list[str]:
     p = call.problem
     reasons = []
     if not p.causal:
-        reasons.append("non-causal linear attention has no kernel (it is two matmuls; use 'chunk')")
+        reasons.append("non-causal linear attention has no kernel (it is two matmuls; 'chunk' serves it)")
     if p.segments:
         reasons.append("packed segments (segment_ids) are not handled by the kernel")
-    if p.dtype not in ("float32", "bfloat16"):
-        reasons.append(f"dtype {p.dtype} (kernel supports float32 and bfloat16)")
-    try:
-        from pallas_kernels.chunked_gla import unsupported_reasons
-    except ImportError:
-        return reasons + ["pallas_kernels.chunked_gla is not available"]
-    return reasons + list(unsupported_reasons(Dk=p.Dk, Dv=p.Dv, dtype=p.dtype, platform=platform))
+    from pallas_kernels.chunked_gla import unsupported_reasons
+    sds = jax.ShapeDtypeStruct
+    gate_shape = (p.B, p.T, p.H) + ((p.Dk,) if p.gate == "vector" else ())
+    return reasons + list(unsupported_reasons(
+        sds((p.B, p.T, p.H, p.Dk), p.dtype), sds((p.B, p.T, p.H, p.Dk), p.dtype), sds((p.B, p.T, p.H, p.Dv), p.dtype),
+        sds(gate_shape, jnp.float32), platform=platform))
 
 
 def _always(platform, call):
@@ -353,13 +352,14 @@ def _causal_only(platform, call):
 
 
 def _pallas_dispatch(call, *args):
-    # The registry picks this per lowering platform; both GPU and TPU kernels share one entry.
+    # The registry chose "pallas" for cuda and/or tpu; the kernel module differs per platform.
     return jax.lax.platform_dependent(
         *args, cuda=functools.partial(_pallas, call, platform="cuda"),
         tpu=functools.partial(_pallas, call, platform="tpu"),
         default=functools.partial(_chunk, call))
 
 
+GATED.register("pallas", _pallas_dispatch, _pallas_unsupported)
 GATED.register("chunk", _chunk, _always)
 GATED.register("parallel", _parallel, _always, auto=False)
 GATED.register("recurrent", _recurrent, _causal_only, auto=False)
