@@ -1,0 +1,1 @@
+"""Experiment configs: ``python -m experiments.train --config=experiments/configs/<task>.py[:<arg>]``."""

@@ -1,0 +1,16 @@
+"""MQAR (multi-query associative recall, Zoology: Arora et al., 2023, arXiv:2312.04927).
+
+``--config=experiments/configs/mqar.py:<seq_len>x<num_kv_pairs>``, e.g. ``:64x4`` (default),
+``:128x8``, ``:256x16``.
+"""
+
+from experiments.configs.base import with_task
+
+
+def get_config(arg=None):
+    seq_len, pairs = (int(x) for x in (arg or "64x4").lower().split("x"))
+    c = with_task("mqar", vocab_size=8192, seq_len=seq_len, num_kv_pairs=pairs, power_a=0.01)
+    c.model.update(d_model=64, num_layers=2, num_heads=2)
+    c.optim.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
+    c.train.update(steps=2000, batch_size=64, eval_every=250, eval_batches=4, log_every=50, checkpoint_every=500)
+    return c

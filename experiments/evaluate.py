@@ -1,0 +1,53 @@
+"""Evaluate the newest good checkpoint of a workdir on the valid split; writes ``eval.json``.
+
+    python -m experiments.evaluate --workdir=runs/x [--batches=N]   # default: train.eval_batches
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+
+from experiments.common.cli import define, quiet_orbax
+from experiments.common.config import ConfigError
+
+__all__ = ["run"]
+
+
+def run(workdir: str, batches: int | None = None) -> dict:
+    from experiments.train import restore_trainer
+    trainer, step = restore_trainer(workdir)
+    batches = batches or trainer.config.train.eval_batches
+    t0 = time.perf_counter()
+    result = {"step": step, "task": trainer.task.name, "batches": batches,
+              "batch_size": trainer.config.train.batch_size,
+              **trainer.evaluate(batches, trainer.config.train.batch_size), "eval_sec": time.perf_counter() - t0}
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def cli():
+    workdir = define("string", "workdir", None, "A training workdir.")
+    batches = define("integer", "batches", 0, "Valid batches (0 = the config's train.eval_batches).")
+
+    def main(argv):
+        del argv
+        quiet_orbax()
+        if not workdir():
+            raise app.UsageError("--workdir is required")
+        try:
+            print(json.dumps(run(workdir(), batches() or None), indent=1))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()
