@@ -28,6 +28,9 @@ import jax.numpy as jnp
 YES, NO, NA = "✓", "—", "n/a"
 COLUMNS = ("reference", "xla", "pallas-gpu", "pallas-tpu", "decode", "mixer")
 BEGIN, END = "<!-- feature-matrix:begin -->", "<!-- feature-matrix:end -->"
+LINEAR_BEGIN, LINEAR_END = "<!-- linear-matrix:begin -->", "<!-- linear-matrix:end -->"
+LINEAR_COLUMNS = ("reference", "parallel", "chunk", "recurrent / decode", "pallas-gpu", "pallas-tpu", "causal",
+                  "non-causal", "segments", "initial state", "mixer")
 
 
 def _sds(*shape, dtype=jnp.float32):
@@ -171,24 +174,44 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, table: str) -> str:
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+def linear_markdown() -> str:
+    """The linear / recurrent matrix, read from :mod:`attn_jax.linear.catalog` (whose claimed
+    forms tests/linear/test_catalog.py runs against each reference) and the registries."""
+    from attn_jax import mixers
+    from attn_jax.linear import catalog
+
+    yes = lambda b: YES if b else NO
+    lines = ["| mechanism | paper | " + " | ".join(LINEAR_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(LINEAR_COLUMNS)]
+    registered = set(mixers.names())
+    for m in catalog.CATALOG:
+        cells = [YES, yes("parallel" in m.forms), yes("chunk" in m.forms), yes("recurrent" in m.forms),
+                 yes(catalog.kernel_serves(m, "cuda")), yes(catalog.kernel_serves(m, "tpu")), yes(m.causal),
+                 yes(m.noncausal), yes(m.segments), yes(m.initial_state),
+                 f"`{m.mixer}`" if m.mixer in registered else NO]
+        lines.append(f"| {m.name} | {m.paper} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, table: str, begin: str = BEGIN, end: str = END) -> str:
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f"README has no {BEGIN} ... {END} block")
-    return pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text)
+        raise ValueError(f"README has no {begin} ... {end} block")
+    return pattern.sub(lambda _: f"{begin}\n{table}\n{end}", text)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", metavar="README", help="rewrite the feature-matrix block of this file")
     args = ap.parse_args(argv)
-    table = markdown()
+    table, linear_table = markdown(), linear_markdown()
     if args.write:
         with open(args.write) as f:
             text = f.read()
+        text = replace_block(replace_block(text, table), linear_table, LINEAR_BEGIN, LINEAR_END)
         with open(args.write, "w") as f:
-            f.write(replace_block(text, table))
-    print(table)
+            f.write(text)
+    print(table + "\n\n" + linear_table)
 
 
 if __name__ == "__main__":

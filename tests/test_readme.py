@@ -16,6 +16,15 @@ def test_feature_matrix_matches_registry():
         "README feature matrix is stale: run `python -m attn_jax.feature_matrix --write README.md`")
 
 
+def test_linear_matrix_matches_catalogue():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(re.escape(feature_matrix.LINEAR_BEGIN) + r"\n(.*?)\n" + re.escape(feature_matrix.LINEAR_END),
+                      text, re.S)
+    assert block, "README lacks the linear-matrix block"
+    assert block.group(1) == feature_matrix.linear_markdown(), (
+        "README linear matrix is stale: run `python -m attn_jax.feature_matrix --write README.md`")
+
+
 def test_readme_commands_are_the_makefile_targets():
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()

@@ -32,7 +32,7 @@ class Mechanism:
     segments: bool = True
     initial_state: bool = True
     mixer: str | None = None
-    pallas: bool = False       # the chunked Pallas kernel serves it on cuda and tpu
+    kernel_gate: str | None = None   # gate kind it hands the chunked Pallas kernel ("none"/"scalar"/"vector")
     notes: str = ""
 
 
@@ -72,15 +72,15 @@ def _gated(fn_name: str, *gate_names: str, normalize_keys: bool = False, **fixed
 CATALOG: list[Mechanism] = [
     Mechanism("Linear attention (no decay)", "Katharopoulos et al. 2020, arXiv:2006.16236",
               _gated("gated_linear_attention"), ("chunk", "parallel", "recurrent"), noncausal=True,
-              pallas=True),
+              kernel_gate="none"),
     Mechanism("RetNet retention (multi-scale decay)", "Sun et al. 2023, arXiv:2307.08621",
-              _gated("retention"), ("chunk", "parallel", "recurrent"), mixer="retnet", pallas=True),
+              _gated("retention"), ("chunk", "parallel", "recurrent"), mixer="retnet", kernel_gate="scalar"),
     Mechanism("Lightning attention 1/2 (intra/inter-block tiling)", "Qin et al. 2024, arXiv:2401.04658",
-              _gated("lightning_attention"), ("chunk", "parallel", "recurrent"), mixer="lightning", pallas=True),
+              _gated("lightning_attention"), ("chunk", "parallel", "recurrent"), mixer="lightning", kernel_gate="scalar"),
     Mechanism("Scalar data-dependent decay (Mamba-2 SSD)", "Dao & Gu 2024, arXiv:2405.21060",
-              _gated("ssd", "log_a"), ("chunk", "parallel", "recurrent"), mixer="ssd", pallas=True),
+              _gated("ssd", "log_a"), ("chunk", "parallel", "recurrent"), mixer="ssd", kernel_gate="scalar"),
     Mechanism("GLA (vector gates, secondary chunking)", "Yang et al. 2023, arXiv:2312.06635",
-              _gated("gla", "log_g"), ("chunk", "parallel", "recurrent"), mixer="gla", pallas=True),
+              _gated("gla", "log_g"), ("chunk", "parallel", "recurrent"), mixer="gla", kernel_gate="vector"),
     Mechanism("DeltaNet (delta rule, WY/UT chunking)", "Schlag et al. 2021, arXiv:2102.11174; Yang et al. 2024, "
               "arXiv:2406.06484", _gated("delta_rule", "beta", normalize_keys=True), ("chunk", "parallel", "recurrent"), mixer="deltanet",
               notes="keys L2-normalised by the caller"),
@@ -88,6 +88,19 @@ CATALOG: list[Mechanism] = [
               _gated("gated_delta_rule", "beta", "log_a", normalize_keys=True), ("chunk", "parallel", "recurrent"),
               mixer="gated_deltanet"),
 ]
+
+
+def kernel_serves(m: Mechanism, platform: str) -> bool:
+    """Whether ``impl="auto"`` of the gated engine picks the Pallas kernel for ``m`` on ``platform``
+    (a causal call without segments, B=2 T=256 H=4 D=64 float32)."""
+    if m.kernel_gate is None:
+        return False
+    from attn_jax.linear.gated import explain_gated
+
+    sds = jax.ShapeDtypeStruct
+    x = sds((2, 256, 4, 64), jnp.float32)
+    g = {"none": None, "scalar": sds((2, 256, 4), jnp.float32), "vector": x}[m.kernel_gate]
+    return explain_gated(x, x, x, g, platform=platform).chosen[platform] == "pallas"
 
 
 def get(name: str) -> Mechanism:
