@@ -29,8 +29,8 @@ YES, NO, NA = "✓", "—", "n/a"
 COLUMNS = ("reference", "xla", "pallas-gpu", "pallas-tpu", "decode", "mixer")
 BEGIN, END = "<!-- feature-matrix:begin -->", "<!-- feature-matrix:end -->"
 LINEAR_BEGIN, LINEAR_END = "<!-- linear-matrix:begin -->", "<!-- linear-matrix:end -->"
-LINEAR_COLUMNS = ("reference", "parallel", "chunk", "recurrent / decode", "pallas-gpu", "pallas-tpu", "causal",
-                  "non-causal", "segments", "initial state", "mixer")
+LINEAR_COLUMNS = ("forms besides the reference (impl=)", "pallas-gpu", "pallas-tpu", "causal", "non-causal",
+                  "segments", "initial state", "mixer")
 
 
 def _sds(*shape, dtype=jnp.float32):
@@ -185,7 +185,7 @@ def linear_markdown() -> str:
              "|---|---|" + "---|" * len(LINEAR_COLUMNS)]
     registered = set(mixers.names())
     for m in catalog.CATALOG:
-        cells = [YES, yes("parallel" in m.forms), yes("chunk" in m.forms), yes("recurrent" in m.forms),
+        cells = [", ".join(f"`{f}`" for f in m.forms),
                  yes(catalog.kernel_serves(m, "cuda")), yes(catalog.kernel_serves(m, "tpu")), yes(m.causal),
                  yes(m.noncausal), yes(m.segments), yes(m.initial_state),
                  f"`{m.mixer}`" if m.mixer in registered else NO]

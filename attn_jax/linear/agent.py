@@ -1,7 +1,7 @@
 """Agent Attention: softmax attention through a small set of agent tokens.
 
 Han, Ye, Han, Pan, Wan, Song & Huang, "Agent Attention: On the Integration of Softmax and
-Linear Attention", 2024 (ECCV), arXiv:2312.08874, Eq. 3-4: with ``n`` agent tokens ``A``,
+Linear Attention", 2024 (ECCV), arXiv:2312.08874: with ``n`` agent tokens ``A``,
 
     V_A = softmax(A Kᵀ · scale) V              (agent aggregation: agents query the keys)
     O   = softmax(Q Aᵀ · scale) V_A            (agent broadcast: queries read the agents)
@@ -57,11 +57,11 @@ def pool_agents(q: Float[Array, "B T H D"], num_agents: int, lengths: Int[Array,
     start = (a * L[:, None]) // num_agents                                   # floor(a L / n)
     end = -((-(a + 1) * L[:, None]) // num_agents)                           # ceil((a+1) L / n)
     t = jnp.arange(T, dtype=jnp.int32)[None, None, :]
-    w = ((t >= start[..., None]) & (t < end[..., None])).astype(jnp.float32)  # [B, n, T]
-    w = w / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
     dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    w = ((t >= start[..., None]) & (t < end[..., None])).astype(dt)          # [B, n, T]
+    w = w / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
     qz = jnp.where((t[0, 0] < L[:, None])[:, :, None, None], q.astype(dt), 0.0)   # NaN padding must not leak
-    return jnp.einsum("bnt,bthd->bnhd", w.astype(dt), qz)
+    return jnp.einsum("bnt,bthd->bnhd", w, qz)
 
 
 def _agents(q, agents, num_agents, lengths):
@@ -102,7 +102,7 @@ def agent_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
                     agents: Float[Array, "B n H Dk"] | None = None, num_agents: int | None = None,
                     scale: float | None = None, lengths: Int[Array, "B"] | None = None, causal: bool = False,
                     impl="auto"):
-    """Agent attention (arXiv:2312.08874, Eq. 3): two :func:`attn_jax.attention` calls.
+    """Agent attention (arXiv:2312.08874): two :func:`attn_jax.attention` calls.
 
     ``impl`` is passed to both softmax-attention calls.  Output in the dtype of ``q``.
     """

@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from attn_jax.core import masks
 from attn_jax.core.validation import check_qkv, shape_str

@@ -69,10 +69,116 @@ def _gated(fn_name: str, *gate_names: str, normalize_keys: bool = False, **fixed
     return call
 
 
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _feature_map(name: str, d: int):
+    """A named feature map (learned / random ones get fixed weights from fixed keys)."""
+    fm = importlib.import_module("attn_jax.linear.feature_maps")
+    if name == "performer":
+        proj = fm.orthogonal_random_projection(jax.random.key(7), 24, d)
+        return lambda x: fm.performer_features(x, proj.astype(x.dtype))
+    if name == "hedgehog":
+        W = jax.random.normal(jax.random.key(8), (d, 8)) / d ** 0.5
+        return lambda x: fm.hedgehog(x, W.astype(x.dtype))
+    return name
+
+
+def _with_normaliser(h0):
+    """A state with a (positive) normaliser column, as the normalised forms carry it."""
+    return jnp.concatenate([h0, jnp.abs(h0[..., :1]) + 1.0], axis=-1)
+
+
+def _normalised(fm_name: str, initial_state: bool = True):
+    def call(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+        lin = importlib.import_module("attn_jax.linear.linear_attention")
+        fm = _feature_map(fm_name, x["q"].shape[-1])
+        kw = dict(feature_map=fm, causal=causal, segment_ids=segment_ids)
+        if initial_state is not None:
+            kw["initial_state"] = _with_normaliser(initial_state)
+        if impl == "reference":
+            return _first(lin.linear_attention_reference(x["q"], x["k"], x["v"], **kw))
+        return _first(lin.linear_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
+    return call
+
+
+def _based(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    based = importlib.import_module("attn_jax.linear.based")
+    qf, kf = x["q"][..., :6], x["k"][..., :6]   # the small feature dim d' of the linear part
+    if impl == "reference":
+        o = based.based_attention_reference(qf, kf, x["q"], x["k"], x["v"], window=8, segment_ids=segment_ids)
+    else:
+        o = based.based_attention(qf, kf, x["q"], x["k"], x["v"], window=8, segment_ids=segment_ids, impl=impl)
+    return o[0] + o[1]
+
+
+def _cosformer(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    lin = importlib.import_module("attn_jax.linear.linear_attention")
+    if impl == "reference":
+        return _first(lin.cosformer_attention_reference(x["q"], x["k"], x["v"], causal=causal,
+                                                        segment_ids=segment_ids))
+    return _first(lin.cosformer_attention(x["q"], x["k"], x["v"], causal=causal, segment_ids=segment_ids, impl=impl))
+
+
+def _log_normal(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    lln = importlib.import_module("attn_jax.linear.log_normal")
+    kw = dict(alpha=0.4, beta=0.4, causal=causal, segment_ids=segment_ids)
+    if impl == "reference":
+        return _first(lln.log_normal_attention_reference(x["q"], x["k"], x["v"], **kw))
+    return _first(lln.log_normal_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
+
+
+def _efficient(impl, x, *, causal=False, segment_ids=None, initial_state=None):
+    eff = importlib.import_module("attn_jax.linear.efficient_attention")
+    if impl == "reference":
+        return _first(eff.efficient_attention_reference(x["q"], x["k"], x["v"], segment_ids=segment_ids))
+    return _first(eff.efficient_attention(x["q"], x["k"], x["v"], segment_ids=segment_ids, impl=impl))
+
+
+def _agent(impl, x, *, causal=False, segment_ids=None, initial_state=None):
+    agent = importlib.import_module("attn_jax.linear.agent")
+    if impl == "reference":
+        return _first(agent.agent_attention_reference(x["q"], x["k"], x["v"], num_agents=5))
+    return _first(agent.agent_attention(x["q"], x["k"], x["v"], num_agents=5, impl=impl))
+
+
+def _flow(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    flow = importlib.import_module("attn_jax.linear.flowformer")
+    if impl == "reference":
+        return _first(flow.flow_attention_reference(x["q"], x["k"], x["v"], causal=causal))
+    return _first(flow.flow_attention(x["q"], x["k"], x["v"], causal=causal, impl=impl))
+
+
 CATALOG: list[Mechanism] = [
-    Mechanism("Linear attention (no decay)", "Katharopoulos et al. 2020, arXiv:2006.16236",
+    Mechanism("Linear attention, identity map, unnormalised", "Katharopoulos et al. 2020, arXiv:2006.16236",
               _gated("gated_linear_attention"), ("chunk", "parallel", "recurrent"), noncausal=True,
               kernel_gate="none"),
+    Mechanism("Linear attention, elu+1 map, normalised", "Katharopoulos et al. 2020, arXiv:2006.16236",
+              _normalised("elu"), ("chunk", "parallel", "recurrent"), noncausal=True, mixer="linear"),
+    Mechanism("ReLU feature map", "(feature map; Qin et al. 2022, arXiv:2202.08791 use it in cosFormer)",
+              _normalised("relu", initial_state=False), ("chunk", "parallel", "recurrent"), noncausal=True,
+              initial_state=False),
+    Mechanism("DPFP feature map", "Schlag et al. 2021, arXiv:2102.11174", _normalised("dpfp", initial_state=False),
+              ("chunk", "parallel", "recurrent"), noncausal=True, initial_state=False),
+    Mechanism("Performer FAVOR+ (positive orthogonal random features)", "Choromanski et al. 2020, arXiv:2009.14794",
+              _normalised("performer", initial_state=False), ("chunk", "parallel", "recurrent"), noncausal=True,
+              initial_state=False, notes="projection drawn from an explicit key"),
+    Mechanism("Hedgehog (learnable softmax-mimicking map)", "Zhang et al. 2024, arXiv:2402.04347",
+              _normalised("hedgehog", initial_state=False), ("chunk", "parallel", "recurrent"), noncausal=True,
+              initial_state=False, notes="distillation loss: feature_maps.hedgehog_distillation_loss"),
+    Mechanism("BASED (Taylor-2 linear + sliding-window softmax)", "Arora et al. 2024, arXiv:2402.18668",
+              _based, ("chunk", "parallel", "recurrent"), initial_state=False, mixer="based"),
+    Mechanism("cosFormer (ReLU + cos re-weighting)", "Qin et al. 2022, arXiv:2202.08791", _cosformer,
+              ("chunk", "parallel", "recurrent"), noncausal=True, initial_state=False),
+    Mechanism("Linear log-normal attention", "Nahshan et al. 2023, arXiv:2311.13541", _log_normal,
+              ("chunk", "parallel", "recurrent"), noncausal=True, initial_state=False),
+    Mechanism("Efficient Attention (softmax over features / positions)", "Shen et al. 2021, arXiv:1812.01243",
+              _efficient, ("chunk",), causal=False, noncausal=True, initial_state=False),
+    Mechanism("Agent attention", "Han et al. 2024, arXiv:2312.08874", _agent, ("auto",), causal=False,
+              noncausal=True, segments=False, initial_state=False, notes="key padding via lengths="),
+    Mechanism("Flowformer (flow conservation)", "Wu et al. 2022, arXiv:2202.06258", _flow, ("chunk",),
+              noncausal=True, segments=False, initial_state=False),
     Mechanism("RetNet retention (multi-scale decay)", "Sun et al. 2023, arXiv:2307.08621",
               _gated("retention"), ("chunk", "parallel", "recurrent"), mixer="retnet", kernel_gate="scalar"),
     Mechanism("Lightning attention 1/2 (intra/inter-block tiling)", "Qin et al. 2024, arXiv:2401.04658",

@@ -1,7 +1,7 @@
 """Efficient Attention (softmax-normalised factorised attention).
 
 Shen, Zhang, Zhao, Yi & Li, "Efficient Attention: Attention with Linear Complexities", 2021
-(WACV), arXiv:1812.01243, Eq. 3-4 (the softmax normalisation variant):
+(WACV), arXiv:1812.01243 (the softmax-normalisation variant):
 
     E(Q, K, V) = ρ_q(Q) (ρ_k(K)ᵀ V)
     ρ_q(Q) = softmax over the feature axis of each query row
@@ -80,6 +80,7 @@ def efficient_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"]
         ctx = jnp.repeat(ctx, H // k.shape[2], axis=1)
         return jnp.einsum("bthd,bhdv->bthv", rq, ctx).astype(q.dtype)
     lay = segment_layout(segment_ids, q.shape[0], q.shape[1])
+    rq = jnp.where(lay.valid[:, :, None, None], rq, 0.0)      # NaN padding must not reach any gradient
     rk = _key_softmax_per_document(k.astype(dt), lay)
     o, _ = gated_linear_attention(rq, rk, v.astype(dt), None, scale=1.0, causal=False, segment_ids=segment_ids,
                                   impl=impl, mechanism="efficient_attention")

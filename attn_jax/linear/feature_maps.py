@@ -11,27 +11,31 @@ maps take an explicit projection drawn from an explicit ``jax.random`` key.
 * :func:`relu` — ``φ(x) = max(x, 0)`` (the cosFormer map, Qin et al. 2022, arXiv:2202.08791).
 * :func:`taylor_exp` — the 2nd-order Taylor map of BASED.  Arora et al., "Simple linear
   attention language models balance the recall-throughput tradeoff", 2024, arXiv:2402.18668
-  (§4; zoology/based ``TaylorExp``): ``φ(x) = [1, x/d^{1/4}, vec(x xᵀ)/(√2 √d)]`` with
+  (zoology/based ``TaylorExp``): ``φ(x) = [1, x/d^{1/4}, vec(x xᵀ)/(√2 √d)]`` with
   ``d = D``, so ``φ(q)·φ(k) = 1 + t + t²/2`` with ``t = q·k/√d`` — the Taylor expansion of
   ``exp(q·k/√d)``.  ``D' = 1 + D + D²`` (the full outer product; the symmetric half would give
   ``1 + D + D(D+1)/2`` with the same dot products — we keep the simple form).
 * :func:`hedgehog` — Zhang et al., "The Hedgehog & the Porcupine: Expressive Linear Attentions
-  with Softmax Mimicry", 2024, arXiv:2402.04347 (§4.1): a learnable per-head linear layer
+  with Softmax Mimicry", 2024, arXiv:2402.04347: a learnable per-head linear layer
   followed by a softmax over features, both signs: ``φ(x) = [softmax(xW + b), softmax(−(xW + b))]``
-  (``D' = 2F``; each half is positive and sums to one).  :func:`hedgehog_distillation_loss` is the
+  (``D' = 2F``; each half is positive and sums to one).  The paper writes the unnormalised
+  ``[exp(xW + b), exp(−(xW + b))]``; the per-half softmax (as in the authors' later LoLCATs code)
+  differs from it by one positive factor per half and token, which keeps the weights bounded;
+  zoology's variant, one softmax over ``[2z, −2z]``, is another per-token rescaling of the exp
+  form.  :func:`hedgehog_distillation_loss` is the
   paper's training objective: the cross-entropy between the softmax attention weights and the
   normalised linear-attention weights ``φ(q_i)·φ(k_j) / Σ_l φ(q_i)·φ(k_l)``.
 * :func:`performer_features` — FAVOR+ positive random features.  Choromanski et al., "Rethinking
-  Attention with Performers", 2020, arXiv:2009.14794 (Lemma 1, §2.4):
+  Attention with Performers", 2020, arXiv:2009.14794 (positive random features, FAVOR+):
   ``φ(x) = exp(W x − |x|²/2) / √m`` with ``W: [m, D]`` rows ``w ~ N(0, I)``, so that
   ``E[φ(q)·φ(k)] = exp(q·k)`` (unbiased).  :func:`orthogonal_random_projection` draws ``W`` as
   blocks of ``D`` exactly orthogonal directions (QR of a Gaussian matrix) with row norms drawn
   from the χ_D distribution (norms of Gaussian vectors), so each row is marginally ``N(0, I)``
-  and the estimator stays unbiased with lower variance (Theorem 2).  For softmax attention with
+  and the estimator stays unbiased with lower variance (the paper's orthogonal random features).  For softmax attention with
   the usual ``1/√D`` temperature pass ``x · D^{-1/4}``.  No stabilising max-shift is applied
   (a per-key shift cannot be expressed by a pure per-token map); keep ``|x|`` moderate.
 * :func:`dpfp` — Deterministic Parameter-Free Projection.  Schlag, Irie & Schmidhuber, "Linear
-  Transformers Are Secretly Fast Weight Programmers", 2021, arXiv:2102.11174 (§5.3, Eq. 37):
+  Transformers Are Secretly Fast Weight Programmers", 2021, arXiv:2102.11174 (DPFP):
   with ``r = [relu(x), relu(−x)]`` (``2D`` entries), ``φ_ν(x)_{i + 2D(j−1)} = r_i r_{i+j}``
   (cyclic index, ``j = 1..ν``), so ``D' = 2Dν``.  (The authors' code rolls by ``+j``, i.e. pairs
   ``r_i r_{i−j}``: the same features in another order, so identical dot products.)
@@ -131,7 +135,7 @@ def hedgehog(x: Float[Array, "... H D"], W, b=None) -> Float[Array, "... H F2"]:
 def hedgehog_distillation_loss(q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], W_q, W_k, b_q=None,
                                b_k=None, *, causal: bool = True, scale: float | None = None,
                                stop_target_gradient: bool = True) -> Float[Array, ""]:
-    """Hedgehog's attention-distillation loss (arXiv:2402.04347, §4.2, Eq. 5).
+    """Hedgehog's attention-distillation loss (arXiv:2402.04347).
 
     ``L = mean_{b,h,i} −Σ_j A_ij log Â_ij`` with the softmax weights
     ``A_ij = softmax_j(scale q_i·k_j)`` (the teacher; ``scale`` default ``D^{-1/2}``) and the
@@ -184,7 +188,7 @@ def orthogonal_random_projection(key, m: int, d: int, *, dtype=jnp.float32) -> F
 
 
 def performer_features(x: Float[Array, "... D"], projection: Float[Array, "m D"]) -> Float[Array, "... m"]:
-    """FAVOR+ positive random features ``exp(W x − |x|²/2)/√m`` (arXiv:2009.14794, Lemma 1)."""
+    """FAVOR+ positive random features ``exp(W x − |x|²/2)/√m`` (arXiv:2009.14794)."""
     x = _compute(x)
     check_float_array("projection", projection)
     if projection.ndim != 2 or projection.shape[1] != x.shape[-1]:
@@ -195,7 +199,7 @@ def performer_features(x: Float[Array, "... D"], projection: Float[Array, "m D"]
 
 
 def dpfp(x: Float[Array, "... D"], *, nu: int = 1) -> Float[Array, "... F"]:
-    """DPFP-ν (arXiv:2102.11174, Eq. 37): ``r_i r_{i+j}``, ``r = [relu(x), relu(−x)]``, ``D' = 2Dν``."""
+    """DPFP-ν (arXiv:2102.11174): ``r_i r_{i+j}``, ``r = [relu(x), relu(−x)]``, ``D' = 2Dν``."""
     if isinstance(nu, bool) or not isinstance(nu, int) or nu < 1:
         raise ValueError(f"nu: expected a positive int, got {nu!r}")
     x = _compute(x)

@@ -1,7 +1,7 @@
 """Flow-Attention (Flowformer): linear attention with flow conservation.
 
 Wu, Wu, Xu, Wang & Long, "Flowformer: Linearizing Transformers with Conservation Flows", 2022
-(ICML), arXiv:2202.06258, §3 (Eq. 4-9).  With ``φ = sigmoid``, ``φq_i = φ(q_i)``,
+(ICML), arXiv:2202.06258, §3.  With ``φ = sigmoid``, ``φq_i = φ(q_i)``,
 ``φk_j = φ(k_j)``, ``n = T`` sinks (queries) and ``m = S`` sources (keys):
 
     incoming flow of sink i      I_i = φq_i · Σ_j φk_j

@@ -70,7 +70,7 @@ def _prepare(call: GatedCall, q, k, v, g, segment_ids):
     f32 = _compute_dtype(p)
     lay = segment_layout(segment_ids, p.B, p.T)
     m = lay.valid[:, :, None, None]
-    q = q.astype(f32)
+    q = jnp.where(m, q.astype(f32), 0.0)  # NaN in a padded query must not reach dS (and so dk, dv)
     k = jnp.where(m, expand_kv_heads(k, p.H).astype(f32), 0.0)
     v = jnp.where(m, expand_kv_heads(v, p.H).astype(f32), 0.0)
     if g is not None:

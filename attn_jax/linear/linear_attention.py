@@ -1,7 +1,7 @@
 """Kernelised linear attention (normalised) and cosFormer, on the gated linear-attention engine.
 
 Linear attention: Katharopoulos et al., "Transformers are RNNs: Fast Autoregressive
-Transformers with Linear Attention", 2020, arXiv:2006.16236, Eq. 4-9:
+Transformers with Linear Attention", 2020, arXiv:2006.16236 (§3.2-3.4):
 
     o_i = scale φ(q_i) S_i / (scale φ(q_i)·z_i + eps)
     S_i = Σ_{j ≤ i} φ(k_j)ᵀ v_j,   z_i = Σ_{j ≤ i} φ(k_j)         (causal)
@@ -19,8 +19,8 @@ output), GQA and initial/final state follow the engine (:mod:`attn_jax.linear.co
 Features are computed and accumulated in float32 (float64 stays float64); the output is cast to
 the dtype of ``q``.
 
-cosFormer: Qin et al., "cosFormer: Rethinking Softmax in Attention", 2022, arXiv:2202.08791,
-Eq. 9-11: ReLU features re-weighted by ``cos(π/2 · (i − j)/M)``,
+cosFormer: Qin et al., "cosFormer: Rethinking Softmax in Attention", 2022, arXiv:2202.08791:
+ReLU features re-weighted by ``cos(π/2 · (i − j)/M)``,
 
     o_i = Σ_j φ(q_i)·φ(k_j) cos(π(i−j)/2M) v_j / Σ_j φ(q_i)·φ(k_j) cos(π(i−j)/2M)
 
@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from attn_jax.core.validation import check_qkv, shape_str
 from attn_jax.linear.common import expand_kv_heads, segment_layout, validate
-from attn_jax.linear.feature_maps import relu, resolve_feature_map
+from attn_jax.linear.feature_maps import resolve_feature_map
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 
 __all__ = ["linear_attention", "linear_attention_reference", "cosformer_attention", "cosformer_attention_reference"]
@@ -116,6 +115,9 @@ def linear_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v
     eps = _check_eps(eps)
     scale = _check_scale(scale)
     fq, fk, vc = _featurize(q, k, v, feature_map)
+    if segment_ids is not None and getattr(segment_ids, "shape", None) == q.shape[:2]:
+        # padding queries are zeroed too: a NaN there would reach the state's gradient (NaN * 0)
+        fq = jnp.where((segment_ids != 0)[:, :, None, None], fq, 0.0)
     o, state = gated_linear_attention(fq, fk, _augment(vc, normalize), None, scale=scale,
                                       initial_state=initial_state, return_final_state=return_final_state,
                                       segment_ids=segment_ids, causal=causal, impl=impl, chunk_size=chunk_size,
@@ -123,7 +125,7 @@ def linear_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v
     return _normalise(o, normalize, eps).astype(q.dtype), state
 
 
-def _check_reference_args(q, k, v, fq, fk, vc, normalize, initial_state, segment_ids, causal):
+def _check_reference_args(fq, fk, vc, normalize, initial_state, segment_ids, causal):
     # the same checks as the engine, on the featurised problem (errors name the same arguments)
     validate("linear_attention", fq, fk, _augment(vc, normalize), None, initial_state=initial_state,
              segment_ids=segment_ids, causal=causal)
@@ -142,7 +144,7 @@ def linear_attention_reference(q, k, v, *, feature_map="elu", normalize: bool = 
     eps = _check_eps(eps)
     scale = _check_scale(scale)
     fq, fk, vc = _featurize(q, k, v, feature_map)
-    _check_reference_args(q, k, v, fq, fk, vc, normalize, initial_state, segment_ids, causal)
+    _check_reference_args(fq, fk, vc, normalize, initial_state, segment_ids, causal)
     if return_final_state and not causal:
         raise ValueError("return_final_state: only defined for causal=True")
     B, T, H = q.shape[:3]
@@ -189,7 +191,7 @@ def cosformer_attention(q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], 
                         causal: bool = True, max_len: int | None = None, eps: float = 1e-6, feature_map="relu",
                         segment_ids=None, initial_state=None, return_final_state: bool = False, impl="auto",
                         chunk_size: int = DEFAULT_CHUNK):
-    """cosFormer attention (arXiv:2202.08791, Eq. 11); returns ``(o, state)``.
+    """cosFormer attention (arXiv:2202.08791); returns ``(o, state)``.
 
     ``state``: ``[B, H, 2D, Dv + 1]`` (cos features then sin features; normaliser last column).
     A state carried across calls (decode) is only consistent when positions continue, which this

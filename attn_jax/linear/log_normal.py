@@ -1,7 +1,7 @@
 """Linear Log-Normal (LLN) attention.
 
 Nahshan, Kampeas & Haleva, "Linear Log-Normal Attention with Unbiased Concentration", 2023
-(ICLR 2024), arXiv:2311.13541, §4: linear attention with exponential feature maps
+(ICLR 2024), arXiv:2311.13541: linear attention with exponential feature maps
 
     Φ_Q(q) = exp(α q),   Φ_K(k) = exp(β k)          (elementwise)
     o_i = Σ_j Φ_Q(q_i)·Φ_K(k_j) v_j / Σ_j Φ_Q(q_i)·Φ_K(k_j)
@@ -13,11 +13,14 @@ the LLN entries has variance ≈ ``2a σ̃² + b`` with ``σ̃ = α σ_q = β σ
 fitted by the authors.  Equating the two:
 
     σ̃² = (σ_q² σ_k² − b) / (2a),   α = σ̃ / σ_q,   β = σ̃ / σ_k
-    a = 0.14855178144710912,  b = −0.35487039130661086   (the fit used by the reference code)
+    a = 0.14855178144710912,  b = −0.35487039130661086
+
+(the constants and this formula are those of a public LLN implementation, ``LLNAttention``; the
+paper's text could not be consulted here to confirm the digits).
 
 :func:`lln_moment_matching` gives ``(α, β)``.  :func:`log_normal_attention` estimates σ_q, σ_k
-from the batch (standard deviation over every valid entry, gradient stopped, as the reference
-code does under ``no_grad``) unless ``alpha``/``beta`` are given.  **Causality caveat**: batch
+from the batch (standard deviation over every valid entry, gradient stopped, as that implementation
+does under ``no_grad``) unless ``alpha``/``beta`` are given.  **Causality caveat**: batch
 statistics include future tokens; for a strictly causal model (and for decoding) pass fixed
 ``alpha`` and ``beta``.
 
