@@ -55,3 +55,16 @@ from attn_jax.nn.attention import MultiHeadAttention, sliding_window_attention  
 
 register("softmax", MultiHeadAttention)
 register("sliding_window", sliding_window_attention)
+from attn_jax.nn.mega import MegaMixer  # noqa: E402
+register("mega", MegaMixer)
+
+# Linear / recurrent attention (attn_jax.nn.linear_mixers): one generic layer, one spec per mechanism.
+from attn_jax.nn.linear_mixers import make_factory as _linear_factory  # noqa: E402
+
+register("linear", _linear_factory("linear"))
+register("retnet", _linear_factory("retnet"))
+register("lightning", _linear_factory("lightning"))
+register("gla", _linear_factory("gla"))
+register("ssd", _linear_factory("ssd"))
+register("deltanet", _linear_factory("deltanet"))
+register("gated_deltanet", _linear_factory("gated_deltanet"))

@@ -1,0 +1,465 @@
+"""Linear / recurrent attention mixers: one layer, parameterised by a mechanism spec.
+
+:class:`LinearAttentionMixer` wraps the pure ops of :mod:`attn_jax.linear` in the token-mixer
+protocol (:mod:`attn_jax.nn.mixer`).  Its skeleton is shared by every mechanism::
+
+    q = x W_q  [B, T, H, Dk],   k = x W_k  [B, T, K, Dk],   v = x W_v  [B, T, K, Dv]   (GQA: H % K == 0)
+    q, k, v <- ShortConv (optional, per channel, causal, width 4) then the feature activation
+    o = Op(q, k, v, gates)                            (state float32 [B, H, Dk, Dv], chunk form)
+    y = (OutGate(x) ⊙ OutNorm(o)) W_o                 (W_o: [H, Dv, d])
+
+and a :class:`Mechanism` record says which gates, activations, norm and gate each
+mechanism uses (every output gate is stored as ``w_g``).  Defaults follow the papers / fla:
+head dims ``d_model / H`` (GLA's keys ``d_model / 2H``); short convolutions on for ``"ssd"``,
+``"deltanet"`` and ``"gated_deltanet"``, off for the others (``short_conv=`` overrides; with a
+conv, q/k/v get SiLU unless the mechanism says otherwise).  The registered mechanisms
+(``attn_jax.mixers.get(name)``):
+
+* ``"linear"`` — Katharopoulos et al., "Transformers are RNNs", 2020, arXiv:2006.16236:
+  ``φ = elu + 1`` on q and k, normalised ``o_i = φ(q_i) S_i / (φ(q_i) z_i + eps)`` by
+  :func:`attn_jax.linear.linear_attention.linear_attention` (the state carries the
+  normaliser as an extra value column: ``[B, H, Dk, Dv + 1]``); no output norm or gate.
+* ``"retnet"`` — Sun et al., "Retentive Network", 2023, arXiv:2307.08621 §2.2-2.3:
+  retention with fixed multi-scale decays ``γ_h = 1 - 2^{-5-h}``, ``scale = Dk^-1/2``;
+  ``y = (swish(x W_G) ⊙ GroupNorm_H(Retention(x))) W_O`` (GroupNorm = per-head mean/variance
+  normalisation with per-channel affine).  Not implemented: the xPos rotation of q/k (the
+  decays already make it position-aware) and the "retention score normalization" of §2.2
+  (per-token, per-head rescalings that GroupNorm cancels up to its eps).
+* ``"lightning"`` — TransNormerLLM (Qin et al., 2023, arXiv:2307.14995 §3.2) with Lightning
+  attention (arXiv:2401.04658): ``q = SiLU(x W_q)``, ``k = SiLU(x W_k)``, fixed decays
+  ``λ_h = exp(-slope_h)`` (ALiBi slopes), no scale; ``y = (SRMSNorm(o) ⊙ x W_U) W_O`` where
+  SRMSNorm is the parameter-free RMSNorm over all heads' channels and the gate ``U = x W_U`` is
+  linear (no activation), as in the paper's "gated linear attention" block.
+* ``"gla"`` — Yang et al., "Gated Linear Attention Transformers", 2023, arXiv:2312.06635 §4.4:
+  ``α = sigmoid(x W_α1 W_α2 + b)^{1/τ}`` (rank-16 gate projection, ``τ = 16``) as log gates
+  ``[B, T, H, Dk]``; key dim halved (``expand_k = 0.5``); ``y = (swish(x W_r) ⊙
+  RMSNorm_head(o)) W_O`` (fla's RMSNorm in place of the paper's LayerNorm).
+* ``"ssd"`` — Mamba-2's SSD as an attention-like mixer (Dao & Gu, 2024, arXiv:2405.21060):
+  ``C, B, x`` = q, k, v through ShortConv + SiLU; ``Δ = softplus(x W_Δ + dt_bias)`` per head,
+  ``log a = -exp(A_log) Δ``; the value is scaled by ``Δ``, no scale, plus the ``D`` skip
+  ``y_t += D_h x_t``; ``y = RMSNorm(o ⊙ SiLU(x W_z)) W_O`` (Mamba-2's gated norm over all
+  heads).  Not the full Mamba block: no expansion/MLP, q/k have heads like attention
+  (``H`` query heads; ``K`` key/value heads) instead of Mamba-2's shared ``B``/``C`` groups.
+* ``"deltanet"`` — Yang et al., "Parallelizing Linear Transformers with the Delta Rule", 2024,
+  arXiv:2406.06484: q, k through ShortConv + SiLU + L2 normalisation, v through ShortConv +
+  SiLU, ``β = sigmoid(x W_β)`` per head, :func:`attn_jax.linear.delta_rule.delta_rule`;
+  ``y = (RMSNorm_head(o) ⊙ swish(x W_g)) W_O`` (the Gated DeltaNet block's output; fla's
+  DeltaNet defaults to no gate — pass ``output_gate=False`` for that).
+* ``"gated_deltanet"`` — Yang, Kautz, Hatamizadeh, "Gated Delta Networks", 2024,
+  arXiv:2412.06464: as ``"deltanet"`` plus Mamba-2's decay ``log α = -exp(A_log) softplus(x W_a
+  + dt_bias)`` and :func:`~attn_jax.linear.delta_rule.gated_delta_rule`.
+
+Positions are unused: these mechanisms are position-aware through their decays and the
+causal short convolution (a ``positions`` argument is accepted and ignored).
+
+Decoding: the cache is a :class:`LinearAttentionCache` (bounded: ``max_len`` is ignored).  A
+``T == 1`` step uses the recurrent step (:func:`~attn_jax.linear.gated.recurrent_step` /
+:func:`~attn_jax.linear.delta_rule.delta_rule_step`; ``linear_attention(impl="recurrent")``,
+i.e. ``recurrent_step`` on ``[v, 1]``, for ``"linear"``); a ``T > 1`` prefill runs the chunk form
+from ``initial_state = cache.state`` with ``return_final_state=True``; ``segment_ids`` marks the
+valid tokens of each row (padding is transparent in the ops and the short conv, outputs zero,
+and ``lengths`` advance by each row's valid count).
+
+The layer body is one jitted pure function of the parameters (nested inside a caller's
+``jit`` it is inlined; called eagerly it is one compiled program instead of hundreds of
+op-by-op dispatches), and all initial parameter values come from one jitted draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attn_jax.linear.common import expand_kv_heads
+from attn_jax.linear.delta_rule import delta_rule, delta_rule_step, gated_delta_rule
+from attn_jax.linear.gated import gated_linear_attention, recurrent_step
+from attn_jax.linear.gla import gla_log_gates
+from attn_jax.linear.lightning import lightning_decays
+from attn_jax.linear.linear_attention import linear_attention
+from attn_jax.linear.retention import retnet_decays
+from attn_jax.linear.ssd import ssd_log_decay
+from attn_jax.nn.layers import check_positive_int, param
+from attn_jax.nn.short_conv import ShortConv, causal_conv1d
+
+__all__ = ["Mechanism", "MECHANISMS", "LinearAttentionMixer", "LinearAttentionCache", "make_factory"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+    """What distinguishes one linear-attention layer from another (see the module docstring)."""
+
+    name: str
+    rule: str = "additive"          # "additive" (gated engine) | "normalized" (linear_attention) | "delta"
+    decay: str | None = None        # None | "retnet" | "lightning" | "gla" | "mamba" (data-dependent scalar)
+    qk_act: str | None = None       # after the conv: "identity" | "silu"; None = "silu" with a conv, else identity
+    v_act: str | None = None        # as qk_act, for v
+    feature_map: str = "identity"   # the op's feature map φ (rule "normalized": linear_attention's, e.g. "elu")
+    qk_l2: bool = False             # L2-normalise q and k (DeltaNet)
+    beta: bool = False              # per-head write strength sigmoid(x W_β) (DeltaNet)
+    scale: str = "rsqrt"            # "rsqrt" = Dk^-1/2 | "one"
+    short_conv: bool = False
+    expand_k: float = 1.0
+    expand_v: float = 1.0
+    out_norm: str | None = None     # None | "group" | "rms_head" | "srms_all" | "rms_all"
+    out_gate: str | None = None     # None | "swish" | "linear"
+    gate_before_norm: bool = False  # Mamba-2: norm(o ⊙ silu(z))
+    value_dt: bool = False          # Mamba-2: value scaled by Δ, plus the D skip
+
+
+MECHANISMS = {
+    "linear": Mechanism("linear", rule="normalized", qk_act="identity", v_act="identity", feature_map="elu",
+                        scale="one"),
+    "retnet": Mechanism("retnet", decay="retnet", out_norm="group", out_gate="swish"),
+    "lightning": Mechanism("lightning", decay="lightning", qk_act="silu", scale="one", out_norm="srms_all",
+                           out_gate="linear"),
+    "gla": Mechanism("gla", decay="gla", expand_k=0.5, out_norm="rms_head", out_gate="swish"),
+    "ssd": Mechanism("ssd", decay="mamba", qk_act="silu", v_act="silu", scale="one", short_conv=True,
+                     out_norm="rms_all", out_gate="swish", gate_before_norm=True, value_dt=True),
+    "deltanet": Mechanism("deltanet", rule="delta", qk_act="silu", v_act="silu", qk_l2=True, beta=True,
+                          short_conv=True, out_norm="rms_head", out_gate="swish"),
+    "gated_deltanet": Mechanism("gated_deltanet", rule="delta", decay="mamba", qk_act="silu", v_act="silu",
+                                qk_l2=True, beta=True, short_conv=True, out_norm="rms_head", out_gate="swish"),
+}
+
+GLA_GATE_RANK = 16
+GLA_TEMPERATURE = 16.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionCache:
+    """Decode cache: ``state`` float32 ``[B, H, Dk, Dv]`` (``Dv + 1`` for ``"linear"``: the
+    normaliser column), ``conv_state`` a ``(q, k, v)`` tuple of ``[B, w-1, heads, dim]`` (or None
+    without short convs), ``lengths`` int32 ``[B]`` tokens seen per row."""
+
+    state: jax.Array
+    conv_state: tuple | None
+    lengths: jax.Array
+
+
+jax.tree_util.register_dataclass(LinearAttentionCache, data_fields=["state", "conv_state", "lengths"],
+                                 meta_fields=[])
+
+
+def _act(x, kind):
+    if kind in (None, "identity"):
+        return x
+    if kind == "silu":
+        return jax.nn.silu(x)
+    raise ValueError(f"activation: expected None, 'identity' or 'silu', got {kind!r}")
+
+
+def _l2(x, eps=1e-6):
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- initialisation
+# Every initial value of a mixer comes out of ONE jitted program (one truncated-normal and one
+# uniform draw, sliced): on CPU, compiling a truncated normal per parameter shape costs far more
+# than the layer itself, and the registry tests build every mixer.
+_TRUNC_STD = 0.87962566103423978   # std of a unit normal truncated to [-2, 2] (flax's variance_scaling)
+
+
+def _init_value(kind, shape, arg, z, u):
+    """``z``/``u``: truncated-normal / uniform draws of ``prod(shape)`` entries (or None)."""
+    if kind == "fan_in":          # variance_scaling(1, "fan_in", "truncated_normal"), fan-in = arg
+        return z.reshape(shape) * (math.sqrt(1.0 / arg) / _TRUNC_STD)
+    if kind == "uniform":         # U(-arg, arg)
+        return (2.0 * u - 1.0).reshape(shape) * arg
+    if kind == "dt_bias":         # Mamba: Δ ~ logU(1e-3, 0.1) (floor 1e-4), bias = softplus⁻¹(Δ)
+        dt = jnp.maximum(jnp.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)), 1e-4)
+        return (dt + jnp.log(-jnp.expm1(-dt))).reshape(shape)
+    if kind == "a_log":           # Mamba-2: A ~ U(1, 16), stored as log A
+        return jnp.log(1.0 + 15.0 * u).reshape(shape)
+    return jnp.full(shape, 0.0 if kind == "zeros" else 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_values(key, table, param_dtype):
+    """``table``: ``((kind, shape, arg), ...)``; returns the initial values, in order."""
+    sizes = [math.prod(shape) for _, shape, _ in table]
+    normal = [kind == "fan_in" for kind, _, _ in table]
+    kz, ku = jax.random.split(key)
+    z = jax.random.truncated_normal(kz, -2.0, 2.0, (max(1, sum(n for n, f in zip(sizes, normal) if f)),))
+    u = jax.random.uniform(ku, (max(1, sum(n for n, f in zip(sizes, normal) if not f)),))
+    out, oz, ou = [], 0, 0
+    for (kind, shape, arg), n, is_normal in zip(table, sizes, normal):
+        zi, ui = (z[oz:oz + n], None) if is_normal else (None, u[ou:ou + n])
+        oz, ou = (oz + n, ou) if is_normal else (oz, ou + n)
+        out.append(_init_value(kind, shape, arg, zi, ui).astype(param_dtype))
+    return out
+
+
+class LinearAttentionMixer(nnx.Module):
+    """Linear / recurrent attention mixer (see the module docstring).
+
+    Args:
+      d_model, num_heads: width and query heads ``H``.
+      mechanism: a key of :data:`MECHANISMS` or a :class:`Mechanism`.
+      num_kv_heads: key/value heads ``K`` (GQA; default ``H``).
+      head_dim: ``Dk`` (default ``d_model * expand_k / H``); value_head_dim: ``Dv`` (default
+        ``d_model * expand_v / H``).
+      short_conv: q/k/v short convolutions (default per mechanism); conv_size: their width.
+      output_gate: False drops the output gate (default: the mechanism's).
+      dtype / param_dtype: compute / storage dtypes.  impl, chunk_size: for the ops.
+
+    Parameters carry logical axes: ``w_q [d, H, Dk]`` ("embed", "heads", "head_dim"),
+    ``w_k``/``w_v [d, K, D]`` ("embed", "kv_heads", "head_dim"), ``w_o [H, Dv, d]``, gates
+    ``[d, H(, Dv)]``, per-head scalars ``[H]`` ("heads",).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, mechanism="gla", num_kv_heads: int | None = None,
+                 head_dim: int | None = None, value_head_dim: int | None = None, short_conv: bool | None = None,
+                 conv_size: int = 4, output_gate: bool | None = None, eps: float = 1e-5, dtype=jnp.float32,
+                 param_dtype=jnp.float32, impl="auto", chunk_size: int = 64, rngs: nnx.Rngs):
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_heads", num_heads)
+        if isinstance(mechanism, str):
+            if mechanism not in MECHANISMS:
+                raise ValueError(f"mechanism: expected one of {sorted(MECHANISMS)}, got {mechanism!r}")
+            mechanism = MECHANISMS[mechanism]
+        if not isinstance(mechanism, Mechanism):
+            raise TypeError(f"mechanism: expected a name or a Mechanism, got {type(mechanism).__name__}")
+        spec = mechanism
+        if output_gate is not None and not output_gate:
+            spec = dataclasses.replace(spec, out_gate=None)
+        num_kv_heads = num_heads if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads: {num_kv_heads} kv heads do not divide num_heads={num_heads}")
+
+        def _dim(name, given, expand):
+            if given is not None:
+                return check_positive_int(name, given)
+            total = int(round(d_model * expand))
+            if total % num_heads or total == 0:
+                raise ValueError(f"{name}: d_model * {expand} = {total} is not divisible by num_heads={num_heads} "
+                                 f"(pass {name} explicitly)")
+            return total // num_heads
+
+        H, K, d = num_heads, num_kv_heads, d_model
+        Dk, Dv = _dim("head_dim", head_dim, spec.expand_k), _dim("value_head_dim", value_head_dim, spec.expand_v)
+        self.spec, self.d_model, self.num_heads, self.num_kv_heads = spec, d, H, K
+        self.head_dim, self.value_head_dim = Dk, Dv
+        self.use_conv = spec.short_conv if short_conv is None else bool(short_conv)
+        check_positive_int("conv_size", conv_size)
+        self.eps, self.dtype, self.impl, self.chunk_size = float(eps), dtype, impl, int(chunk_size)
+        self.scale = Dk ** -0.5 if spec.scale == "rsqrt" else 1.0
+        self._cfg = _Config(spec, H, K, Dk, Dv, self.use_conv, self.eps, self.scale, dtype,
+                            tuple(impl) if isinstance(impl, list) else impl, self.chunk_size)
+
+        # (name, shape, logical axes, init kind, init arg); "fan_in" = LeCun truncated normal
+        table = [("w_q", (d, H, Dk), ("embed", "heads", "head_dim"), "fan_in", d),
+                 ("w_k", (d, K, Dk), ("embed", "kv_heads", "head_dim"), "fan_in", d),
+                 ("w_v", (d, K, Dv), ("embed", "kv_heads", "head_dim"), "fan_in", d),
+                 ("w_o", (H, Dv, d), ("heads", "head_dim", "embed"), "fan_in", H * Dv)]
+        if self.use_conv:  # PyTorch Conv1d default: U(±1/sqrt(fan_in)), fan_in = conv_size (depthwise)
+            lim = conv_size ** -0.5
+            table += [("conv_q", (conv_size, H, Dk), (None, "heads", "head_dim"), "uniform", lim),
+                      ("conv_k", (conv_size, K, Dk), (None, "kv_heads", "head_dim"), "uniform", lim),
+                      ("conv_v", (conv_size, K, Dv), (None, "kv_heads", "head_dim"), "uniform", lim)]
+        if spec.decay == "gla":
+            table += [("w_gate_a", (d, GLA_GATE_RANK), ("embed", None), "fan_in", d),
+                      ("w_gate_b", (GLA_GATE_RANK, H, Dk), (None, "heads", "head_dim"), "fan_in", GLA_GATE_RANK),
+                      ("b_gate", (H, Dk), ("heads", "head_dim"), "zeros", None)]
+        elif spec.decay == "mamba":
+            table += [("w_dt", (d, H), ("embed", "heads"), "fan_in", d),
+                      ("dt_bias", (H,), ("heads",), "dt_bias", None),
+                      ("A_log", (H,), ("heads",), "a_log", None)]
+        if spec.value_dt:
+            table.append(("D", (H,), ("heads",), "ones", None))
+        if spec.beta:
+            table.append(("w_beta", (d, H), ("embed", "heads"), "fan_in", d))
+        if spec.out_gate is not None:
+            table.append(("w_g", (d, H, Dv), ("embed", "heads", "head_dim"), "fan_in", d))
+        if spec.out_norm in ("group", "rms_all"):
+            table.append(("norm_scale", (H, Dv), ("heads", "head_dim"), "ones", None))
+        elif spec.out_norm == "rms_head":
+            table.append(("norm_scale", (Dv,), ("head_dim",), "ones", None))
+        if spec.out_norm == "group":
+            table.append(("norm_bias", (H, Dv), ("heads", "head_dim"), "zeros", None))
+        values = _init_values(rngs.params(), tuple((kind, shape, arg) for _, shape, _, kind, arg in table),
+                              jnp.dtype(param_dtype))
+        self._names = tuple(name for name, *_ in table if not name.startswith("conv_"))
+        for (name, shape, axes, _, _), value in zip(table, values):
+            const = lambda key, shape, dtype, value=value: value.astype(dtype)  # noqa: E731
+            if name.startswith("conv_"):
+                setattr(self, name, ShortConv(shape[1:], conv_size, activation=None, axes=axes[1:], dtype=dtype,
+                                              param_dtype=param_dtype, kernel_init=const, rngs=rngs))
+            else:
+                setattr(self, name, param(None, const, shape, axes, param_dtype))
+
+    # ------------------------------------------------------------------ cache
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> LinearAttentionCache:
+        """Empty cache (``max_len`` is ignored: the state is bounded); ``dtype`` is the conv state's."""
+        H, K, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.value_head_dim
+        dv_state = Dv + 1 if self.spec.rule == "normalized" else Dv
+        conv = None
+        if self.use_conv:
+            conv = (self.conv_q.init_state(batch, dtype), self.conv_k.init_state(batch, dtype),
+                    self.conv_v.init_state(batch, dtype))
+        return LinearAttentionCache(jnp.zeros((batch, H, Dk, dv_state), jnp.float32), conv,
+                                    jnp.zeros((batch,), jnp.int32))
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, x, *, positions=None, segment_ids=None, cache=None, deterministic: bool = True):
+        """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.mixer`.  ``positions`` is ignored."""
+        del positions, deterministic  # position-aware through decays / convs; no dropout
+        if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected [B, T, d_model={self.d_model}], got shape {getattr(x, 'shape', None)}")
+        if cache is not None and not isinstance(cache, LinearAttentionCache):
+            raise TypeError(f"cache: expected a LinearAttentionCache from init_cache, got {type(cache).__name__}")
+        B, T, _ = x.shape
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids)
+            if not jnp.issubdtype(segment_ids.dtype, jnp.integer) or segment_ids.shape != (B, T):
+                raise ValueError(f"segment_ids: expected an integer array [B, T] = ({B}, {T}), got "
+                                 f"{segment_ids.dtype} {segment_ids.shape}")
+            segment_ids = segment_ids.astype(jnp.int32)
+        params = {name: getattr(self, name)[...] for name in self._names}
+        if self.use_conv:
+            params.update(conv_q=self.conv_q.kernel[...], conv_k=self.conv_k.kernel[...],
+                          conv_v=self.conv_v.kernel[...])
+        if cache is None:
+            y, _, _ = _forward(self._cfg, params, x, segment_ids, None, None, False)
+            return y, None
+        y, state, conv_state = _forward(self._cfg, params, x, segment_ids, cache.state, cache.conv_state, T == 1)
+        n_new = T if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+        return y, LinearAttentionCache(state, conv_state, cache.lengths + n_new)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The static part of a forward (hashable: the jit cache key)."""
+
+    spec: Mechanism
+    H: int
+    K: int
+    Dk: int
+    Dv: int
+    use_conv: bool
+    eps: float
+    scale: float
+    dtype: object
+    impl: object
+    chunk_size: int
+
+
+def _log_gates(cfg: _Config, p, x):
+    """``(log_g, Δ)``: log forget gates ``[B, T, H]`` / ``[B, T, H, Dk]`` (or None) and Mamba's Δ."""
+    decay, (B, T, H) = cfg.spec.decay, (*x.shape[:2], cfg.H)
+    if decay is None:
+        return None, None
+    if decay in ("retnet", "lightning"):
+        lam = retnet_decays(H) if decay == "retnet" else lightning_decays(H)
+        return jnp.broadcast_to(jnp.log(jnp.asarray(lam, jnp.float32)), (B, T, H)), None
+    w = lambda n: p[n].astype(cfg.dtype)  # noqa: E731
+    if decay == "gla":
+        logits = jnp.einsum("btr,rhk->bthk", jnp.einsum("btd,dr->btr", x, w("w_gate_a")), w("w_gate_b")) + w("b_gate")
+        return gla_log_gates(logits, temperature=GLA_TEMPERATURE), None
+    dt_logits = jnp.einsum("btd,dh->bth", x, w("w_dt"))
+    log_a = ssd_log_decay(dt_logits, p["A_log"], dt_bias=p["dt_bias"])
+    delta = jax.nn.softplus(dt_logits.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32))
+    return log_a, delta
+
+
+def _norm_gate(cfg: _Config, p, o, x):
+    spec, f32 = cfg.spec, jnp.float32
+    of, g = o.astype(f32), None
+    if spec.out_gate is not None:
+        g = jnp.einsum("btd,dhv->bthv", x, p["w_g"].astype(cfg.dtype)).astype(f32)
+        g = jax.nn.silu(g) if spec.out_gate == "swish" else g
+    if spec.gate_before_norm and g is not None:
+        of, g = of * g, None
+    if spec.out_norm == "group":
+        mu = jnp.mean(of, -1, keepdims=True)
+        var = jnp.mean(jnp.square(of - mu), -1, keepdims=True)
+        of = (of - mu) * jax.lax.rsqrt(var + cfg.eps) * p["norm_scale"].astype(f32) + p["norm_bias"].astype(f32)
+    elif spec.out_norm == "rms_head":
+        of = of * jax.lax.rsqrt(jnp.mean(of * of, -1, keepdims=True) + cfg.eps) * p["norm_scale"].astype(f32)
+    elif spec.out_norm in ("srms_all", "rms_all"):
+        of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=(-2, -1), keepdims=True) + cfg.eps)
+        if spec.out_norm == "rms_all":
+            of = of * p["norm_scale"].astype(f32)
+    if g is not None:
+        of = of * g
+    return of.astype(cfg.dtype)
+
+
+def _op(cfg: _Config, q, k, v, log_g, beta, state, segment_ids, decode: bool):
+    """``(o [B, T, H, Dv], new_state)``; ``state`` None = no cache (full forward)."""
+    rule = cfg.spec.rule
+    if decode and rule != "normalized":  # T == 1 with a cache: the recurrent step
+        g_t = None if log_g is None else log_g[:, 0]
+        if rule == "delta":
+            o_t, s = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, log_alpha_t=g_t, scale=cfg.scale)
+        else:
+            o_t, s = recurrent_step(q[:, 0], k[:, 0], v[:, 0], g_t, state, scale=cfg.scale)
+        if segment_ids is not None:  # a padding step neither writes nor decays
+            valid = segment_ids[:, 0] != 0
+            s = jnp.where(valid[:, None, None, None], s, state)
+            o_t = jnp.where(valid[:, None, None], o_t, 0.0)
+        return o_t[:, None], s
+    kw = dict(scale=cfg.scale, initial_state=state, return_final_state=state is not None, segment_ids=segment_ids,
+              impl="recurrent" if decode else cfg.impl, chunk_size=cfg.chunk_size)
+    if rule == "normalized":  # decode: impl="recurrent" is recurrent_step on [φ(k), ...], [v, 1]
+        return linear_attention(q, k, v, feature_map=cfg.spec.feature_map, **kw)
+    if rule == "delta":
+        if log_g is None:
+            return delta_rule(q, k, v, beta, **kw)
+        return gated_delta_rule(q, k, v, beta, log_g, **kw)
+    return gated_linear_attention(q, k, v, log_g, mechanism=cfg.spec.name, **kw)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _forward(cfg: _Config, p, x, segment_ids, state, conv_state, decode: bool):
+    """The whole layer as one pure function (one compiled program even when called eagerly)."""
+    spec, dt = cfg.spec, cfg.dtype
+    w = lambda n: p[n].astype(dt)  # noqa: E731
+    x = x.astype(dt)
+    q = jnp.einsum("btd,dhf->bthf", x, w("w_q"))
+    k = jnp.einsum("btd,dhf->bthf", x, w("w_k"))
+    v = jnp.einsum("btd,dhf->bthf", x, w("w_v"))
+    new_conv = None
+    if cfg.use_conv:
+        cs = (None, None, None) if conv_state is None else conv_state
+        (q, cq), (k, ck), (v, cv) = (causal_conv1d(a, w(n), segment_ids=segment_ids, conv_state=c)
+                                     for a, n, c in ((q, "conv_q", cs[0]), (k, "conv_k", cs[1]), (v, "conv_v", cs[2])))
+        new_conv = (cq, ck, cv)
+    qk_act = spec.qk_act if spec.qk_act is not None or not cfg.use_conv else "silu"
+    v_act = spec.v_act if spec.v_act is not None or not cfg.use_conv else "silu"
+    q, k, v = _act(q, qk_act), _act(k, qk_act), _act(v, v_act)
+    if spec.qk_l2:
+        q, k = _l2(q), _l2(k)
+    log_g, delta = _log_gates(cfg, p, x)
+    v_in = v
+    if spec.value_dt:  # Mamba-2 writes Δ_t x_t; Δ is per query head, so expand the kv heads
+        k = expand_kv_heads(k, cfg.H)
+        v_in = (expand_kv_heads(v, cfg.H).astype(jnp.float32) * delta[..., None]).astype(v.dtype)
+    beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, w("w_beta")).astype(jnp.float32)) if spec.beta else None
+    o, new_state = _op(cfg, q, k, v_in, log_g, beta, state, segment_ids, decode)
+    if spec.value_dt:  # the D skip
+        o = o + (p["D"].astype(jnp.float32)[:, None] * expand_kv_heads(v, cfg.H)).astype(o.dtype)
+    o = _norm_gate(cfg, p, o, x)
+    if segment_ids is not None:  # padding outputs zero (norm biases / skips would leak otherwise)
+        o = jnp.where((segment_ids != 0)[:, :, None, None], o, 0.0)
+    y = jnp.einsum("bthv,hvd->btd", o, w("w_o"))
+    return y, new_state, new_conv
+
+
+def make_factory(name: str, **defaults):
+    """A registry factory ``factory(d_model, num_heads, *, rngs, **kwargs)`` for mechanism ``name``."""
+    mech = MECHANISMS[name]
+
+    def factory(d_model: int, num_heads: int, *, rngs: nnx.Rngs, **kwargs) -> LinearAttentionMixer:
+        return LinearAttentionMixer(d_model, num_heads, mechanism=mech, rngs=rngs, **{**defaults, **kwargs})
+
+    factory.__name__ = factory.__qualname__ = f"{name}_mixer"
+    factory.__doc__ = f"The ``{name!r}`` registry entry: :class:`LinearAttentionMixer` with mechanism {name!r}."
+    factory.SUPPORTED_FEATURES = frozenset({"mha", "gqa", "causal", "segments", "bf16"}
+                                           | ({"dk_ne_dv"} if mech.expand_k != mech.expand_v else set()))
+    return factory

@@ -1,0 +1,206 @@
+"""Linear / recurrent attention mixers: layer wiring against hand-written computations from the
+parameters (ops in ``impl="reference"``), decode after a ragged prefill, bf16, parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attn_jax import mixers
+from attn_jax.core import testing as tk
+from attn_jax.linear.delta_rule import delta_rule, gated_delta_rule
+from attn_jax.linear.gla import gla
+from attn_jax.linear.lightning import lightning_attention
+from attn_jax.linear.linear_attention import linear_attention
+from attn_jax.linear.retention import retention
+from attn_jax.linear.ssd import ssd
+from attn_jax.nn.linear_mixers import MECHANISMS, LinearAttentionCache, LinearAttentionMixer
+from attn_jax.nn.mixer import FEATURE_KEYS
+from attn_jax.nn.short_conv import causal_conv1d_reference
+
+B, T, D, H, K = 2, 12, 16, 4, 2
+NAMES = sorted(MECHANISMS)
+SEG = np.array([[1] * 5 + [2] * 5 + [0] * 2, [0, 3, 3, 0, 3, 3, 3, 4, 4, 0, 4, 4]], np.int32)  # padding anywhere
+
+
+def _mixer(name, **kw):
+    return mixers.get(name)(D, H, rngs=nnx.Rngs(0), **{"num_kv_heads": K, **kw})
+
+
+def _x(seed, b=B, t=T):
+    return jax.random.normal(jax.random.key(seed), (b, t, D), jnp.float32)
+
+
+# ----------------------------------------------------------------------------- hand-written layers
+def _rep(a):
+    return jnp.repeat(a, H // a.shape[2], axis=2)
+
+
+def _rms(o, axes, eps=1e-5):
+    return o / jnp.sqrt(jnp.mean(o * o, axis=axes, keepdims=True) + eps)
+
+
+def _manual(name, p, x, seg):
+    """The layer of the mechanism's paper written out from the parameters ``p``."""
+    ein = lambda w: jnp.einsum("btd,dhf->bthf", x, w)  # noqa: E731
+    q, k, v = ein(p["w_q"]), ein(p["w_k"]), ein(p["w_v"])
+    if "conv_q" in p:
+        conv = lambda a, w: jax.nn.silu(causal_conv1d_reference(a, w, segment_ids=seg)[0])  # noqa: E731
+        q, k, v = conv(q, p["conv_q"]), conv(k, p["conv_k"]), conv(v, p["conv_v"])
+    gate = jnp.einsum("btd,dhv->bthv", x, p["w_g"]) if "w_g" in p else None
+    kw = dict(segment_ids=seg, impl="reference")
+    if name == "linear":                                           # Katharopoulos 2020, Eq. 4-9
+        o, _ = linear_attention(q, k, v, feature_map="elu", eps=1e-6, **kw)
+    elif name == "retnet":                                         # Sun 2023, Eq. 8-9
+        o, _ = retention(q, k, v, **kw)
+        mu, var = o.mean(-1, keepdims=True), o.var(-1, keepdims=True)
+        o = jax.nn.silu(gate) * ((o - mu) / jnp.sqrt(var + 1e-5) * p["norm_scale"] + p["norm_bias"])
+    elif name == "lightning":                                      # TransNormerLLM §3.2
+        o, _ = lightning_attention(jax.nn.silu(q), jax.nn.silu(k), v, **kw)
+        o = _rms(o, (-2, -1)) * gate
+    elif name == "gla":                                            # Yang 2023 §4.4
+        log_g = jax.nn.log_sigmoid(jnp.einsum("btr,rhk->bthk", x @ p["w_gate_a"], p["w_gate_b"]) + p["b_gate"]) / 16
+        o, _ = gla(q, k, v, log_g, **kw)
+        o = _rms(o, -1) * p["norm_scale"] * jax.nn.silu(gate)
+    elif name == "ssd":                                            # Mamba-2
+        dt = jax.nn.softplus(jnp.einsum("btd,dh->bth", x, p["w_dt"]) + p["dt_bias"])
+        o, _ = ssd(q, _rep(k), _rep(v) * dt[..., None], -jnp.exp(p["A_log"]) * dt, **kw)
+        o = o + p["D"][:, None] * _rep(v)
+        o = _rms(o * jax.nn.silu(gate), (-2, -1)) * p["norm_scale"]
+    else:                                                          # (Gated) DeltaNet
+        l2 = lambda a: a / jnp.sqrt(jnp.sum(a * a, -1, keepdims=True) + 1e-6)  # noqa: E731
+        beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, p["w_beta"]))
+        if name == "deltanet":
+            o, _ = delta_rule(l2(q), l2(k), v, beta, **kw)
+        else:
+            log_alpha = -jnp.exp(p["A_log"]) * jax.nn.softplus(jnp.einsum("btd,dh->bth", x, p["w_dt"]) + p["dt_bias"])
+            o, _ = gated_delta_rule(l2(q), l2(k), v, beta, log_alpha, **kw)
+        o = _rms(o, -1) * p["norm_scale"] * jax.nn.silu(gate)
+    o = jnp.where((seg != 0)[:, :, None, None], o, 0.0)
+    return jnp.einsum("bthv,hvd->btd", o, p["w_o"])
+
+
+def _params(m):
+    p = {n: getattr(m, n)[...] for n in m._names}
+    if m.use_conv:
+        p.update(conv_q=m.conv_q.kernel[...], conv_k=m.conv_k.kernel[...], conv_v=m.conv_v.kernel[...])
+    return p
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_matches_hand_written_computation(name):
+    m = _mixer(name)
+    x, seg = _x(0), jnp.asarray(SEG)
+    y, cache = m(x, segment_ids=seg)
+    assert cache is None and y.shape == (B, T, D)
+    ref = jax.jit(_manual, static_argnums=0)(name, _params(m), x, seg)
+    tk.assert_close(y, ref, name=f"{name}: layer vs hand-written")
+    assert float(jnp.abs(ref).max()) > 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_after_ragged_prefill_equals_full(name):
+    """Prefill rows of 12 and 5 valid tokens, then T=1 steps (row 1 skips one: a padding step)."""
+    m = _mixer(name)
+    graphdef, state = nnx.split(m)
+    call = jax.jit(lambda x, seg, cache: nnx.merge(graphdef, state)(x, segment_ids=seg, cache=cache))
+    full_fn = jax.jit(lambda x: nnx.merge(graphdef, state)(x)[0])
+    x = _x(1, t=T + 3)
+    n_valid = np.array([T, 5])
+    seg = (np.arange(T)[None] < n_valid[:, None]).astype(np.int32)
+    cache = m.init_cache(B, 64, jnp.float32)
+    y, cache = call(x[:, :T], jnp.asarray(seg), cache)
+    outs, rows = [[y[0]], [y[1, :5]]], [list(range(T)), list(range(5))]
+    for t in range(T, T + 3):
+        step = np.array([[1], [0 if t == T + 1 else 1]], np.int32)
+        y, cache = call(x[:, t:t + 1], jnp.asarray(step), cache)
+        for r in range(B):
+            if step[r, 0]:
+                outs[r].append(y[r])
+                rows[r].append(t)
+            else:
+                assert float(jnp.abs(y[r]).max()) == 0.0
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [T + 3, 7])
+    # row r alone, its valid tokens only, right-padded to a common length
+    xs = jnp.stack([jnp.pad(x[r, np.array(rows[r])], ((0, T + 3 - len(rows[r])), (0, 0))) for r in range(B)])
+    full = full_fn(xs)
+    for r in range(B):
+        tk.assert_close(jnp.concatenate(outs[r], axis=0), full[r, :len(rows[r])], name=f"{name}: row {r}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_smoke(name):
+    m32 = _mixer(name)
+    m16 = _mixer(name, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x, seg = _x(2), jnp.asarray(SEG)
+    y16, _ = m16(x, segment_ids=seg)
+    assert y16.dtype == jnp.bfloat16 and m16.w_q[...].dtype == jnp.bfloat16
+    y32, _ = m32(x, segment_ids=seg)   # (same signature as the wiring test: compiled once)
+    tk.assert_close(y16, y32, rel=5e-2, atol=2e-1, name=f"{name}: bf16 vs fp32")
+    cache = m16.init_cache(B, 8, jnp.bfloat16)
+    y, cache = m16(x[:, :1], cache=cache)
+    assert y.dtype == jnp.bfloat16 and cache.state.dtype == jnp.float32
+
+
+def test_parameter_counts_and_axes():
+    Dk, Dv, w = D // H, D // H, 4
+    base = lambda dk: D * H * dk + D * K * dk + D * K * Dv + H * Dv * D  # noqa: E731
+    conv = w * (H * Dk + K * Dk + K * Dv)
+    gate = D * H * Dv
+    expected = {
+        "linear": base(Dk),
+        "retnet": base(Dk) + gate + 2 * H * Dv,
+        "lightning": base(Dk) + gate,
+        "gla": base(Dk // 2) + D * 16 + 16 * H * (Dk // 2) + H * (Dk // 2) + gate + Dv,
+        "ssd": base(Dk) + conv + D * H + 3 * H + gate + H * Dv,
+        "deltanet": base(Dk) + conv + D * H + gate + Dv,
+        "gated_deltanet": base(Dk) + conv + 2 * D * H + 2 * H + gate + Dv,
+    }
+    assert set(expected) == set(NAMES)
+    for name in NAMES:
+        m = _mixer(name)
+        state = nnx.state(m, nnx.Param)
+        assert sum(p.size for p in jax.tree.leaves(state)) == expected[name], name
+        for path, var in nnx.to_flat_state(state):   # every parameter names a logical axis per dimension
+            axes = var.out_sharding
+            assert axes is not None and len(axes) == var[...].ndim and any(axes), (name, path, axes)
+        specs = nnx.get_partition_spec(state)
+        assert tuple(specs["w_q"].get_value()) == ("embed", "heads", "head_dim")
+        assert tuple(specs["w_k"].get_value()) == ("embed", "kv_heads", "head_dim")
+        assert tuple(specs["w_o"].get_value()) == ("heads", "head_dim", "embed")
+        if m.use_conv:
+            assert tuple(specs["conv_k"]["kernel"].get_value()) == (None, "kv_heads", "head_dim")
+
+
+def test_registry_entries_and_features():
+    for name in NAMES:
+        factory = mixers.get(name)
+        assert factory.SUPPORTED_FEATURES <= FEATURE_KEYS
+        assert {"mha", "gqa", "causal", "segments", "bf16"} <= factory.SUPPORTED_FEATURES
+    assert "dk_ne_dv" in mixers.get("gla").SUPPORTED_FEATURES
+    m = _mixer("gla")
+    assert (m.head_dim, m.value_head_dim) == (D // H // 2, D // H)   # GLA halves the key dim
+
+
+def test_cache_is_a_pytree_and_options():
+    m = _mixer("deltanet", num_kv_heads=1, short_conv=False, output_gate=False)
+    assert not m.use_conv and not hasattr(m, "w_g")
+    cache = m.init_cache(B, 10**9, jnp.float32)        # bounded: max_len is ignored
+    assert isinstance(cache, LinearAttentionCache) and cache.conv_state is None
+    assert cache.state.shape == (B, H, D // H, D // H)
+    leaves = jax.tree.leaves(_mixer("linear").init_cache(B, 8, jnp.float32))
+    assert [a.shape for a in leaves] == [(B, H, D // H, D // H + 1), (B,)]   # normaliser column
+    x = _x(3)
+    y, _ = m(x)
+    assert y.shape == (B, T, D) and np.isfinite(np.asarray(y)).all()
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(mechanism="nope"), "mechanism"),
+    (dict(num_kv_heads=3), "num_kv_heads"),
+    (dict(head_dim=0), "head_dim"),
+])
+def test_bad_arguments_name_the_field(kw, field):
+    with pytest.raises((ValueError, TypeError), match=f"^{field}:"):
+        LinearAttentionMixer(D, H, rngs=nnx.Rngs(0), **kw)
