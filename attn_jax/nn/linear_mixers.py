@@ -40,6 +40,12 @@ conv, q/k/v get SiLU unless the mechanism says otherwise).  The registered mecha
   ``y_t += D_h x_t``; ``y = RMSNorm(o ⊙ SiLU(x W_z)) W_O`` (Mamba-2's gated norm over all
   heads).  Not the full Mamba block: no expansion/MLP, q/k have heads like attention
   (``H`` query heads; ``K`` key/value heads) instead of Mamba-2's shared ``B``/``C`` groups.
+* ``"based"`` — Arora et al., "Simple linear attention language models balance the
+  recall-throughput tradeoff", 2024, arXiv:2402.18668: the linear-attention layer of BASED —
+  q/k projected to ``d' = 16`` features per head (the state-size dial; ``head_dim=`` overrides),
+  the 2nd-order Taylor map ``φ(q)·φ(k) = 1 + t + t²/2`` (``t = q·k/√d'``), normalised as
+  ``"linear"``.  The paper's sliding-window softmax layers are the ``"sliding_window"`` mixer:
+  BASED is ``mixer_pattern="based,sliding_window"`` (separate layers, as the paper builds it).
 * ``"deltanet"`` — Yang et al., "Parallelizing Linear Transformers with the Delta Rule", 2024,
   arXiv:2406.06484: q, k through ShortConv + SiLU + L2 normalisation, v through ShortConv +
   SiLU, ``β = sigmoid(x W_β)`` per head, :func:`attn_jax.linear.delta_rule.delta_rule`;
@@ -77,6 +83,7 @@ from flax import nnx
 
 from attn_jax.linear.common import expand_kv_heads
 from attn_jax.linear.delta_rule import delta_rule, delta_rule_step, gated_delta_rule
+from attn_jax.linear.feature_maps import resolve_feature_map
 from attn_jax.linear.gated import gated_linear_attention, recurrent_step
 from attn_jax.linear.gla import gla_log_gates
 from attn_jax.linear.lightning import lightning_decays
@@ -109,6 +116,7 @@ class Mechanism:
     out_gate: str | None = None     # None | "swish" | "linear"
     gate_before_norm: bool = False  # Mamba-2: norm(o ⊙ silu(z))
     value_dt: bool = False          # Mamba-2: value scaled by Δ, plus the D skip
+    key_dim: int | None = None      # a fixed Dk (BASED's feature dim d' = 16) unless head_dim is given
 
 
 MECHANISMS = {
@@ -120,6 +128,8 @@ MECHANISMS = {
     "gla": Mechanism("gla", decay="gla", expand_k=0.5, out_norm="rms_head", out_gate="swish"),
     "ssd": Mechanism("ssd", decay="mamba", qk_act="silu", v_act="silu", scale="one", short_conv=True,
                      out_norm="rms_all", out_gate="swish", gate_before_norm=True, value_dt=True),
+    "based": Mechanism("based", rule="normalized", qk_act="identity", v_act="identity", feature_map="taylor",
+                       scale="one", key_dim=16),
     "deltanet": Mechanism("deltanet", rule="delta", qk_act="silu", v_act="silu", qk_l2=True, beta=True,
                           short_conv=True, out_norm="rms_head", out_gate="swish"),
     "gated_deltanet": Mechanism("gated_deltanet", rule="delta", decay="mamba", qk_act="silu", v_act="silu",
@@ -242,6 +252,8 @@ class LinearAttentionMixer(nnx.Module):
             return total // num_heads
 
         H, K, d = num_heads, num_kv_heads, d_model
+        if head_dim is None and spec.key_dim is not None:
+            head_dim = spec.key_dim
         Dk, Dv = _dim("head_dim", head_dim, spec.expand_k), _dim("value_head_dim", value_head_dim, spec.expand_v)
         self.spec, self.d_model, self.num_heads, self.num_kv_heads = spec, d, H, K
         self.head_dim, self.value_head_dim = Dk, Dv
@@ -298,6 +310,8 @@ class LinearAttentionMixer(nnx.Module):
         """Empty cache (``max_len`` is ignored: the state is bounded); ``dtype`` is the conv state's."""
         H, K, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.value_head_dim
         dv_state = Dv + 1 if self.spec.rule == "normalized" else Dv
+        if self.spec.rule == "normalized":  # the state lives in feature space: [B, H, D', Dv + 1]
+            Dk = jax.eval_shape(resolve_feature_map(self.spec.feature_map), jax.ShapeDtypeStruct((1, Dk), jnp.float32)).shape[-1]
         conv = None
         if self.use_conv:
             conv = (self.conv_q.init_state(batch, dtype), self.conv_k.init_state(batch, dtype),

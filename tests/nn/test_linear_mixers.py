@@ -52,6 +52,8 @@ def _manual(name, p, x, seg):
     kw = dict(segment_ids=seg, impl="reference")
     if name == "linear":                                           # Katharopoulos 2020, Eq. 4-9
         o, _ = linear_attention(q, k, v, feature_map="elu", eps=1e-6, **kw)
+    elif name == "based":                                          # Arora 2024: Taylor map on d'=16 features
+        o, _ = linear_attention(q, k, v, feature_map="taylor", eps=1e-6, **kw)
     elif name == "retnet":                                         # Sun 2023, Eq. 8-9
         o, _ = retention(q, k, v, **kw)
         mu, var = o.mean(-1, keepdims=True), o.var(-1, keepdims=True)
@@ -150,6 +152,7 @@ def test_parameter_counts_and_axes():
     gate = D * H * Dv
     expected = {
         "linear": base(Dk),
+        "based": base(16),
         "retnet": base(Dk) + gate + 2 * H * Dv,
         "lightning": base(Dk) + gate,
         "gla": base(Dk // 2) + D * 16 + 16 * H * (Dk // 2) + H * (Dk // 2) + gate + Dv,
