@@ -34,7 +34,7 @@ Forms (``impl`` names, registered in :data:`DELTA`):
 
       (I + A) U = diag(beta) V - diag(beta gamma) K S,   A = tril(diag(beta) (K K^T ⊙ Gamma), -1)
 
-  so with ``T = (I + A)^{-1} diag(beta)`` (solved by ``lax.linalg.triangular_solve``):
+  so with ``T = (I + A)^{-1} diag(beta)`` (inverted by block doubling, matmuls only):
   ``W = T diag(gamma) K``, ``U = T V`` and
 
       U' = U - W S
@@ -195,6 +195,41 @@ def _recurrent(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
 
 
 # ----------------------------------------------------------------------------- UT transform
+def _diagonal_blocks(m, size: int):
+    """The diagonal ``[size, size]`` blocks of ``m: [..., n, n]`` as ``[..., n // size, size, size]``."""
+    n = m.shape[-1]
+    nb = n // size
+    r = m.reshape(*m.shape[:-2], nb, size, nb, size)
+    return jnp.moveaxis(jnp.diagonal(r, axis1=-4, axis2=-2), -1, -3)
+
+
+def _unit_lower_inverse(lower):
+    """``(I + A)^{-1}`` of a unit lower-triangular ``[..., C, C]`` by block doubling (matmuls only).
+
+    ``[[P, 0], [B, Q]]^{-1} = [[P^{-1}, 0], [-Q^{-1} B P^{-1}, Q^{-1}]]`` from 1x1 blocks up: as
+    stable as a triangular solve (every block is an exact inverse, no Neumann-series
+    cancellation) and free of LAPACK calls (XLA:CPU's ``triangular_solve`` custom call was seen
+    to hang intermittently under training loads).
+    """
+    C = lower.shape[-1]
+    n = 1 << max(C - 1, 0).bit_length()
+    if n != C:
+        pad = [(0, 0)] * (lower.ndim - 2) + [(0, n - C), (0, n - C)]
+        lower = jnp.pad(lower, pad) + jnp.diag(jnp.concatenate([jnp.zeros(C), jnp.ones(n - C)]).astype(lower.dtype))
+    inv = jnp.ones((*lower.shape[:-2], n, 1, 1), lower.dtype)          # 1x1 blocks (unit diagonal)
+    size = 1
+    while size < n:
+        blocks = _diagonal_blocks(lower, 2 * size)                        # [..., n/2s, 2s, 2s]
+        p_inv, q_inv = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        b = blocks[..., size:, :size]
+        low = -jnp.einsum("...ij,...jk,...kl->...il", q_inv, b, p_inv)
+        top = jnp.concatenate([p_inv, jnp.zeros_like(p_inv)], axis=-1)
+        bottom = jnp.concatenate([low, q_inv], axis=-1)
+        inv = jnp.concatenate([top, bottom], axis=-2)
+        size *= 2
+    return inv[..., 0, :C, :C]
+
+
 def _ut_block(q, k, v, beta, G, same, scale: float):
     """The WY/UT quantities of blocks of ``C`` tokens (any leading batch dims ``...``).
 
@@ -217,7 +252,7 @@ def _ut_block(q, k, v, beta, G, same, scale: float):
     lower = a + jnp.eye(C, dtype=k.dtype)                                    # I + A, unit lower triangular
     kg = k if gamma is None else k * gamma[..., None]
     rhs = jnp.concatenate([beta[..., None] * v, beta[..., None] * kg], axis=-1)
-    sol = lax.linalg.triangular_solve(lower, rhs, left_side=True, lower=True, unit_diagonal=True)
+    sol = jnp.einsum("...ij,...jd->...id", _unit_lower_inverse(lower), rhs)
     Dv = v.shape[-1]
     u, w = sol[..., :Dv], sol[..., Dv:]
     p = jnp.einsum("...id,...jd->...ij", q, k) * decay * scale
