@@ -217,3 +217,18 @@ def check_jit_matches_eager(fn: Callable, *args, dtype=None) -> None:
     jitted = jax.jit(fn)(*args)
     for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
         assert_close(a, b, dtype=dtype, name="jit vs eager")
+
+
+#: Mixers whose model-level tests (DecoderLM, generation) run in ``make test``: one per code path
+#: (exact attention, ring-buffer window, the gated engine with vector gates, the normalised
+#: feature-map path, the delta rule, Mega).  Every registered mixer runs the registry-wide
+#: invariants (tests/nn/test_mixer_registry.py) in ``make test``; the model-level tests of the
+#: others are marked ``slow`` (``make test-slow``).
+MODEL_TEST_MIXERS = ("softmax", "sliding_window", "gla", "linear", "deltanet", "mega")
+
+
+def mixer_params(names, core=MODEL_TEST_MIXERS) -> list:
+    """pytest params over ``names``; those outside ``core`` carry the ``slow`` mark."""
+    import pytest
+
+    return [n if n in core else pytest.param(n, marks=pytest.mark.slow) for n in names]

@@ -96,9 +96,10 @@ def test_noncausal_forms_agree():
 
 def test_prefill_then_decode_equals_full():
     q, k, v, g, h0 = _inputs(jax.random.key(6), B=2, T=20, gate="vector", strength=1.0, dtype=jnp.float32)
-    full, _ = linear.gla(q, k, v, g, initial_state=h0)
+    gla = jax.jit(linear.gla, static_argnames=("return_final_state",))
+    full, _ = gla(q, k, v, g, initial_state=h0)
     n = 13
-    o1, state = linear.gla(q[:, :n], k[:, :n], v[:, :n], g[:, :n], initial_state=h0, return_final_state=True)
+    o1, state = gla(q[:, :n], k[:, :n], v[:, :n], g[:, :n], initial_state=h0, return_final_state=True)
     step = jax.jit(linear.recurrent_step)
     outs = [o1]
     for t in range(n, 20):
@@ -109,14 +110,15 @@ def test_prefill_then_decode_equals_full():
 
 def test_causality_by_perturbation():
     q, k, v, g, _ = _inputs(jax.random.key(7), B=1, T=24, gate="scalar", dtype=jnp.float32)
-    tk.check_causality_by_perturbation(lambda q, k, v: linear.ssd(q, k, v, g)[0], q, k, v)
+    tk.check_causality_by_perturbation(jax.jit(lambda q, k, v: linear.ssd(q, k, v, g)[0]), q, k, v)
 
 
 def test_bf16_in_bf16_out():
     q, k, v, g, h0 = _inputs(jax.random.key(8), B=1, T=40, gate="vector", dtype=jnp.float32)
-    o32, _ = linear.gla(q, k, v, g)
-    o16, s16 = linear.gla(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), g,
-                          return_final_state=True)
+    gla = jax.jit(linear.gla, static_argnames=("return_final_state",))
+    o32, _ = gla(q, k, v, g)
+    o16, s16 = gla(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), g,
+                   return_final_state=True)
     assert o16.dtype == jnp.bfloat16 and s16.dtype == jnp.float32
     tk.assert_close(o16, o32, dtype=jnp.bfloat16)
 
@@ -124,9 +126,9 @@ def test_bf16_in_bf16_out():
 def test_vmap_and_grad_of_chunk():
     q, k, v, g, _ = _inputs(jax.random.key(9), B=2, T=16, gate="vector", dtype=jnp.float32)
     f = lambda q, k, v, g: linear.gla(q[None], k[None], v[None], g[None])[0][0]
-    batched = jax.vmap(f)(q, k, v, g)
-    tk.assert_close(batched, linear.gla(q, k, v, g)[0])
-    grads = jax.grad(lambda g: jnp.sum(linear.gla(q, k, v, g)[0] ** 2))(g)
+    batched = jax.jit(jax.vmap(f))(q, k, v, g)
+    tk.assert_close(batched, jax.jit(linear.gla)(q, k, v, g)[0])
+    grads = jax.jit(jax.grad(lambda g: jnp.sum(linear.gla(q, k, v, g)[0] ** 2)))(g)
     assert np.isfinite(np.asarray(grads)).all() and float(jnp.abs(grads).max()) > 0
 
 

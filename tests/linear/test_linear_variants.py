@@ -58,6 +58,7 @@ def _hedgehog_pair():
     return (lambda x: fm.hedgehog(x, W), lambda x: fm.hedgehog(x, W[::2]))   # q: 4 heads, k: 2 heads (GQA)
 
 
+@pytest.mark.slow  # the same parity runs in make test through tests/linear/test_catalog.py
 @pytest.mark.parametrize("causal", [True, False])
 def test_linear_attention_matches_reference_over_feature_maps(causal):
     with tk.float64():
@@ -147,6 +148,7 @@ def test_linear_attention_bf16_in_bf16_out_and_vmap():
 
 
 # ----------------------------------------------------------------------------- cosFormer
+@pytest.mark.slow  # the same parity runs in make test through tests/linear/test_catalog.py
 @pytest.mark.parametrize("causal", [True, False])
 def test_cosformer_matches_dense_reweighting(causal):
     with tk.float64():
@@ -160,6 +162,7 @@ def test_cosformer_matches_dense_reweighting(causal):
 
 
 # ----------------------------------------------------------------------------- Efficient Attention
+@pytest.mark.slow  # the same parity runs in make test through tests/linear/test_catalog.py
 def test_efficient_attention_matches_attention_matrix_form():
     with tk.float64():
         q, k, v = _qkv(jax.random.key(8))
@@ -210,6 +213,7 @@ def _based_prefill(q, k, v, cache):
 
 
 # ----------------------------------------------------------------------------- Agent Attention
+@pytest.mark.slow  # the same parity runs in make test through tests/linear/test_catalog.py
 def test_agent_attention_matches_dense_reference():
     with tk.float64():
         q, k, v = _qkv(jax.random.key(12), T=11, Dk=6)
@@ -233,6 +237,7 @@ def test_agent_attention_matches_dense_reference():
 
 
 # ----------------------------------------------------------------------------- Flowformer
+@pytest.mark.slow  # the same parity runs in make test through tests/linear/test_catalog.py
 @pytest.mark.parametrize("causal", [True, False])
 def test_flow_attention_matches_equations(causal):
     with tk.float64():
@@ -257,6 +262,7 @@ def test_lln_moment_matching_formula():
             tk.assert_close(2 * LLN_A * (a * sq) ** 2 + LLN_B, jnp.asarray(sq ** 2 * sk ** 2))
 
 
+@pytest.mark.slow  # the same parity runs in make test through tests/linear/test_catalog.py
 @pytest.mark.parametrize("causal", [True, False])
 def test_log_normal_attention_matches_unshifted_formula(causal):
     with tk.float64():

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from attn_jax import mixers
+from attn_jax.core import testing as tk
 from attn_jax.models import DecoderConfig, DecoderLM, generate, sample_logits
 
 gen_module = importlib.import_module("attn_jax.models.generate")
@@ -33,7 +34,7 @@ def _prompts():
     return tok
 
 
-@pytest.mark.parametrize("name", mixers.names())
+@pytest.mark.parametrize("name", tk.mixer_params(mixers.names()))
 def test_greedy_matches_full_forward_for_ragged_prompts(name):
     model = _model(name)
     prompts = _prompts()
