@@ -155,7 +155,7 @@ def _summarise(rows, seq_lens, names):
         summary["chunk_over_parallel_at_max_T"] = c / p
         verdicts.append(f"chunk vs parallel at T={T_max}: {c / p:.1f}x faster (target >= 10x) -> "
                         f"{'MET' if c / p >= 10 else 'MISSED'}")
-    elif c:
+    elif c and "parallel" in names:
         verdicts.append(f"parallel at T={T_max} was skipped ({_get(rows, 'parallel', T_max, 'skipped')})")
     cross = None
     for T in seq_lens:
