@@ -150,6 +150,20 @@ def _flow(impl, x, *, causal=True, segment_ids=None, initial_state=None):
     return _first(flow.flow_attention(x["q"], x["k"], x["v"], causal=causal, impl=impl))
 
 
+def _mega_ema(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    """Mega's damped EMA on the values viewed as ``[B, T, K * Dv]`` channels, ``N = 3`` EMA dims,
+    parameters derived deterministically from the inputs' shapes (the mixer learns them)."""
+    mega = importlib.import_module("attn_jax.linear.mega")
+    v = x["v"]
+    B, T, K, Dv = v.shape
+    D, N = K * Dv, 3
+    grid = jnp.linspace(0.0, 1.0, D * N, dtype=v.dtype).reshape(D, N)
+    alpha, delta = 0.1 + 0.8 * grid, 0.9 - 0.7 * grid
+    beta, eta = 1.0 - 2.0 * grid, jnp.cos(7.0 * grid)
+    fn = mega.damped_ema_reference if impl == "reference" else mega.damped_ema_parallel
+    return fn(v.reshape(B, T, D), alpha, delta, beta, eta, segment_ids=segment_ids)[0]
+
+
 CATALOG: list[Mechanism] = [
     Mechanism("Linear attention, identity map, unnormalised", "Katharopoulos et al. 2020, arXiv:2006.16236",
               _gated("gated_linear_attention"), ("chunk", "parallel", "recurrent"), noncausal=True,
@@ -187,6 +201,9 @@ CATALOG: list[Mechanism] = [
               _gated("ssd", "log_a"), ("chunk", "parallel", "recurrent"), mixer="ssd", kernel_gate="scalar"),
     Mechanism("GLA (vector gates, secondary chunking)", "Yang et al. 2023, arXiv:2312.06635",
               _gated("gla", "log_g"), ("chunk", "parallel", "recurrent"), mixer="gla", kernel_gate="vector"),
+    Mechanism("Mega: damped multi-dimensional EMA (+ chunked gated attention in the mixer)",
+              "Ma et al. 2022, arXiv:2209.10655", _mega_ema, ("parallel",), initial_state=False, mixer="mega",
+              notes="EMA forms: scan (reference), parallel (associative scan), fft (no segments; tests/linear/test_mega.py)"),
     Mechanism("DeltaNet (delta rule, WY/UT chunking)", "Schlag et al. 2021, arXiv:2102.11174; Yang et al. 2024, "
               "arXiv:2406.06484", _gated("delta_rule", "beta", normalize_keys=True), ("chunk", "parallel", "recurrent"), mixer="deltanet",
               notes="keys L2-normalised by the caller"),
