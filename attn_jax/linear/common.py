@@ -23,7 +23,8 @@ from jax import lax
 
 from attn_jax.core.validation import check_float_array, check_qkv, shape_str
 
-__all__ = ["RecurrentProblem", "validate", "SegmentLayout", "segment_layout", "expand_kv_heads", "default_scale"]
+__all__ = ["RecurrentProblem", "RecurrentCall", "compute_dtype", "init_state", "finish", "fixed_decay_log_gates",
+           "validate", "SegmentLayout", "segment_layout", "expand_kv_heads", "default_scale"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,43 @@ class RecurrentProblem:
     causal: bool
     segments: bool
     initial_state: bool
+
+
+@dataclass(frozen=True)
+class RecurrentCall:
+    """What an implementation of a recurrent-family registry needs besides the arrays (static)."""
+
+    problem: RecurrentProblem
+    scale: float
+    chunk_size: int
+    return_final_state: bool
+
+
+def compute_dtype(p: RecurrentProblem):
+    """float32 (float64 inputs stay float64 so the tight float64 tests mean something)."""
+    return jnp.float64 if p.dtype == "float64" else jnp.float32
+
+
+def init_state(call: RecurrentCall, h0):
+    """``h0`` in the compute dtype, or zeros ``[B, H, Dk, Dv]``."""
+    p = call.problem
+    dt = compute_dtype(p)
+    return jnp.zeros((p.B, p.H, p.Dk, p.Dv), dt) if h0 is None else h0.astype(dt)
+
+
+def finish(call: RecurrentCall, o, lay: "SegmentLayout", state):
+    """Zero the outputs of padding tokens, cast to the input dtype, drop the state unless asked."""
+    o = jnp.where(lay.valid[:, :, None, None], o, 0.0).astype(call.problem.dtype)
+    return o, (state if call.return_final_state else None)
+
+
+def fixed_decay_log_gates(decays, q, name: str = "decays"):
+    """Per-head constant decays ``[H]`` in ``(0, 1]`` -> log gates ``[B, T, H]`` (q's precision)."""
+    B, T, H = q.shape[:3]
+    lam = jnp.asarray(decays, jnp.promote_types(q.dtype, jnp.float32))
+    if lam.shape != (H,):
+        raise ValueError(f"{name}: expected shape [H] = [{H}], got {list(lam.shape)}")
+    return jnp.broadcast_to(jnp.log(lam), (B, T, H))
 
 
 def default_scale(scale, Dk: int) -> float:

@@ -54,8 +54,6 @@ incoming state is seen / the chunk's state written / carried exactly as in the g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -63,7 +61,8 @@ from jaxtyping import Array, Float
 
 from attn_jax.core.dispatch import Registry
 from attn_jax.core.validation import check_float_array, shape_str
-from attn_jax.linear.common import (RecurrentProblem, default_scale, expand_kv_heads, segment_layout, validate)
+from attn_jax.linear.common import (RecurrentCall, compute_dtype, default_scale, expand_kv_heads, finish, init_state,
+                                    segment_layout, validate)
 
 __all__ = ["DELTA", "DeltaCall", "delta_rule", "gated_delta_rule", "delta_rule_step", "explain_delta_rule",
            "DEFAULT_CHUNK"]
@@ -73,22 +72,10 @@ DEFAULT_CHUNK = 64
 DELTA = Registry("linear.delta_rule")
 
 
-@dataclass(frozen=True)
-class DeltaCall:
-    """What an implementation needs besides the arrays (static)."""
-
-    problem: RecurrentProblem
-    scale: float
-    chunk_size: int
-    return_final_state: bool
+DeltaCall = RecurrentCall
 
 
 # ----------------------------------------------------------------------------- shared preparation
-def _compute_dtype(dtype_name: str):
-    """float32 (float64 inputs stay float64 so the tight float64 tests mean something)."""
-    return jnp.float64 if dtype_name == "float64" else jnp.float32
-
-
 def _prepare(call: DeltaCall, q, k, v, beta, log_alpha, segment_ids):
     """Expand GQA heads, cast to the compute dtype and make padding transparent.
 
@@ -96,7 +83,7 @@ def _prepare(call: DeltaCall, q, k, v, beta, log_alpha, segment_ids):
     gradients.
     """
     p = call.problem
-    dt = _compute_dtype(p.dtype)
+    dt = compute_dtype(p)
     lay = segment_layout(segment_ids, p.B, p.T)
     m3, m4 = lay.valid[:, :, None], lay.valid[:, :, None, None]
     q = jnp.where(m4, q.astype(dt), 0.0)
@@ -106,17 +93,6 @@ def _prepare(call: DeltaCall, q, k, v, beta, log_alpha, segment_ids):
     if log_alpha is not None:
         log_alpha = jnp.where(m3, log_alpha.astype(dt), 0.0)
     return q, k, v, beta, log_alpha, lay
-
-
-def _init_state(call: DeltaCall, h0):
-    p = call.problem
-    dt = _compute_dtype(p.dtype)
-    return jnp.zeros((p.B, p.H, p.Dk, p.Dv), dt) if h0 is None else h0.astype(dt)
-
-
-def _finish(call: DeltaCall, o, lay, state):
-    o = jnp.where(lay.valid[:, :, None, None], o, 0.0).astype(call.problem.dtype)
-    return o, (state if call.return_final_state else None)
 
 
 def _time_major(x):
@@ -176,8 +152,8 @@ def _reference(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
         return s, call.scale * jnp.einsum("bhk,bhkv->bhv", q_t, s)
 
     xs = tuple(_time_major(x) for x in (q, k, v, beta, log_alpha, lay.reset))
-    s, o = lax.scan(step, _init_state(call, h0), xs)
-    return _finish(call, jnp.moveaxis(o, 0, 1), lay, s)
+    s, o = lax.scan(step, init_state(call, h0), xs)
+    return finish(call, jnp.moveaxis(o, 0, 1), lay, s)
 
 
 def _recurrent(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
@@ -190,8 +166,8 @@ def _recurrent(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
         return tuple(reversed(delta_rule_step(q_t, k_t, v_t, b_t, s, log_alpha_t=la_t, scale=call.scale)))
 
     xs = tuple(_time_major(x) for x in (q, k, v, beta, log_alpha, lay.reset))
-    s, o = lax.scan(step, _init_state(call, h0), xs)
-    return _finish(call, jnp.moveaxis(o, 0, 1), lay, s)
+    s, o = lax.scan(step, init_state(call, h0), xs)
+    return finish(call, jnp.moveaxis(o, 0, 1), lay, s)
 
 
 # ----------------------------------------------------------------------------- UT transform
@@ -272,7 +248,7 @@ def _parallel(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
     u, w, p, gamma = _ut_block(qh, kh, vh, bth, G, same, call.scale)
     sees = (lay.doc == 0)[:, None, :, None]                                    # the first document sees h0
     writes = (lay.doc == lay.doc[:, -1:])[:, None, :, None]                    # the last one leaves the state
-    s0 = _init_state(call, h0)
+    s0 = init_state(call, h0)
     if h0 is not None:
         u = u - jnp.where(sees, jnp.einsum("bhtd,bhdv->bhtv", w, s0), 0.0)
     o = jnp.einsum("bhts,bhsv->bhtv", p, u)
@@ -287,7 +263,7 @@ def _parallel(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
             carry = (lay.doc[:, -1] == 0)[:, None, None, None]
             g_last = 1.0 if gamma is None else gamma[..., -1][..., None, None]
             state = state + jnp.where(carry, g_last * s0, 0.0)
-    return _finish(call, jnp.moveaxis(o, 1, 2), lay, state)
+    return finish(call, jnp.moveaxis(o, 1, 2), lay, state)
 
 
 # ----------------------------------------------------------------------------- chunk
@@ -340,13 +316,13 @@ def _chunk(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
         return s_new, (s, u_new)
 
     mv = lambda x: jnp.moveaxis(x, 2, 0)
-    s_final, (s_before, u_new) = lax.scan(step, _init_state(call, h0), (mv(u), mv(w), mv(kd), mv(keep)))
+    s_final, (s_before, u_new) = lax.scan(step, init_state(call, h0), (mv(u), mv(w), mv(kd), mv(keep)))
     s_before, u_new = jnp.moveaxis(s_before, 0, 2), jnp.moveaxis(u_new, 0, 2)       # [B, H, N, ...]
     qg = qc if gamma is None else qc * gamma[..., None]
     o = jnp.einsum("bhncs,bhnsv->bhncv", p, u_new)
     o = o + jnp.where(sees_state, call.scale * jnp.einsum("bhncd,bhndv->bhncv", qg, s_before), 0.0)
     o = jnp.moveaxis(o, 1, 3).reshape(B, N * C, H, -1)[:, :T]
-    return _finish(call, o, lay, s_final)
+    return finish(call, o, lay, s_final)
 
 
 def _always(platform, call):

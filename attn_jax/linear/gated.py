@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from attn_jax.core.dispatch import Registry
-from attn_jax.linear.common import (RecurrentProblem, default_scale, expand_kv_heads, segment_layout, validate)
+from attn_jax.linear.common import (RecurrentCall, compute_dtype, default_scale, expand_kv_heads, finish, init_state,
+                                    segment_layout, validate)
 
 __all__ = ["GATED", "GatedCall", "gated_linear_attention", "explain_gated", "recurrent_step", "DEFAULT_CHUNK",
            "DEFAULT_SUBCHUNK"]
@@ -54,20 +54,13 @@ DEFAULT_SUBCHUNK = 16
 GATED = Registry("linear.gated")
 
 
-@dataclass(frozen=True)
-class GatedCall:
-    """What an implementation needs besides the arrays (static)."""
-
-    problem: RecurrentProblem
-    scale: float
-    chunk_size: int
-    return_final_state: bool
+GatedCall = RecurrentCall
 
 
 # ----------------------------------------------------------------------------- shared preparation
 def _prepare(call: GatedCall, q, k, v, g, segment_ids):
     p = call.problem
-    f32 = _compute_dtype(p)
+    f32 = compute_dtype(p)
     lay = segment_layout(segment_ids, p.B, p.T)
     m = lay.valid[:, :, None, None]
     q = jnp.where(m, q.astype(f32), 0.0)  # NaN in a padded query must not reach dS (and so dk, dv)
@@ -76,22 +69,6 @@ def _prepare(call: GatedCall, q, k, v, g, segment_ids):
     if g is not None:
         g = jnp.where(lay.valid[:, :, None] if g.ndim == 3 else m, g.astype(f32), 0.0)
     return q, k, v, g, lay
-
-
-def _compute_dtype(p: RecurrentProblem):
-    """float32 (float64 inputs stay float64 so the tight float64 tests mean something)."""
-    return jnp.float64 if p.dtype == "float64" else jnp.float32
-
-
-def _init_state(call: GatedCall, h0):
-    p = call.problem
-    dt = _compute_dtype(p)
-    return jnp.zeros((p.B, p.H, p.Dk, p.Dv), dt) if h0 is None else h0.astype(dt)
-
-
-def _finish(call: GatedCall, o, lay, state):
-    o = jnp.where(lay.valid[:, :, None, None], o, 0.0).astype(call.problem.dtype)
-    return o, (state if call.return_final_state else None)
 
 
 def _decay(g_t, ndim_state: int = 4):
@@ -134,7 +111,7 @@ def _dense_noncausal(call, q, k, v, lay):
 def _reference(call: GatedCall, q, k, v, g, h0, segment_ids):
     q, k, v, g, lay = _prepare(call, q, k, v, g, segment_ids)
     if not call.problem.causal:
-        return _finish(call, _dense_noncausal(call, q, k, v, lay), lay, None)
+        return finish(call, _dense_noncausal(call, q, k, v, lay), lay, None)
 
     def step(s, xs):
         q_t, k_t, v_t, g_t, reset_t = xs
@@ -145,8 +122,8 @@ def _reference(call: GatedCall, q, k, v, g, h0, segment_ids):
         return s, call.scale * jnp.einsum("bhk,bhkv->bhv", q_t, s)
 
     tm = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
-    s, o = lax.scan(step, _init_state(call, h0), (tm(q), tm(k), tm(v), tm(g), tm(lay.reset)))
-    return _finish(call, jnp.moveaxis(o, 0, 1), lay, s)
+    s, o = lax.scan(step, init_state(call, h0), (tm(q), tm(k), tm(v), tm(g), tm(lay.reset)))
+    return finish(call, jnp.moveaxis(o, 0, 1), lay, s)
 
 
 def _recurrent(call: GatedCall, q, k, v, g, h0, segment_ids):
@@ -162,8 +139,8 @@ def _recurrent(call: GatedCall, q, k, v, g, h0, segment_ids):
         return s, o_t
 
     tm = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
-    s, o = lax.scan(step, _init_state(call, h0), (tm(q), tm(k), tm(v), tm(g), tm(lay.reset)))
-    return _finish(call, jnp.moveaxis(o, 0, 1), lay, s)
+    s, o = lax.scan(step, init_state(call, h0), (tm(q), tm(k), tm(v), tm(g), tm(lay.reset)))
+    return finish(call, jnp.moveaxis(o, 0, 1), lay, s)
 
 
 # ----------------------------------------------------------------------------- parallel
@@ -171,7 +148,7 @@ def _parallel(call: GatedCall, q, k, v, g, h0, segment_ids):
     q, k, v, g, lay = _prepare(call, q, k, v, g, segment_ids)
     p = call.problem
     if not p.causal:
-        return _finish(call, _dense_noncausal(call, q, k, v, lay), lay, None)
+        return finish(call, _dense_noncausal(call, q, k, v, lay), lay, None)
     T = p.T
     tril = jnp.tril(jnp.ones((T, T), bool))
     same = (lay.doc[:, :, None] == lay.doc[:, None, :]) & tril                     # [B, T, T]
@@ -203,7 +180,7 @@ def _parallel(call: GatedCall, q, k, v, g, h0, segment_ids):
         if h0 is not None:
             carry = (lay.doc[:, -1] == 0)[:, None, None, None]
             state = state + jnp.where(carry, jnp.exp(G_last[:, 0])[..., None] * h0.astype(G.dtype), 0.0)
-    return _finish(call, o, lay, state)
+    return finish(call, o, lay, state)
 
 
 # ----------------------------------------------------------------------------- chunk
@@ -293,7 +270,7 @@ def _chunk_causal(call: GatedCall, q, k, v, g, h0, lay, chunk_size: int):
         return s_new, s
 
     mv = lambda x: jnp.moveaxis(x, 2, 0)
-    s_final, s_before = lax.scan(step, _init_state(call, h0), (mv(U), mv(decay), mv(carries)))
+    s_final, s_before = lax.scan(step, init_state(call, h0), (mv(U), mv(decay), mv(carries)))
     s_before = jnp.moveaxis(s_before, 0, 2)                                           # [B,H,N,Dk,Dv]
     qg = qc * jnp.exp(G) * call.scale
     o = o + jnp.where(sees_state[..., None], jnp.einsum("bhncd,bhndv->bhncv", qg, s_before), 0.0)
@@ -305,14 +282,14 @@ def _chunk(call: GatedCall, q, k, v, g, h0, segment_ids):
     q, k, v, g, lay = _prepare(call, q, k, v, g, segment_ids)
     if call.problem.causal:
         o, s = _chunk_causal(call, q, k, v, g, h0, lay, call.chunk_size)
-        return _finish(call, o, lay, s)
+        return finish(call, o, lay, s)
     # non-causal = causal (j <= i) + anti-causal (j >= i, by reversing time) - diagonal
     fwd, _ = _chunk_causal(call, q, k, v, None, None, lay, call.chunk_size)
     flip = lambda x: jnp.flip(x, axis=1)
     lay_r = type(lay)(flip(lay.valid), flip(lay.reset), flip(lay.doc))
     bwd, _ = _chunk_causal(call, flip(q), flip(k), flip(v), None, None, lay_r, call.chunk_size)
     diag = call.scale * jnp.einsum("bthd,bthd->bth", q, k)[..., None] * v
-    return _finish(call, fwd + flip(bwd) - diag, lay, None)
+    return finish(call, fwd + flip(bwd) - diag, lay, None)
 
 
 # ----------------------------------------------------------------------------- pallas

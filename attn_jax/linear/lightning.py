@@ -18,9 +18,9 @@ multiplied by the per-layer factor ``1 - l / (L - 1)`` (``layer_scale``).  No so
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from attn_jax.linear.common import fixed_decay_log_gates
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 from attn_jax.positional.alibi import alibi_slopes
 
@@ -41,17 +41,13 @@ def lightning_attention(q, k, v, *, decays="transnormer", scale=1.0, initial_sta
     ``decays``: ``"transnormer"`` (default, :func:`lightning_decays`), ``None`` (Lightning-1: no
     decay) or ``[H]`` values in ``(0, 1]``.
     """
-    B, T, H = q.shape[:3]
     if decays is None:
         log_g = None
     else:
-        lam = lightning_decays(H) if isinstance(decays, str) and decays == "transnormer" else decays
+        lam = lightning_decays(q.shape[2]) if isinstance(decays, str) and decays == "transnormer" else decays
         if isinstance(lam, str):
             raise ValueError(f"decays: expected 'transnormer', None or [H] values, got {decays!r}")
-        lam = jnp.asarray(lam, jnp.promote_types(q.dtype, jnp.float32))
-        if lam.shape != (H,):
-            raise ValueError(f"decays: expected shape [H] = [{H}], got {list(lam.shape)}")
-        log_g = jnp.broadcast_to(jnp.log(lam), (B, T, H))
+        log_g = fixed_decay_log_gates(lam, q)
     return gated_linear_attention(q, k, v, log_g, scale=scale, initial_state=initial_state,
                                   return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
                                   chunk_size=chunk_size, mechanism="lightning", gate_name="decays")

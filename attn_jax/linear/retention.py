@@ -11,9 +11,9 @@ and the GroupNorm / swish gate of the full layer live in the mixer
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
+from attn_jax.linear.common import fixed_decay_log_gates
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 
 __all__ = ["retention", "retnet_decays"]
@@ -32,12 +32,7 @@ def retention(q, k, v, *, decays=None, scale=None, initial_state=None, return_fi
 
     ``decays``: ``[H]`` values in ``(0, 1]``.
     """
-    B, T, H = q.shape[:3]
-    gammas = retnet_decays(H) if decays is None else decays
-    gammas = jnp.asarray(gammas, jnp.promote_types(q.dtype, jnp.float32))
-    if gammas.shape != (H,):
-        raise ValueError(f"decays: expected shape [H] = [{H}], got {list(gammas.shape)}")
-    log_g = jnp.broadcast_to(jnp.log(gammas), (B, T, H))
+    log_g = fixed_decay_log_gates(retnet_decays(q.shape[2]) if decays is None else decays, q)
     return gated_linear_attention(q, k, v, log_g, scale=scale, initial_state=initial_state,
                                   return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
                                   chunk_size=chunk_size, mechanism="retention", gate_name="decays")
