@@ -1,16 +1,25 @@
 """The token-mixer registry: models pick their sequence mixers by name.
 
     import attn_jax
-    attn_jax.mixers.names()                    # ['sliding_window', 'softmax', ...]
+    attn_jax.mixers.names()                    # every registered mixer, sorted
+    attn_jax.mixers.names(causal=True)         # decoder mixers (causal, with a decode cache)
+    attn_jax.mixers.names(causal=False)        # mixers that accept causal=False (encoders)
     factory = attn_jax.mixers.get("softmax")
     mixer = factory(d_model, num_heads, rngs=nnx.Rngs(0), **mixer_kwargs)
     y, cache = mixer(x, positions=..., segment_ids=..., cache=..., deterministic=True)
 
 A factory has the signature ``factory(d_model, num_heads, *, rngs, **mixer_kwargs) ->
 nnx.Module`` and builds a module following the protocol of :mod:`attn_jax.nn.mixer`
-(causal by default: registered mixers are decoder token mixers).  A new family adds
-one ``register(...)`` line; the registry-wide tests (``tests/nn/test_mixer_registry.py``
-and ``tests/models/``) then run every invariant over it.
+(causal by default: registered mixers are decoder token mixers).  An encoder
+(:class:`attn_jax.models.Encoder`) passes ``causal=False``; mixers that accept it claim the
+``"bidirectional"`` feature.  Encoder-only mixers (``"efficient"``, ``"agent"``) claim
+``"bidirectional"`` but not ``"causal"``, and their factories raise ``ValueError`` when built
+without ``causal=False`` (so a decoder naming one fails at construction, naming the mixer).
+
+A new family adds one ``register(...)`` line; the registry-wide tests
+(``tests/nn/test_mixer_registry.py`` over ``names(causal=True)``,
+``tests/nn/test_encoder_mixers.py`` over ``names(causal=False)``, and ``tests/models/``) then
+run every invariant over it.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable
 
-__all__ = ["get", "names", "register"]
+__all__ = ["get", "names", "register", "features"]
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -35,9 +44,33 @@ def register(name: str, factory: Callable, *, overwrite: bool = False) -> Callab
     return factory
 
 
-def names() -> list[str]:
-    """Registered mixer names, sorted."""
-    return sorted(_REGISTRY)
+def features(name: str) -> frozenset:
+    """The feature keys (:data:`attn_jax.nn.mixer.FEATURE_KEYS`) the entry ``name`` claims: its
+    factory's ``SUPPORTED_FEATURES``."""
+    return frozenset(getattr(get(name), "SUPPORTED_FEATURES", frozenset()))
+
+
+def _is_causal(name: str) -> bool:
+    # a factory that declares no features at all follows the registry's default contract (a decoder mixer)
+    feats = features(name)
+    return "causal" in feats or not feats
+
+
+def names(causal: bool | None = None) -> list[str]:
+    """Registered mixer names, sorted.
+
+    ``causal=None``: all of them; ``True``: the decoder mixers (those claiming ``"causal"``, or
+    declaring no features at all); ``False``: those that accept ``causal=False`` (claiming
+    ``"bidirectional"``).
+    """
+    if causal is not None and not isinstance(causal, bool):
+        raise TypeError(f"causal: expected None or a bool, got {causal!r}")
+    out = sorted(_REGISTRY)
+    if causal is None:
+        return out
+    if causal:
+        return [n for n in out if _is_causal(n)]
+    return [n for n in out if "bidirectional" in features(n)]
 
 
 def get(name: str) -> Callable:
@@ -56,7 +89,7 @@ from attn_jax.nn.attention import MultiHeadAttention, sliding_window_attention  
 register("softmax", MultiHeadAttention)
 register("sliding_window", sliding_window_attention)
 from attn_jax.nn.mega import MegaMixer  # noqa: E402
-register("mega", MegaMixer)
+register("mega", MegaMixer)   # causal only (no bidirectional EMA)
 
 # Linear / recurrent attention (attn_jax.nn.linear_mixers): one generic layer, one spec per mechanism.
 from attn_jax.nn.linear_mixers import make_factory as _linear_factory  # noqa: E402
@@ -69,3 +102,12 @@ register("ssd", _linear_factory("ssd"))
 register("based", _linear_factory("based"))
 register("deltanet", _linear_factory("deltanet"))
 register("gated_deltanet", _linear_factory("gated_deltanet"))
+register("performer", _linear_factory("performer"))
+register("dpfp", _linear_factory("dpfp"))
+register("hedgehog", _linear_factory("hedgehog"))
+register("cosformer", _linear_factory("cosformer"))
+register("lln", _linear_factory("lln"))
+register("flow", _linear_factory("flow"))
+# Encoder-only (non-causal) mixers: build them with causal=False (attn_jax.models.Encoder does).
+register("efficient", _linear_factory("efficient"))
+register("agent", _linear_factory("agent"))

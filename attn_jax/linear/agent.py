@@ -18,7 +18,20 @@ logits) and the depthwise-convolution term ``DWC(V)`` added to ``O`` — both ar
 parameters around this op.  Non-causal only (the agents summarise the whole sequence).
 Key padding: ``lengths: int [B]`` — keys ``j >= lengths[b]`` are excluded from the aggregation
 softmax, queries past the length output zero, and pooled agents average valid queries only.
-(Packed multi-document rows are not meaningful here: agents are shared by the whole row.)
+
+Packed documents: ``segment_ids: int [B, T]`` (``S == T``; 0 = padding, documents as in
+:mod:`attn_jax.linear.common`: a document starts where the id of a real token differs from the
+previous real token's).  Each document is its own agent-attention problem: it pools its own
+``num_agents`` agents from its own queries (adaptive average pooling over the document's real
+tokens in order, the bins of :func:`pool_agents` with ``L`` = document length), those agents
+aggregate only that document's keys, and each query reads only its own document's agents;
+padding outputs zero.  Given ``agents`` are shared by every document (each document aggregates
+its own keys through them).  The documents of a row occupy static agent slots, so
+``max_segments`` (documents per row, static) is required: the agent set is
+``max_segments * num_agents`` tokens per row, computed by two :func:`attn_jax.attention` calls
+with segment masks.  **A row with more than ``max_segments`` documents outputs NaN** (every
+token of that row) rather than a silently wrong value.  ``lengths`` is the special case
+``segment_ids = (t < lengths)``, ``max_segments = 1``.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from jaxtyping import Array, Float, Int
 
 from attn_jax.core import masks
 from attn_jax.core.validation import check_float_array, check_qkv, shape_str
-from attn_jax.linear.common import expand_kv_heads
+from attn_jax.linear.common import expand_kv_heads, segment_layout, segmented_cumsum
 from attn_jax.softmax.api import attention
 
 __all__ = ["agent_attention", "agent_attention_reference", "pool_agents"]
@@ -86,7 +99,29 @@ def _scale(scale, D):
     return float(scale)
 
 
-def _prepare(q, k, v, agents, num_agents, scale, lengths, causal):
+def _check_segments(segment_ids, max_segments, lengths, dims):
+    if segment_ids is None:
+        if max_segments is not None:
+            raise ValueError("max_segments: only meaningful with segment_ids")
+        return None
+    if lengths is not None:
+        raise ValueError("segment_ids: give either lengths or segment_ids, not both")
+    if not jnp.issubdtype(getattr(segment_ids, "dtype", jnp.float32), jnp.integer):
+        raise TypeError(f"segment_ids: expected an integer array [B, T], got "
+                        f"{getattr(segment_ids, 'dtype', type(segment_ids))}")
+    if segment_ids.shape != (dims.B, dims.T):
+        raise ValueError(f"segment_ids: expected shape [B, T] = {[dims.B, dims.T]}, got {shape_str(segment_ids)}")
+    if dims.S != dims.T:
+        raise ValueError(f"segment_ids: packed documents need S == T, got T={dims.T}, S={dims.S}")
+    if max_segments is None:
+        raise ValueError("max_segments: required with segment_ids (the static number of agent slots per row: "
+                         "each document gets its own num_agents agents; rows with more documents output NaN)")
+    if isinstance(max_segments, bool) or not isinstance(max_segments, int) or max_segments < 1:
+        raise ValueError(f"max_segments: expected a positive int, got {max_segments!r}")
+    return segment_layout(segment_ids, dims.B, dims.T)
+
+
+def _prepare(q, k, v, agents, num_agents, scale, lengths, causal, segment_ids=None, max_segments=None):
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {causal!r}")
     if causal:
@@ -95,18 +130,77 @@ def _prepare(q, k, v, agents, num_agents, scale, lengths, causal):
     lengths = _check_lengths(lengths, dims.B)
     if lengths is not None and dims.S != dims.T:
         raise ValueError(f"lengths: key padding by length needs S == T, got T={dims.T}, S={dims.S}")
+    lay = _check_segments(segment_ids, max_segments, lengths, dims)
+    if lay is not None:
+        if agents is None and num_agents is None:
+            raise ValueError("agents: give the agent tokens [B, n, H, Dk] or num_agents to pool them from q")
+        A = None if agents is None else _agents(q, agents, None, None)
+        if agents is not None and num_agents is not None:
+            raise ValueError("num_agents: give either agents or num_agents, not both")
+        if agents is None and (isinstance(num_agents, bool) or not isinstance(num_agents, int) or num_agents < 1):
+            raise ValueError(f"num_agents: expected a positive int, got {num_agents!r}")
+        return dims, A, _scale(scale, dims.Dk), lay
     return dims, _agents(q, agents, num_agents, lengths), _scale(scale, dims.Dk), lengths
+
+
+def _pool_documents(q, lay, num_agents: int, max_segments: int):
+    """Per-document adaptive average pooling: ``[B, max_segments * n, H, D]`` (slot ``d * n + a``)."""
+    n, Dm = num_agents, max_segments
+    dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    valid = lay.valid
+    rank = segmented_cumsum(valid.astype(jnp.int32), lay) - 1                    # position in the document
+    onehot = (lay.doc[:, :, None] == jnp.arange(Dm)[None, None, :]) & valid[:, :, None]   # [B, T, Dm]
+    L = onehot.sum(1).astype(jnp.int32)                                           # [B, Dm] document lengths
+    L_tok = jnp.take_along_axis(L, jnp.minimum(lay.doc, Dm - 1), axis=1)          # [B, T] own length
+    a = jnp.arange(n, dtype=jnp.int32)[None, None, :]
+    start = (a * L_tok[..., None]) // n
+    end = -((-(a + 1) * L_tok[..., None]) // n)
+    member = (rank[..., None] >= start) & (rank[..., None] < end)                 # [B, T, n]
+    w = (onehot[..., None] & member[:, :, None, :]).astype(dt)                    # [B, T, Dm, n]
+    w = w / jnp.maximum(w.sum(1, keepdims=True), 1.0)
+    qz = jnp.where(valid[:, :, None, None], q.astype(dt), 0.0)                     # NaN padding must not leak
+    A = jnp.einsum("btdn,bthe->bdnhe", w, qz)
+    return A.reshape(q.shape[0], Dm * n, *q.shape[2:])
+
+
+def _agent_segments(q, k, v, A, num_agents, scale, lay, max_segments, impl):
+    B, T, H, _ = q.shape
+    Dm = max_segments
+    if A is None:
+        A = _pool_documents(q, lay, num_agents, Dm)
+        n = num_agents
+    else:
+        n = A.shape[1]
+        A = jnp.tile(A, (1, Dm, 1, 1))                                           # the same agents per document
+    A = A.astype(q.dtype)
+    valid = lay.valid
+    tok_ids = jnp.where(valid, lay.doc + 1, 0)
+    agent_ids = jnp.broadcast_to(jnp.repeat(jnp.arange(1, Dm + 1, dtype=jnp.int32), n), (B, Dm * n))
+    m = valid[:, :, None, None]
+    k, v = jnp.where(m, k, 0).astype(k.dtype), jnp.where(m, v, 0).astype(v.dtype)   # NaN padding must not leak
+    v_agents = attention(A, k, v, mask=masks.segments(agent_ids, tok_ids), scale=scale, impl=impl)
+    o = attention(jnp.where(m, q, 0).astype(q.dtype), A, v_agents, mask=masks.segments(tok_ids, agent_ids),
+                  scale=scale, impl=impl)
+    o = jnp.where(m, o, 0)
+    overflow = lay.doc[:, -1] >= Dm                                               # more documents than slots
+    return jnp.where(overflow[:, None, None, None], jnp.nan, o).astype(q.dtype)
 
 
 def agent_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"], *,
                     agents: Float[Array, "B n H Dk"] | None = None, num_agents: int | None = None,
-                    scale: float | None = None, lengths: Int[Array, "B"] | None = None, causal: bool = False,
-                    impl="auto"):
+                    scale: float | None = None, lengths: Int[Array, "B"] | None = None,
+                    segment_ids: Int[Array, "B T"] | None = None, max_segments: int | None = None,
+                    causal: bool = False, impl="auto"):
     """Agent attention (arXiv:2312.08874): two :func:`attn_jax.attention` calls.
 
-    ``impl`` is passed to both softmax-attention calls.  Output in the dtype of ``q``.
+    ``impl`` is passed to both softmax-attention calls.  Output in the dtype of ``q``.  Packed
+    documents: ``segment_ids`` with the static ``max_segments`` (see the module docstring; rows
+    with more documents than ``max_segments`` output NaN).
     """
-    dims, A, scale, lengths = _prepare(q, k, v, agents, num_agents, scale, lengths, causal)
+    dims, A, scale, lengths = _prepare(q, k, v, agents, num_agents, scale, lengths, causal, segment_ids,
+                                       max_segments)
+    if segment_ids is not None:
+        return _agent_segments(q, k, v, A, num_agents, scale, lengths, max_segments, impl)
     A = A.astype(q.dtype)
     mask = None if lengths is None else masks.key_padding(lengths)
     v_agents = attention(A, k, v, mask=mask, scale=scale, impl=impl)             # [B, n, H, Dv]
@@ -116,10 +210,47 @@ def agent_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
     return o
 
 
+def _reference_segments(q, k, v, A_given, num_agents, scale, lay, max_segments):
+    """A Python loop over document slots ``d < max_segments``, each a masked dense agent attention."""
+    dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    B, T, H, _ = q.shape
+    kk, vv = expand_kv_heads(k.astype(dt), H), expand_kv_heads(v.astype(dt), H)
+    qq = q.astype(dt)
+    o = jnp.zeros((B, T, H, v.shape[-1]), dt)
+    for d in range(max_segments):
+        mine = lay.valid & (lay.doc == d)                                         # [B, T] tokens of document d
+        z = lambda x: jnp.where(mine[:, :, None, None], x, 0.0)
+        if A_given is None:
+            L = mine.sum(1)                                                       # [B]
+            r = jnp.cumsum(mine, axis=1) - 1                                      # rank among the document's tokens
+            bins = []
+            for a in range(num_agents):
+                lo, hi = (a * L) // num_agents, -((-(a + 1) * L) // num_agents)
+                sel = mine & (r >= lo[:, None]) & (r < hi[:, None])
+                cnt = jnp.maximum(sel.sum(1), 1).astype(dt)
+                bins.append(jnp.einsum("bt,bthd->bhd", sel.astype(dt), z(qq)) / cnt[:, None, None])
+            A = jnp.stack(bins, axis=1)                                           # [B, n, H, D]
+        else:
+            A = A_given
+        A = A.astype(q.dtype).astype(dt)
+        s1 = jnp.einsum("bnhd,bshd->bhns", A, z(kk)) * scale
+        present = mine.any(1)[:, None, None, None]                               # absent document: no agents
+        p1 = jax.nn.softmax(jnp.where(present, jnp.where(mine[:, None, None, :], s1, -jnp.inf), 0.0), axis=-1)
+        p1 = jnp.where(present, p1, 0.0)
+        v_agents = jnp.einsum("bhns,bshv->bnhv", p1, z(vv))
+        p2 = jax.nn.softmax(jnp.einsum("bthd,bnhd->bhtn", z(qq), A) * scale, axis=-1)
+        o = o + z(jnp.einsum("bhtn,bnhv->bthv", p2, v_agents))
+    too_many = lay.doc[:, -1] >= max_segments
+    return jnp.where(too_many[:, None, None, None], jnp.nan, o).astype(q.dtype)
+
+
 def agent_attention_reference(q, k, v, *, agents=None, num_agents=None, scale=None, lengths=None,
-                              causal: bool = False):
+                              segment_ids=None, max_segments=None, causal: bool = False):
     """Dense softmaxes written directly (float32, float64 stays float64)."""
-    dims, A, scale, lengths = _prepare(q, k, v, agents, num_agents, scale, lengths, causal)
+    dims, A, scale, lengths = _prepare(q, k, v, agents, num_agents, scale, lengths, causal, segment_ids,
+                                       max_segments)
+    if segment_ids is not None:
+        return _reference_segments(q, k, v, A, num_agents, scale, lengths, max_segments)
     dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     H = dims.H
     kk, vv = expand_kv_heads(k.astype(dt), H), expand_kv_heads(v.astype(dt), H)

@@ -90,13 +90,29 @@ def _with_normaliser(h0):
     return jnp.concatenate([h0, jnp.abs(h0[..., :1]) + 1.0], axis=-1)
 
 
-def _normalised(fm_name: str, initial_state: bool = True):
+def _feature_state(h0, feature_dim: int):
+    """A normalised-form state ``[B, H, D', Dv + 1]`` derived deterministically from the standard
+    ``h0 [B, H, Dk, Dv]``: ``h0`` itself when ``D' == Dk``, else a fixed projection of it
+    (so gradients w.r.t. ``h0`` still check the state path)."""
+    Dk = h0.shape[2]
+    if feature_dim != Dk:
+        P = jax.random.normal(jax.random.key(11), (feature_dim, Dk)).astype(h0.dtype) / Dk ** 0.5
+        h0 = jnp.einsum("fd,bhdv->bhfv", P, h0)
+    return _with_normaliser(h0)
+
+
+def _feature_dim(fm, q) -> int:
+    phi = importlib.import_module("attn_jax.linear.feature_maps").resolve_feature_map(fm)
+    return jax.eval_shape(phi, q).shape[-1]
+
+
+def _normalised(fm_name: str):
     def call(impl, x, *, causal=True, segment_ids=None, initial_state=None):
         lin = importlib.import_module("attn_jax.linear.linear_attention")
         fm = _feature_map(fm_name, x["q"].shape[-1])
         kw = dict(feature_map=fm, causal=causal, segment_ids=segment_ids)
         if initial_state is not None:
-            kw["initial_state"] = _with_normaliser(initial_state)
+            kw["initial_state"] = _feature_state(initial_state, _feature_dim(fm, x["q"]))
         if impl == "reference":
             return _first(lin.linear_attention_reference(x["q"], x["k"], x["v"], **kw))
         return _first(lin.linear_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
@@ -113,20 +129,63 @@ def _based(impl, x, *, causal=True, segment_ids=None, initial_state=None):
     return o[0] + o[1]
 
 
+def _cosformer_dense(x, *, causal, segment_ids, initial_state, eps=1e-6):
+    """cosFormer written densely (``cos(π(i−j)/2M)`` weights, ``M = T``) with the initial state
+    added explicitly: ``S_0`` is a state of the cos/sin features in this call's position frame,
+    so a first-document query ``i`` reads ``[φq_i cos(πi/2M), φq_i sin(πi/2M)] · S_0``
+    (numerator columns and, last column, normaliser) — the definition of
+    :func:`cosformer_attention` with ``initial_state``."""
+    import math
+    from attn_jax.linear.common import expand_kv_heads, segment_layout
+    q, k, v = x["q"], x["k"], x["v"]
+    B, T, H = q.shape[:3]
+    fq, fk = jax.nn.relu(q), expand_kv_heads(jax.nn.relu(k), H)
+    lay = segment_layout(segment_ids, B, T)
+    vis = (lay.doc[:, :, None] == lay.doc[:, None, :]) & lay.valid[:, None, :] & lay.valid[:, :, None]
+    if causal:
+        vis = vis & jnp.tril(jnp.ones((T, T), bool))
+    pos = jnp.arange(T, dtype=q.dtype)
+    w = jnp.cos((math.pi / 2) * (pos[:, None] - pos[None, :]) / T)
+    a = jnp.where(vis[:, None], jnp.einsum("bihd,bjhd->bhij", fq, fk) * w, 0.0)
+    vv = jnp.where(lay.valid[:, :, None, None], expand_kv_heads(v, H), 0.0)
+    num = jnp.einsum("bhij,bjhv->bihv", a, vv)
+    den = jnp.moveaxis(a.sum(-1), 1, 2)
+    if initial_state is not None:
+        ang = (math.pi / 2) * pos / T
+        psi = jnp.concatenate([fq * jnp.cos(ang)[None, :, None, None], fq * jnp.sin(ang)[None, :, None, None]], -1)
+        r = jnp.where(((lay.doc == 0) & lay.valid)[:, :, None, None],
+                      jnp.einsum("bthf,bhfv->bthv", psi, initial_state), 0.0)
+        num, den = num + r[..., :-1], den + r[..., -1]
+    den = den[..., None] + eps
+    return jnp.where(lay.valid[:, :, None, None], num / jnp.where(den == 0, 1.0, den), 0.0)
+
+
 def _cosformer(impl, x, *, causal=True, segment_ids=None, initial_state=None):
     lin = importlib.import_module("attn_jax.linear.linear_attention")
+    h0 = None if initial_state is None else _feature_state(initial_state, 2 * x["q"].shape[-1])
     if impl == "reference":
-        return _first(lin.cosformer_attention_reference(x["q"], x["k"], x["v"], causal=causal,
-                                                        segment_ids=segment_ids))
-    return _first(lin.cosformer_attention(x["q"], x["k"], x["v"], causal=causal, segment_ids=segment_ids, impl=impl))
+        if h0 is None:
+            return _first(lin.cosformer_attention_reference(x["q"], x["k"], x["v"], causal=causal,
+                                                            segment_ids=segment_ids))
+        return _cosformer_dense(x, causal=causal, segment_ids=segment_ids, initial_state=h0)
+    return _first(lin.cosformer_attention(x["q"], x["k"], x["v"], causal=causal, segment_ids=segment_ids,
+                                          initial_state=h0, impl=impl))
 
 
 def _log_normal(impl, x, *, causal=True, segment_ids=None, initial_state=None):
     lln = importlib.import_module("attn_jax.linear.log_normal")
     kw = dict(alpha=0.4, beta=0.4, causal=causal, segment_ids=segment_ids, eps=1e-15)  # the fast form shifts φ by its max, which rescales eps
+    h0 = None if initial_state is None else _feature_state(initial_state, x["q"].shape[-1])
     if impl == "reference":
-        return _first(lln.log_normal_attention_reference(x["q"], x["k"], x["v"], **kw))
-    return _first(lln.log_normal_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
+        if h0 is None:
+            return _first(lln.log_normal_attention_reference(x["q"], x["k"], x["v"], **kw))
+        # log_normal_attention_reference has no initial_state: the same unshifted formula through
+        # the dense linear-attention reference, which folds the state in explicitly
+        lin = importlib.import_module("attn_jax.linear.linear_attention")
+        return _first(lin.linear_attention_reference(
+            x["q"], x["k"], x["v"], feature_map=(lambda z: jnp.exp(0.4 * z), lambda z: jnp.exp(0.4 * z)),
+            normalize=True, eps=1e-15, scale=1.0, causal=causal, segment_ids=segment_ids, initial_state=h0))
+    return _first(lln.log_normal_attention(x["q"], x["k"], x["v"], impl=impl, initial_state=h0, **kw))
 
 
 def _efficient(impl, x, *, causal=False, segment_ids=None, initial_state=None):
@@ -138,16 +197,32 @@ def _efficient(impl, x, *, causal=False, segment_ids=None, initial_state=None):
 
 def _agent(impl, x, *, causal=False, segment_ids=None, initial_state=None):
     agent = importlib.import_module("attn_jax.linear.agent")
+    kw = dict(num_agents=5)
+    if segment_ids is not None:
+        kw.update(segment_ids=segment_ids, max_segments=3)
     if impl == "reference":
-        return _first(agent.agent_attention_reference(x["q"], x["k"], x["v"], num_agents=5))
-    return _first(agent.agent_attention(x["q"], x["k"], x["v"], num_agents=5, impl=impl))
+        return _first(agent.agent_attention_reference(x["q"], x["k"], x["v"], **kw))
+    return _first(agent.agent_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
+
+
+def _flow_state(h0):
+    """A :class:`~attn_jax.linear.flowformer.FlowState` derived deterministically (and
+    differentiably) from the standard ``h0 [B, H, Dk, Dv]`` (``Dv >= 4``): positive prefix sums
+    of a prefix of ``count`` tokens, the value state ``h0`` itself."""
+    flow = importlib.import_module("attn_jax.linear.flowformer")
+    count = 4.0 + jnp.abs(h0[..., 0, 0])                                          # [B, H]
+    part = lambda c: count[..., None] * jax.nn.sigmoid(h0[..., c])               # [B, H, Dk]
+    return flow.FlowState(sum_q=part(0), sum_k=part(1), flow_k=part(2), flow_q=part(3),
+                          lse=jnp.log(count) + 0.3 * h0[..., 1, 0], kv=h0, count=count)
 
 
 def _flow(impl, x, *, causal=True, segment_ids=None, initial_state=None):
     flow = importlib.import_module("attn_jax.linear.flowformer")
+    kw = dict(causal=causal, segment_ids=segment_ids,
+              initial_state=None if initial_state is None else _flow_state(initial_state))
     if impl == "reference":
-        return _first(flow.flow_attention_reference(x["q"], x["k"], x["v"], causal=causal))
-    return _first(flow.flow_attention(x["q"], x["k"], x["v"], causal=causal, impl=impl))
+        return _first(flow.flow_attention_reference(x["q"], x["k"], x["v"], **kw))
+    return _first(flow.flow_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
 
 
 def _mega_ema(impl, x, *, causal=True, segment_ids=None, initial_state=None):
@@ -169,30 +244,33 @@ CATALOG: list[Mechanism] = [
               _gated("gated_linear_attention"), ("chunk", "parallel", "recurrent"), noncausal=True,
               kernel_gate="none"),
     Mechanism("Linear attention, elu+1 map, normalised", "Katharopoulos et al. 2020, arXiv:2006.16236",
-              _normalised("elu"), ("chunk", "parallel", "recurrent"), noncausal=True, mixer="linear"),
+              _normalised("elu"), ("chunk", "parallel", "recurrent"), noncausal=True, mixer="linear",
+              kernel_gate="none"),
     Mechanism("ReLU feature map", "(feature map; Qin et al. 2022, arXiv:2202.08791 use it in cosFormer)",
-              _normalised("relu", initial_state=False), ("chunk", "parallel", "recurrent"), noncausal=True,
-              initial_state=False),
-    Mechanism("DPFP feature map", "Schlag et al. 2021, arXiv:2102.11174", _normalised("dpfp", initial_state=False),
-              ("chunk", "parallel", "recurrent"), noncausal=True, initial_state=False),
+              _normalised("relu"), ("chunk", "parallel", "recurrent"), noncausal=True),
+    Mechanism("DPFP feature map", "Schlag et al. 2021, arXiv:2102.11174", _normalised("dpfp"),
+              ("chunk", "parallel", "recurrent"), noncausal=True, mixer="dpfp"),
     Mechanism("Performer FAVOR+ (positive orthogonal random features)", "Choromanski et al. 2020, arXiv:2009.14794",
-              _normalised("performer", initial_state=False), ("chunk", "parallel", "recurrent"), noncausal=True,
-              initial_state=False, notes="projection drawn from an explicit key"),
+              _normalised("performer"), ("chunk", "parallel", "recurrent"), noncausal=True, mixer="performer",
+              notes="projection drawn from an explicit key"),
     Mechanism("Hedgehog (learnable softmax-mimicking map)", "Zhang et al. 2024, arXiv:2402.04347",
-              _normalised("hedgehog", initial_state=False), ("chunk", "parallel", "recurrent"), noncausal=True,
-              initial_state=False, notes="distillation loss: feature_maps.hedgehog_distillation_loss"),
+              _normalised("hedgehog"), ("chunk", "parallel", "recurrent"), noncausal=True, mixer="hedgehog",
+              notes="distillation loss: feature_maps.hedgehog_distillation_loss"),
     Mechanism("BASED (Taylor-2 linear + sliding-window softmax)", "Arora et al. 2024, arXiv:2402.18668",
               _based, ("chunk", "parallel", "recurrent"), initial_state=False, mixer="based"),
     Mechanism("cosFormer (ReLU + cos re-weighting)", "Qin et al. 2022, arXiv:2202.08791", _cosformer,
-              ("chunk", "parallel", "recurrent"), noncausal=True, initial_state=False),
+              ("chunk", "parallel", "recurrent"), noncausal=True, mixer="cosformer",
+              notes="initial_state is a state in the call's position frame (positions restart at 0)"),
     Mechanism("Linear log-normal attention", "Nahshan et al. 2023, arXiv:2311.13541", _log_normal,
-              ("chunk", "parallel", "recurrent"), noncausal=True, initial_state=False),
+              ("chunk", "parallel", "recurrent"), noncausal=True, mixer="lln",
+              notes="fixed alpha, beta (the mixer: RMS-normalised q, k and the unit-variance moment match)"),
     Mechanism("Efficient Attention (softmax over features / positions)", "Shen et al. 2021, arXiv:1812.01243",
-              _efficient, ("chunk",), causal=False, noncausal=True, initial_state=False),
+              _efficient, ("chunk",), causal=False, noncausal=True, initial_state=False, mixer="efficient"),
     Mechanism("Agent attention", "Han et al. 2024, arXiv:2312.08874", _agent, ("auto",), causal=False,
-              noncausal=True, segments=False, initial_state=False, notes="key padding via lengths="),
-    Mechanism("Flowformer (flow conservation)", "Wu et al. 2022, arXiv:2202.06258", _flow, ("chunk",),
-              noncausal=True, segments=False, initial_state=False),
+              noncausal=True, initial_state=False, mixer="agent",
+              notes="packed documents via segment_ids + static max_segments (more documents: NaN row)"),
+    Mechanism("Flowformer (flow conservation)", "Wu et al. 2022, arXiv:2202.06258", _flow, ("chunk", "recurrent"),
+              noncausal=True, mixer="flow", notes="recurrent = scan of flow_attention_step; non-causal S != T without segments"),
     Mechanism("RetNet retention (multi-scale decay)", "Sun et al. 2023, arXiv:2307.08621",
               _gated("retention"), ("chunk", "parallel", "recurrent"), mixer="retnet", kernel_gate="scalar"),
     Mechanism("Lightning attention 1/2 (intra/inter-block tiling)", "Qin et al. 2024, arXiv:2401.04658",

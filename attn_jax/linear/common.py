@@ -24,7 +24,8 @@ from jax import lax
 from attn_jax.core.validation import check_float_array, check_qkv, shape_str
 
 __all__ = ["RecurrentProblem", "RecurrentCall", "compute_dtype", "init_state", "finish", "fixed_decay_log_gates",
-           "validate", "SegmentLayout", "segment_layout", "expand_kv_heads", "default_scale"]
+           "validate", "SegmentLayout", "segment_layout", "expand_kv_heads", "default_scale", "segmented_cumsum",
+           "segmented_cumlogsumexp"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +157,27 @@ def segment_layout(segment_ids, B: int, T: int) -> SegmentLayout:
     reset = valid & (before >= 0) & (prev_seg != seg)
     doc = jnp.cumsum(reset.astype(jnp.int32), axis=1)
     return SegmentLayout(valid, reset, doc)
+
+
+def _segmented_scan(op, x, reset):
+    """Inclusive scan of ``op`` along axis 1 of ``x`` (``[B, T, ...]``) restarting where ``reset``."""
+    f = reset.reshape(reset.shape + (1,) * (x.ndim - 2))
+
+    def combine(a, b):
+        fa, xa = a
+        fb, xb = b
+        return fa | fb, jnp.where(fb, xb, op(xa, xb))
+
+    return lax.associative_scan(combine, (jnp.broadcast_to(f, x.shape), x), axis=1)[1]
+
+
+def segmented_cumsum(x, lay: SegmentLayout):
+    """Per-document inclusive cumulative sum along axis 1 of ``x: [B, T, ...]`` (restarts at
+    ``lay.reset``).  Padding is transparent only if the caller zeroes it."""
+    return _segmented_scan(jnp.add, x, lay.reset)
+
+
+def segmented_cumlogsumexp(x, lay: SegmentLayout):
+    """Per-document inclusive running log-sum-exp along axis 1 of ``x: [B, T, ...]`` (restarts at
+    ``lay.reset``).  Padding is transparent only if the caller sets it to ``-inf``."""
+    return _segmented_scan(jnp.logaddexp, x, lay.reset)

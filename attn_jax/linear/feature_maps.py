@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attn_jax.core.validation import check_float_array, shape_str
+from attn_jax.linear.common import segment_layout
 
 __all__ = ["identity", "elu_plus_one", "relu", "taylor_exp", "taylor_exp_dim", "hedgehog",
            "hedgehog_distillation_loss", "performer_features", "orthogonal_random_projection", "dpfp",
@@ -134,13 +135,15 @@ def hedgehog(x: Float[Array, "... H D"], W, b=None) -> Float[Array, "... H F2"]:
 
 def hedgehog_distillation_loss(q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], W_q, W_k, b_q=None,
                                b_k=None, *, causal: bool = True, scale: float | None = None,
-                               stop_target_gradient: bool = True) -> Float[Array, ""]:
+                               stop_target_gradient: bool = True, segment_ids=None) -> Float[Array, ""]:
     """Hedgehog's attention-distillation loss (arXiv:2402.04347).
 
     ``L = mean_{b,h,i} −Σ_j A_ij log Â_ij`` with the softmax weights
     ``A_ij = softmax_j(scale q_i·k_j)`` (the teacher; ``scale`` default ``D^{-1/2}``) and the
     linear-attention weights ``Â_ij = φ_q(q_i)·φ_k(k_j) / Σ_l φ_q(q_i)·φ_k(k_l)``, both over the
-    keys visible to ``i`` (``j <= i`` when ``causal``).  ``φ_q = hedgehog(·, W_q, b_q)``,
+    keys visible to ``i`` (``j <= i`` when ``causal``; with ``segment_ids [B, T]`` only keys of
+    ``i``'s document, padding id 0 excluded, and the mean runs over valid queries).
+    ``φ_q = hedgehog(·, W_q, b_q)``,
     ``φ_k = hedgehog(·, W_k, b_k)``.  Quadratic in ``T`` (it trains the maps on short
     sequences, as in the paper).  ``stop_target_gradient``: the teacher weights are constants
     (only the feature maps learn), as in the paper's conversion setting.
@@ -156,15 +159,22 @@ def hedgehog_distillation_loss(q: Float[Array, "B T H D"], k: Float[Array, "B T 
     scale = D ** -0.5 if scale is None else float(scale)
     dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     logits = jnp.einsum("bihd,bjhd->bhij", q.astype(dt), k.astype(dt)) * scale
-    mask = jnp.tril(jnp.ones((T, T), bool)) if causal else jnp.ones((T, T), bool)
-    target = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    lay = segment_layout(segment_ids, B, T)
+    mask = (lay.doc[:, :, None] == lay.doc[:, None, :]) & lay.valid[:, None, :] & lay.valid[:, :, None]
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((T, T), bool))
+    mask = mask[:, None]                                                          # [B, 1, i, j]
+    target = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1), 0.0)  # finite on padding rows
     if stop_target_gradient:
         target = jax.lax.stop_gradient(target)
     fq = hedgehog(q, W_q, b_q)
     fk = hedgehog(k, W_k, b_k)
     kern = jnp.where(mask, jnp.einsum("bihf,bjhf->bhij", fq, fk), 0.0)
-    log_pred = jnp.log(jnp.where(mask, kern, 1.0)) - jnp.log(kern.sum(-1, keepdims=True))
-    return -jnp.mean(jnp.sum(jnp.where(mask, target * log_pred, 0.0), axis=-1))
+    den = kern.sum(-1, keepdims=True)
+    log_pred = jnp.log(jnp.where(mask, kern, 1.0)) - jnp.log(jnp.where(den > 0, den, 1.0))
+    ce = -jnp.sum(jnp.where(mask, target * log_pred, 0.0), axis=-1)               # [B, H, T]
+    n_valid = jnp.maximum(jnp.sum(lay.valid), 1) * H
+    return jnp.sum(jnp.where(lay.valid[:, None, :], ce, 0.0)) / n_valid
 
 
 def orthogonal_random_projection(key, m: int, d: int, *, dtype=jnp.float32) -> Float[Array, "m d"]:

@@ -299,7 +299,8 @@ def _pallas(call: GatedCall, q, k, v, g, h0, segment_ids, *, platform: str):
     k, v = expand_kv_heads(k, p.H), expand_kv_heads(v, p.H)
     if g is None:
         g = jnp.zeros((p.B, p.T, p.H), jnp.float32)
-    o, s = chunked_gla(q, k, v, g.astype(jnp.float32), scale=call.scale, initial_state=h0, platform=platform)
+    o, s = chunked_gla(q, k, v, g.astype(jnp.float32), scale=call.scale, initial_state=h0, platform=platform,
+                       segment_ids=segment_ids)  # the kernel resets at document starts, skips padding
     return o.astype(p.dtype), (s if call.return_final_state else None)
 
 
@@ -310,8 +311,6 @@ def _pallas_unsupported(platform: str, call: GatedCall) -> list[str]:
     reasons = []
     if not p.causal:
         reasons.append("non-causal linear attention has no kernel (it is two matmuls; 'chunk' serves it)")
-    if p.segments:
-        reasons.append("packed segments (segment_ids) are not handled by the kernel")
     from pallas_kernels.chunked_gla import unsupported_reasons
     sds = jax.ShapeDtypeStruct
     gate_shape = (p.B, p.T, p.H) + ((p.Dk,) if p.gate == "vector" else ())

@@ -126,7 +126,7 @@ class MultiHeadAttention(nnx.Module):
 
     SUPPORTED_FEATURES = frozenset({
         "mha", "gqa", "dk_ne_dv", "cross", "causal", "sliding_window", "segments", "key_padding", "alibi",
-        "t5", "softcap", "sinks", "dropout", "bf16", "rope",
+        "t5", "softcap", "sinks", "dropout", "bf16", "rope", "bidirectional",
     })
 
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,

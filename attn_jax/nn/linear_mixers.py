@@ -55,13 +55,106 @@ conv, q/k/v get SiLU unless the mechanism says otherwise).  The registered mecha
   arXiv:2412.06464: as ``"deltanet"`` plus Mamba-2's decay ``log α = -exp(A_log) softplus(x W_a
   + dt_bias)`` and :func:`~attn_jax.linear.delta_rule.gated_delta_rule`.
 
-Positions are unused: these mechanisms are position-aware through their decays and the
-causal short convolution (a ``positions`` argument is accepted and ignored).
+* ``"performer"`` — Choromanski et al., "Rethinking Attention with Performers", 2020,
+  arXiv:2009.14794 (FAVOR+, positive orthogonal random features):
+  ``φ(x) = exp(W x − |x|²/2) / √m`` on ``x = q Dk^{-1/4}`` and ``x = k Dk^{-1/4}``
+  (:func:`~attn_jax.linear.feature_maps.performer_features`), so that
+  ``E[φ(q)·φ(k)] = exp(q·k/√Dk)``, normalised as ``"linear"`` (numerator and normaliser of
+  softmax attention both estimated).  ``W: [m, Dk]`` comes from
+  :func:`~attn_jax.linear.feature_maps.orthogonal_random_projection` (orthogonal blocks, χ
+  row norms), **one projection shared by every head of the layer** (as the authors' FAVOR+
+  code), drawn at construction from ``rngs.params()`` and stored as a non-trainable
+  :class:`RandomFeatures` variable (not an ``nnx.Param``: optimisers over ``nnx.Param`` skip
+  it, and it receives no gradient); ``mixer.redraw(key)`` draws a new one (the paper's
+  periodic redrawing during training; redraw between sequences, never inside a cached
+  decode).  ``m = num_features`` (default ``2 Dk``; the estimator's variance falls as ``1/m``
+  and the state is ``[B, H, m, Dv + 1]``).  Query features are shifted by their per-token max
+  (a per-query factor that cancels in the ratio, up to ``eps``); key features are not shifted
+  (a shift over keys would have to look at future keys).
+* ``"dpfp"`` — Schlag, Irie & Schmidhuber, "Linear Transformers Are Secretly Fast Weight
+  Programmers", 2021, arXiv:2102.11174 (DPFP-ν): with ``r = [relu(x), relu(−x)]``,
+  ``φ_ν(x)_{i + 2Dk(j−1)} = r_i r_{i+j}`` (cyclic, ``j = 1..ν``; ``D' = 2 Dk ν``, ``nu``
+  default 1) on q and k (:func:`~attn_jax.linear.feature_maps.dpfp`), normalised as
+  ``"linear"`` (the paper's feature-map comparison in linear attention; its delta-rule
+  update is the ``"deltanet"`` mixer).
+* ``"hedgehog"`` — Zhang, Bhatia, Kumbong & Ré, "The Hedgehog & the Porcupine: Expressive
+  Linear Attentions with Softmax Mimicry", 2024, arXiv:2402.04347: learned per-head maps
+  ``φ(x) = [softmax(x W + b), softmax(−(x W + b))]``
+  (:func:`~attn_jax.linear.feature_maps.hedgehog`; ``D' = 2F``, ``F = feature_dim``, default
+  ``Dk``), separate trainable ``hh_wq``/``hh_wk: [H, Dk, F]`` and ``hh_bq``/``hh_bk: [H, F]``
+  initialised to the identity and zero (as the paper's reference code initialises the map);
+  keys are mapped per query head (GQA: k expanded first).  Normalised as ``"linear"``.
+  ``mixer.distillation_loss(x)`` is the paper's attention-distillation objective for this
+  layer (cross-entropy of the Hedgehog weights against ``softmax(q·k/√Dk)`` over the visible
+  keys, teacher gradient stopped): train only the ``hh_*`` parameters with it to convert a
+  softmax layer.
+* ``"cosformer"`` — Qin et al., "cosFormer: Rethinking Softmax in Attention", 2022,
+  arXiv:2202.08791: ReLU features re-weighted by position,
+  ``φ(x_t) = [relu(x_t) cos(πt/2M), relu(x_t) sin(πt/2M)]`` on q and k, so
+  ``φ(q_i)·φ(k_j) = relu(q_i)·relu(k_j) cos(π(i − j)/2M)``; normalised as ``"linear"``
+  (``D' = 2 Dk``).  ``t`` is the token's ``positions`` entry (default ``arange(T)``, continuing
+  from ``cache.lengths`` when decoding; packed documents should pass restarting positions,
+  although only differences within a document matter).  ``M = max_len`` (default 2048) is a
+  fixed constant (the paper takes the sequence length, which a decoder does not know in
+  advance).  Positions are clipped to ``[0, M − 1]`` (a traced value cannot raise): all
+  angles then lie in ``[0, π/2)`` so every weight stays ``> 0``; beyond ``M − 1`` the
+  re-weighting saturates (tokens past ``M − 1`` get no further locality bias among
+  themselves).  Keep ``max_len`` above the longest sequence.
+* ``"lln"`` — Nahshan, Kampeas & Haleva, "Linear Log-Normal Attention with Unbiased
+  Concentration", 2023, arXiv:2311.13541: ``φ_q(q) = exp(α q̂)``, ``φ_k(k) = exp(β k̂)``,
+  normalised as ``"linear"``.  The op (:mod:`attn_jax.linear.log_normal`) moment-matches α, β
+  to batch statistics of q and k, which sees future tokens; this layer instead RMS-normalises
+  q and k per head (``q̂ = q / rms(q)``, parameter-free, so entries have unit second moment)
+  and uses the fixed ``(α, β) = lln_moment_matching(1, 1) ≈ (2.136, 2.136)`` — the moment
+  matching of :func:`~attn_jax.linear.log_normal.lln_moment_matching` for unit-variance
+  entries — which keeps the layer causal and its decode consistent.  ``φ_q`` is shifted by its per-token max (cancels in the ratio); keys are not
+  shifted (``|β k̂| ≤ β √Dk`` is bounded).  The paper's block-diagonal "LLN+Diag" term is not
+  included.
+* ``"flow"`` — Wu, Wu, Xu, Wang & Long, "Flowformer: Linearizing Transformers with Conservation
+  Flows", 2022, arXiv:2202.06258: Flow-Attention on the projected q, k, v
+  (:func:`~attn_jax.linear.flowformer.flow_attention`: sigmoid features, incoming/outgoing
+  flows, competition over sources and allocation over sinks; the causal form rescales the
+  flows by the prefix length).  Its decode state is a
+  :class:`~attn_jax.linear.flowformer.FlowState` (flow prefix sums, running log-sum-exp of the
+  competition logits and the ``[D, Dv]`` value state), advanced by
+  :func:`~attn_jax.linear.flowformer.flow_attention_step`; no output norm or gate.
+
+Positions are unused except by ``"cosformer"``: the other mechanisms are position-aware
+through their decays and the causal short convolution (or not at all: ``"linear"`` and the
+other pure feature maps are permutation-equivariant over the visible keys); a ``positions``
+argument is accepted and ignored.
+
+Non-causal (encoder) form: ``causal=False`` (what :class:`attn_jax.models.Encoder` and
+``TransformerBlock(causal=False)`` pass to a factory) sums over the whole document of each
+token instead of its prefix (the ops' ``causal=False``).  It exists for rule ``"normalized"``
+without decays (``"linear"``, ``"based"``, ``"performer"``, ``"dpfp"``, ``"hedgehog"``,
+``"cosformer"``, ``"lln"``; with a short convolution the convolution stays causal), for
+``"flow"`` (the paper's non-causal Flow-Attention) and for the
+two encoder-only mechanisms below; the decayed and delta-rule mechanisms raise ``ValueError``
+at construction (a decay needs an order).  A non-causal mixer has no cache (``init_cache``
+and ``cache=`` raise).  Encoder-only mechanisms (non-causal only — constructing them with the
+default ``causal=True``, as a decoder does, raises ``ValueError`` naming the mechanism):
+
+* ``"efficient"`` — Shen, Zhang, Zhao, Yi & Li, "Efficient Attention: Attention with Linear
+  Complexities", 2021, arXiv:1812.01243: ``o = ρ_q(q) (ρ_k(k)ᵀ v)`` with ``ρ_q`` a softmax over
+  each query's features and ``ρ_k`` a softmax over the positions of each key channel (within
+  each document; :func:`~attn_jax.linear.efficient_attention.efficient_attention`), no
+  temperature; no output norm or gate.
+* ``"agent"`` — Han et al., "Agent Attention: On the Integration of Softmax and Linear
+  Attention", 2024, arXiv:2312.08874: ``n = num_agents`` (default 16) agent tokens ``A``
+  pooled from q (adaptive average pooling over each row's valid tokens),
+  ``V_A = softmax(A kᵀ/√Dk) v``, ``o = softmax(q Aᵀ/√Dk) V_A``
+  (:func:`~attn_jax.linear.agent.agent_attention`).  Not included: the paper's agent bias and
+  depthwise-convolution term ``DWC(v)``.  Packed rows: each document pools its own agents
+  and its queries read only them (``max_segments``, default 8, bounds the documents per row:
+  ``num_agents × max_segments`` agent slots; a row with more documents outputs NaN, loudly
+  rather than silently wrong).
 
 Decoding: the cache is a :class:`LinearAttentionCache` (bounded: ``max_len`` is ignored).  A
 ``T == 1`` step uses the recurrent step (:func:`~attn_jax.linear.gated.recurrent_step` /
 :func:`~attn_jax.linear.delta_rule.delta_rule_step`; ``linear_attention(impl="recurrent")``,
-i.e. ``recurrent_step`` on ``[v, 1]``, for ``"linear"``); a ``T > 1`` prefill runs the chunk form
+i.e. ``recurrent_step`` on ``[v, 1]``, for the normalised mechanisms, whose state is
+``[B, H, D', Dv + 1]`` with ``D'`` the feature dimension); a ``T > 1`` prefill runs the chunk form
 from ``initial_state = cache.state`` with ``return_final_state=True``; ``segment_ids`` marks the
 valid tokens of each row (padding is transparent in the ops and the short conv, outputs zero,
 and ``lengths`` advance by each row's valid count).
@@ -81,19 +174,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attn_jax.linear.agent import agent_attention
 from attn_jax.linear.common import expand_kv_heads
 from attn_jax.linear.delta_rule import delta_rule, delta_rule_step, gated_delta_rule
-from attn_jax.linear.feature_maps import resolve_feature_map
+from attn_jax.linear.efficient_attention import efficient_attention
+from attn_jax.linear.flowformer import flow_attention, flow_attention_step, init_flow_state
+from attn_jax.linear.feature_maps import (dpfp, hedgehog, hedgehog_distillation_loss, orthogonal_random_projection,
+                                          performer_features, resolve_feature_map)
 from attn_jax.linear.gated import gated_linear_attention, recurrent_step
 from attn_jax.linear.gla import gla_log_gates
 from attn_jax.linear.lightning import lightning_decays
 from attn_jax.linear.linear_attention import linear_attention
+from attn_jax.linear.log_normal import lln_moment_matching
 from attn_jax.linear.retention import retnet_decays
 from attn_jax.linear.ssd import ssd_log_decay
 from attn_jax.nn.layers import check_positive_int, param
 from attn_jax.nn.short_conv import ShortConv, causal_conv1d
 
-__all__ = ["Mechanism", "MECHANISMS", "LinearAttentionMixer", "LinearAttentionCache", "make_factory"]
+__all__ = ["Mechanism", "MECHANISMS", "LinearAttentionMixer", "LinearAttentionCache", "RandomFeatures",
+           "make_factory", "supports_causal", "supports_noncausal"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +201,13 @@ class Mechanism:
 
     name: str
     rule: str = "additive"          # "additive" (gated engine) | "normalized" (linear_attention) | "delta"
+    #                                 | "flow" (Flowformer) | "efficient" | "agent" (encoder-only ops)
     decay: str | None = None        # None | "retnet" | "lightning" | "gla" | "mamba" (data-dependent scalar)
     qk_act: str | None = None       # after the conv: "identity" | "silu"; None = "silu" with a conv, else identity
     v_act: str | None = None        # as qk_act, for v
     feature_map: str = "identity"   # the op's feature map φ (rule "normalized": linear_attention's, e.g. "elu")
+    features: str | None = None     # a feature map the layer computes itself (parameters / positions):
+    #                                 "performer" | "dpfp" | "hedgehog" | "cosformer" | "lln"
     qk_l2: bool = False             # L2-normalise q and k (DeltaNet)
     beta: bool = False              # per-head write strength sigmoid(x W_β) (DeltaNet)
     scale: str = "rsqrt"            # "rsqrt" = Dk^-1/2 | "one"
@@ -119,32 +221,70 @@ class Mechanism:
     key_dim: int | None = None      # a fixed Dk (BASED's feature dim d' = 16) unless head_dim is given
 
 
+def _normalized(name, **kw):
+    return Mechanism(name, rule="normalized", qk_act="identity", v_act="identity", scale="one", **kw)
+
+
 MECHANISMS = {
-    "linear": Mechanism("linear", rule="normalized", qk_act="identity", v_act="identity", feature_map="elu",
-                        scale="one"),
+    "linear": _normalized("linear", feature_map="elu"),
     "retnet": Mechanism("retnet", decay="retnet", out_norm="group", out_gate="swish"),
     "lightning": Mechanism("lightning", decay="lightning", qk_act="silu", scale="one", out_norm="srms_all",
                            out_gate="linear"),
     "gla": Mechanism("gla", decay="gla", expand_k=0.5, out_norm="rms_head", out_gate="swish"),
     "ssd": Mechanism("ssd", decay="mamba", qk_act="silu", v_act="silu", scale="one", short_conv=True,
                      out_norm="rms_all", out_gate="swish", gate_before_norm=True, value_dt=True),
-    "based": Mechanism("based", rule="normalized", qk_act="identity", v_act="identity", feature_map="taylor",
-                       scale="one", key_dim=16),
+    "based": _normalized("based", feature_map="taylor", key_dim=16),
     "deltanet": Mechanism("deltanet", rule="delta", qk_act="silu", v_act="silu", qk_l2=True, beta=True,
                           short_conv=True, out_norm="rms_head", out_gate="swish"),
     "gated_deltanet": Mechanism("gated_deltanet", rule="delta", decay="mamba", qk_act="silu", v_act="silu",
                                 qk_l2=True, beta=True, short_conv=True, out_norm="rms_head", out_gate="swish"),
+    "performer": _normalized("performer", features="performer"),
+    "dpfp": _normalized("dpfp", features="dpfp"),
+    "hedgehog": _normalized("hedgehog", features="hedgehog"),
+    "cosformer": _normalized("cosformer", features="cosformer"),
+    "lln": _normalized("lln", features="lln"),
+    # encoder-only (non-causal) mechanisms
+    "efficient": Mechanism("efficient", rule="efficient", qk_act="identity", v_act="identity", scale="one"),
+    "flow": Mechanism("flow", rule="flow", qk_act="identity", v_act="identity", scale="one"),
+    "agent": Mechanism("agent", rule="agent", qk_act="identity", v_act="identity"),
 }
 
 GLA_GATE_RANK = 16
 GLA_TEMPERATURE = 16.0
+ENCODER_ONLY_RULES = ("efficient", "agent")
+COSFORMER_MAX_LEN = 2048
+AGENT_NUM_AGENTS = 16
+
+# mechanism-specific constructor options: option -> (what claims it, default)
+AGENT_MAX_SEGMENTS = 8
+_OPTIONS = {"num_features": "performer", "nu": "dpfp", "feature_dim": "hedgehog", "max_len": "cosformer",
+            "num_agents": "agent", "max_segments": "agent"}
+
+
+def supports_causal(spec: Mechanism) -> bool:
+    """Whether ``spec`` has a causal (decoder) form: everything but the encoder-only ops."""
+    return spec.rule not in ENCODER_ONLY_RULES
+
+
+def supports_noncausal(spec: Mechanism) -> bool:
+    """Whether ``spec`` has a non-causal (encoder) form: the normalised rule without decays and
+    the encoder-only ops (a decay or a delta-rule write needs an order)."""
+    return spec.rule in ("normalized", "flow") + ENCODER_ONLY_RULES and spec.decay is None
+
+
+class RandomFeatures(nnx.Variable):
+    """A non-trainable buffer (Performer's random projection ``W: [m, Dk]``): not an
+    ``nnx.Param``, so optimisers built over ``nnx.Param`` leave it alone (it is redrawn by
+    :meth:`LinearAttentionMixer.redraw`, never trained)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearAttentionCache:
-    """Decode cache: ``state`` float32 ``[B, H, Dk, Dv]`` (``Dv + 1`` for ``"linear"``: the
-    normaliser column), ``conv_state`` a ``(q, k, v)`` tuple of ``[B, w-1, heads, dim]`` (or None
-    without short convs), ``lengths`` int32 ``[B]`` tokens seen per row."""
+    """Decode cache: ``state`` float32 ``[B, H, Dk, Dv]`` (``[B, H, D', Dv + 1]`` for the
+    normalised mechanisms: feature dimension ``D'``, normaliser column last), ``conv_state`` a
+    ``(q, k, v)`` tuple of ``[B, w-1, heads, dim]`` (or None without short convs), ``lengths``
+    int32 ``[B]`` tokens seen per row.  ``"flow"`` keeps a
+    :class:`~attn_jax.linear.flowformer.FlowState` pytree as its ``state``."""
 
     state: jax.Array
     conv_state: tuple | None
@@ -186,14 +326,19 @@ def _init_value(kind, shape, arg, z, u):
         return (dt + jnp.log(-jnp.expm1(-dt))).reshape(shape)
     if kind == "a_log":           # Mamba-2: A ~ U(1, 16), stored as log A
         return jnp.log(1.0 + 15.0 * u).reshape(shape)
+    if kind == "eye":             # identity on the last two axes (Hedgehog's map)
+        return jnp.broadcast_to(jnp.eye(shape[-2], shape[-1]), shape)
     return jnp.full(shape, 0.0 if kind == "zeros" else 1.0)
+
+
+_DRAWS_NORMAL, _DRAWS_UNIFORM = ("fan_in",), ("uniform", "dt_bias", "a_log")
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _init_values(key, table, param_dtype):
     """``table``: ``((kind, shape, arg), ...)``; returns the initial values, in order."""
     sizes = [math.prod(shape) for _, shape, _ in table]
-    normal = [kind == "fan_in" for kind, _, _ in table]
+    normal = [kind in _DRAWS_NORMAL for kind, _, _ in table]
     kz, ku = jax.random.split(key)
     z = jax.random.truncated_normal(kz, -2.0, 2.0, (max(1, sum(n for n, f in zip(sizes, normal) if f)),))
     u = jax.random.uniform(ku, (max(1, sum(n for n, f in zip(sizes, normal) if not f)),))
@@ -203,6 +348,15 @@ def _init_values(key, table, param_dtype):
         oz, ou = (oz + n, ou) if is_normal else (oz, ou + n)
         out.append(_init_value(kind, shape, arg, zi, ui).astype(param_dtype))
     return out
+
+
+def _option(name, value, spec, default):
+    owner = _OPTIONS[name]
+    if value is None:
+        return default
+    if owner not in (spec.features, spec.rule):
+        raise ValueError(f"{name}: only used by the {owner!r} mechanism, not by {spec.name!r}")
+    return check_positive_int(name, value)
 
 
 class LinearAttentionMixer(nnx.Module):
@@ -216,6 +370,15 @@ class LinearAttentionMixer(nnx.Module):
         ``d_model * expand_v / H``).
       short_conv: q/k/v short convolutions (default per mechanism); conv_size: their width.
       output_gate: False drops the output gate (default: the mechanism's).
+      causal: True (decoder, default) or False (encoder: sums over the whole document; only
+        for mechanisms with a non-causal form; no cache).  Encoder-only mechanisms
+        (``"efficient"``, ``"agent"``) require ``causal=False``.
+      num_features: ``"performer"``'s number of random features ``m`` (default ``2 Dk``).
+      nu: ``"dpfp"``'s ν (default 1).  feature_dim: ``"hedgehog"``'s ``F`` (default ``Dk``).
+      max_len: ``"cosformer"``'s ``M`` (default 2048; positions are clipped to ``M − 1``).
+      num_agents: ``"agent"``'s number of pooled agents per document (default 16).
+      max_segments: ``"agent"``'s bound on documents per packed row (default 8; a row with more
+        outputs NaN).
       dtype / param_dtype: compute / storage dtypes.  impl, chunk_size: for the ops.
 
     Parameters carry logical axes: ``w_q [d, H, Dk]`` ("embed", "heads", "head_dim"),
@@ -225,8 +388,11 @@ class LinearAttentionMixer(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, *, mechanism="gla", num_kv_heads: int | None = None,
                  head_dim: int | None = None, value_head_dim: int | None = None, short_conv: bool | None = None,
-                 conv_size: int = 4, output_gate: bool | None = None, eps: float = 1e-5, dtype=jnp.float32,
-                 param_dtype=jnp.float32, impl="auto", chunk_size: int = 64, rngs: nnx.Rngs):
+                 conv_size: int = 4, output_gate: bool | None = None, causal: bool = True,
+                 num_features: int | None = None, nu: int | None = None, feature_dim: int | None = None,
+                 max_len: int | None = None, num_agents: int | None = None,
+                 max_segments: int | None = None, eps: float = 1e-5,
+                 dtype=jnp.float32, param_dtype=jnp.float32, impl="auto", chunk_size: int = 64, rngs: nnx.Rngs):
         check_positive_int("d_model", d_model)
         check_positive_int("num_heads", num_heads)
         if isinstance(mechanism, str):
@@ -236,6 +402,16 @@ class LinearAttentionMixer(nnx.Module):
         if not isinstance(mechanism, Mechanism):
             raise TypeError(f"mechanism: expected a name or a Mechanism, got {type(mechanism).__name__}")
         spec = mechanism
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        if causal and not supports_causal(spec):
+            raise ValueError(f"causal: the {spec.name!r} mixer is non-causal only (an encoder mixer: its "
+                             f"normalisation or agents summarise the whole sequence); build it with causal=False, "
+                             f"as attn_jax.models.Encoder does — it cannot be a decoder (causal) mixer")
+        if not causal and not supports_noncausal(spec):
+            raise ValueError(f"causal: the {spec.name!r} mixer has no non-causal form (its "
+                             f"{'decay' if spec.decay else spec.rule + ' rule'} needs a token order); causal=False is "
+                             f"available for {sorted(n for n, m in MECHANISMS.items() if supports_noncausal(m))}")
         if output_gate is not None and not output_gate:
             spec = dataclasses.replace(spec, out_gate=None)
         num_kv_heads = num_heads if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
@@ -255,14 +431,28 @@ class LinearAttentionMixer(nnx.Module):
         if head_dim is None and spec.key_dim is not None:
             head_dim = spec.key_dim
         Dk, Dv = _dim("head_dim", head_dim, spec.expand_k), _dim("value_head_dim", value_head_dim, spec.expand_v)
+        num_features = _option("num_features", num_features, spec, 2 * Dk)
+        nu = _option("nu", nu, spec, 1)
+        feature_dim = _option("feature_dim", feature_dim, spec, Dk)
+        max_len = _option("max_len", max_len, spec, COSFORMER_MAX_LEN)
+        num_agents = _option("num_agents", num_agents, spec, AGENT_NUM_AGENTS)
+        max_segments = _option("max_segments", max_segments, spec, AGENT_MAX_SEGMENTS)
+        if spec.features == "dpfp" and nu > 2 * Dk - 1:
+            raise ValueError(f"nu: at most 2 * head_dim - 1 = {2 * Dk - 1}, got {nu}")
         self.spec, self.d_model, self.num_heads, self.num_kv_heads = spec, d, H, K
-        self.head_dim, self.value_head_dim = Dk, Dv
+        self.head_dim, self.value_head_dim, self.causal = Dk, Dv, causal
         self.use_conv = spec.short_conv if short_conv is None else bool(short_conv)
         check_positive_int("conv_size", conv_size)
         self.eps, self.dtype, self.impl, self.chunk_size = float(eps), dtype, impl, int(chunk_size)
         self.scale = Dk ** -0.5 if spec.scale == "rsqrt" else 1.0
+        lln_ab = (0.0, 0.0)
+        if spec.features == "lln":
+            with jax.ensure_compile_time_eval():  # concrete even when the layer is built under a trace
+                lln_ab = tuple(float(a) for a in lln_moment_matching(1.0, 1.0))
+        self.feature_dim = self._feature_dim(spec, Dk, num_features, nu, feature_dim)
         self._cfg = _Config(spec, H, K, Dk, Dv, self.use_conv, self.eps, self.scale, dtype,
-                            tuple(impl) if isinstance(impl, list) else impl, self.chunk_size)
+                            tuple(impl) if isinstance(impl, list) else impl, self.chunk_size, causal, nu, max_len,
+                            lln_ab, num_agents, max_segments)
 
         # (name, shape, logical axes, init kind, init arg); "fan_in" = LeCun truncated normal
         table = [("w_q", (d, H, Dk), ("embed", "heads", "head_dim"), "fan_in", d),
@@ -282,6 +472,12 @@ class LinearAttentionMixer(nnx.Module):
             table += [("w_dt", (d, H), ("embed", "heads"), "fan_in", d),
                       ("dt_bias", (H,), ("heads",), "dt_bias", None),
                       ("A_log", (H,), ("heads",), "a_log", None)]
+        if spec.features == "hedgehog":  # the paper's identity initialisation of the learned maps
+            F = feature_dim
+            table += [("hh_wq", (H, Dk, F), ("heads", "head_dim", None), "eye", None),
+                      ("hh_bq", (H, F), ("heads", None), "zeros", None),
+                      ("hh_wk", (H, Dk, F), ("heads", "head_dim", None), "eye", None),
+                      ("hh_bk", (H, F), ("heads", None), "zeros", None)]
         if spec.value_dt:
             table.append(("D", (H,), ("heads",), "ones", None))
         if spec.beta:
@@ -304,29 +500,59 @@ class LinearAttentionMixer(nnx.Module):
                                               param_dtype=param_dtype, kernel_init=const, rngs=rngs))
             else:
                 setattr(self, name, param(None, const, shape, axes, param_dtype))
+        if spec.features == "performer":  # float32 buffer, shared by the heads, not a Param
+            self.projection = RandomFeatures(orthogonal_random_projection(rngs.params(), num_features, Dk),
+                                             out_sharding=(None, "head_dim"), eager_sharding=False)
+
+    @staticmethod
+    def _feature_dim(spec, Dk, num_features, nu, feature_dim) -> int | None:
+        """``D'``, the state's key dimension for the normalised rule (None otherwise)."""
+        if spec.rule != "normalized":
+            return None
+        f = spec.features
+        if f is None:
+            return jax.eval_shape(resolve_feature_map(spec.feature_map),
+                                  jax.ShapeDtypeStruct((1, Dk), jnp.float32)).shape[-1]
+        return {"performer": num_features, "dpfp": 2 * Dk * nu, "hedgehog": 2 * feature_dim,
+                "cosformer": 2 * Dk, "lln": Dk}[f]
+
+    def _params(self) -> dict:
+        params = {name: getattr(self, name)[...] for name in self._names}
+        if self.use_conv:
+            params.update(conv_q=self.conv_q.kernel[...], conv_k=self.conv_k.kernel[...],
+                          conv_v=self.conv_v.kernel[...])
+        if self.spec.features == "performer":
+            params["projection"] = self.projection[...]
+        return params
+
+    def redraw(self, key) -> None:
+        """Draw a new random projection (``"performer"`` only; the paper's feature redrawing)."""
+        if self.spec.features != "performer":
+            raise ValueError(f"redraw: only the 'performer' mechanism has random features, not {self.spec.name!r}")
+        m, Dk = self.projection[...].shape
+        self.projection[...] = orthogonal_random_projection(key, m, Dk)
 
     # ------------------------------------------------------------------ cache
     def init_cache(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> LinearAttentionCache:
         """Empty cache (``max_len`` is ignored: the state is bounded); ``dtype`` is the conv state's."""
-        H, K, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.value_head_dim
-        dv_state = Dv + 1 if self.spec.rule == "normalized" else Dv
+        if not self.causal:
+            raise ValueError(f"init_cache: this {self.spec.name!r} mixer was built with causal=False (an encoder "
+                             f"mixer): it has no decode cache")
+        H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
         if self.spec.rule == "normalized":  # the state lives in feature space: [B, H, D', Dv + 1]
-            Dk = jax.eval_shape(resolve_feature_map(self.spec.feature_map), jax.ShapeDtypeStruct((1, Dk), jnp.float32)).shape[-1]
+            Dk, Dv = self.feature_dim, Dv + 1
         conv = None
         if self.use_conv:
             conv = (self.conv_q.init_state(batch, dtype), self.conv_k.init_state(batch, dtype),
                     self.conv_v.init_state(batch, dtype))
-        return LinearAttentionCache(jnp.zeros((batch, H, Dk, dv_state), jnp.float32), conv,
-                                    jnp.zeros((batch,), jnp.int32))
+        state = (init_flow_state(batch, H, Dk, Dv) if self.spec.rule == "flow"
+                 else jnp.zeros((batch, H, Dk, Dv), jnp.float32))
+        return LinearAttentionCache(state, conv, jnp.zeros((batch,), jnp.int32))
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x, *, positions=None, segment_ids=None, cache=None, deterministic: bool = True):
-        """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.mixer`.  ``positions`` is ignored."""
-        del positions, deterministic  # position-aware through decays / convs; no dropout
+    def _check_x(self, x, segment_ids):
         if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected [B, T, d_model={self.d_model}], got shape {getattr(x, 'shape', None)}")
-        if cache is not None and not isinstance(cache, LinearAttentionCache):
-            raise TypeError(f"cache: expected a LinearAttentionCache from init_cache, got {type(cache).__name__}")
         B, T, _ = x.shape
         if segment_ids is not None:
             segment_ids = jnp.asarray(segment_ids)
@@ -334,16 +560,55 @@ class LinearAttentionMixer(nnx.Module):
                 raise ValueError(f"segment_ids: expected an integer array [B, T] = ({B}, {T}), got "
                                  f"{segment_ids.dtype} {segment_ids.shape}")
             segment_ids = segment_ids.astype(jnp.int32)
-        params = {name: getattr(self, name)[...] for name in self._names}
-        if self.use_conv:
-            params.update(conv_q=self.conv_q.kernel[...], conv_k=self.conv_k.kernel[...],
-                          conv_v=self.conv_v.kernel[...])
+        return B, T, segment_ids
+
+    def _positions(self, positions, B, T, cache):
+        if positions is None:
+            base = jnp.zeros((B, 1), jnp.int32) if cache is None else cache.lengths[:, None]
+            return base + jnp.arange(T, dtype=jnp.int32)[None]
+        positions = jnp.asarray(positions)
+        if not jnp.issubdtype(positions.dtype, jnp.integer) or positions.shape not in ((T,), (B, T)):
+            raise ValueError(f"positions: expected an integer array [T] or [B, T] = ({B}, {T}), got "
+                             f"{positions.dtype} {positions.shape}")
+        return jnp.broadcast_to(positions.astype(jnp.int32), (B, T))
+
+    def __call__(self, x, *, positions=None, segment_ids=None, cache=None, deterministic: bool = True):
+        """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.mixer`.  ``positions`` is used by
+        ``"cosformer"`` only."""
+        del deterministic  # no dropout
+        if cache is not None and not self.causal:
+            raise ValueError(f"cache: this {self.spec.name!r} mixer was built with causal=False (an encoder mixer): "
+                             f"it has no decode cache")
+        if cache is not None and not isinstance(cache, LinearAttentionCache):
+            raise TypeError(f"cache: expected a LinearAttentionCache from init_cache, got {type(cache).__name__}")
+        B, T, segment_ids = self._check_x(x, segment_ids)
+        positions = self._positions(positions, B, T, cache) if self.spec.features == "cosformer" else None
+        params = self._params()
         if cache is None:
-            y, _, _ = _forward(self._cfg, params, x, segment_ids, None, None, False)
+            y, _, _ = _forward(self._cfg, params, x, segment_ids, positions, None, None, False)
             return y, None
-        y, state, conv_state = _forward(self._cfg, params, x, segment_ids, cache.state, cache.conv_state, T == 1)
+        y, state, conv_state = _forward(self._cfg, params, x, segment_ids, positions, cache.state, cache.conv_state,
+                                        T == 1)
         n_new = T if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
         return y, LinearAttentionCache(state, conv_state, cache.lengths + n_new)
+
+    def distillation_loss(self, x, *, positions=None, segment_ids=None):
+        """Hedgehog's attention-distillation loss for this layer (``"hedgehog"`` only).
+
+        ``mean_{b,h,i} −Σ_j A_ij log Â_ij`` with the teacher ``A = softmax(q·k/√Dk)`` and the
+        Hedgehog weights ``Â_ij = φ_q(q_i)·φ_k(k_j) / Σ_l φ_q(q_i)·φ_k(k_l)`` over the keys
+        visible to ``i`` (its document; ``j <= i`` when causal), mean over valid queries; q and
+        k are this layer's projections of ``x``; the teacher's gradient is stopped
+        (:func:`~attn_jax.linear.feature_maps.hedgehog_distillation_loss`).  Differentiate it
+        with respect to the ``hh_*`` parameters only to train the maps.  ``positions`` is
+        ignored.
+        """
+        del positions
+        if self.spec.features != "hedgehog":
+            raise ValueError(f"distillation_loss: only the 'hedgehog' mechanism has learned feature maps, "
+                             f"not {self.spec.name!r}")
+        _, _, segment_ids = self._check_x(x, segment_ids)
+        return _hedgehog_loss(self._cfg, self._params(), x, segment_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +626,12 @@ class _Config:
     dtype: object
     impl: object
     chunk_size: int
+    causal: bool = True
+    nu: int = 1
+    max_len: int = COSFORMER_MAX_LEN
+    lln_alpha_beta: tuple = (0.0, 0.0)
+    num_agents: int = AGENT_NUM_AGENTS
+    max_segments: int = AGENT_MAX_SEGMENTS
 
 
 def _log_gates(cfg: _Config, p, x):
@@ -404,9 +675,71 @@ def _norm_gate(cfg: _Config, p, o, x):
     return of.astype(cfg.dtype)
 
 
+# ----------------------------------------------------------------------------- layer feature maps
+def _rms_normalise(x, eps=1e-6):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
+
+
+def _cosformer_features(x, positions, max_len: int):
+    """``[relu(x) cos(πt/2M), relu(x) sin(πt/2M)]`` with ``t = clip(positions, 0, M − 1)``;
+    ``x: [B, T, heads, D]``, ``positions: int [B, T]``; float32 ``[B, T, heads, 2D]``."""
+    f = jax.nn.relu(x.astype(jnp.float32))
+    t = jnp.clip(positions, 0, max_len - 1).astype(jnp.float32)
+    ang = ((math.pi / 2) * t / max_len)[:, :, None, None]
+    return jnp.concatenate([f * jnp.cos(ang), f * jnp.sin(ang)], axis=-1)
+
+
+def _features(cfg: _Config, p, q, k, v, positions):
+    """``(φ(q), φ(k), v)`` for the mechanisms whose feature map lives in the layer (float32)."""
+    f, f32 = cfg.spec.features, jnp.float32
+    q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
+    if f == "performer":
+        s = cfg.Dk ** -0.25
+        w = jax.lax.stop_gradient(p["projection"].astype(f32))
+        xq = q * s
+        zq = jnp.einsum("bthd,md->bthm", xq, w) - 0.5 * jnp.sum(xq * xq, -1, keepdims=True)
+        fq = jnp.exp(zq - jax.lax.stop_gradient(jnp.max(zq, -1, keepdims=True))) / math.sqrt(w.shape[0])
+        return fq, performer_features(k * s, w), v
+    if f == "dpfp":
+        return dpfp(q, nu=cfg.nu), dpfp(k, nu=cfg.nu), v
+    if f == "hedgehog":  # per query head maps: expand the kv heads first
+        k, v = expand_kv_heads(k, cfg.H), expand_kv_heads(v, cfg.H)
+        return hedgehog(q, p["hh_wq"], p["hh_bq"]), hedgehog(k, p["hh_wk"], p["hh_bk"]), v
+    if f == "cosformer":
+        return _cosformer_features(q, positions, cfg.max_len), _cosformer_features(k, positions, cfg.max_len), v
+    if f == "lln":
+        alpha, beta = cfg.lln_alpha_beta
+        zq = alpha * _rms_normalise(q)
+        fq = jnp.exp(zq - jax.lax.stop_gradient(jnp.max(zq, -1, keepdims=True)))
+        return fq, jnp.exp(beta * _rms_normalise(k)), v
+    raise ValueError(f"features: unknown layer feature map {f!r}")
+
+
+def _flow(cfg: _Config, q, k, v, state, segment_ids, decode: bool):
+    """Flowformer: the full op, a prefill from ``state`` or (``decode``) one :func:`flow_attention_step`."""
+    if decode:
+        o_t, s = flow_attention_step(q[:, 0], k[:, 0], v[:, 0], state)
+        if segment_ids is not None:  # a padding step leaves the state alone and outputs zero
+            valid = segment_ids[:, 0] != 0
+            s = jax.tree.map(lambda new, old: jnp.where(valid.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
+                             s, state)
+            o_t = jnp.where(valid[:, None, None], o_t, 0.0)
+        return o_t[:, None], s
+    return flow_attention(q, k, v, causal=cfg.causal, segment_ids=segment_ids, initial_state=state,
+                          return_final_state=state is not None, impl=cfg.impl, chunk_size=cfg.chunk_size)
+
+
 def _op(cfg: _Config, q, k, v, log_g, beta, state, segment_ids, decode: bool):
     """``(o [B, T, H, Dv], new_state)``; ``state`` None = no cache (full forward)."""
     rule = cfg.spec.rule
+    if rule == "efficient":
+        return efficient_attention(q, k, v, causal=False, segment_ids=segment_ids, impl=cfg.impl), None
+    if rule == "agent":
+        return agent_attention(q, k, v, num_agents=cfg.num_agents, scale=cfg.scale, segment_ids=segment_ids,
+                               max_segments=cfg.max_segments if segment_ids is not None else None,
+                               impl=cfg.impl), None
+    if rule == "flow":
+        return _flow(cfg, q, k, v, state, segment_ids, decode)
     if decode and rule != "normalized":  # T == 1 with a cache: the recurrent step
         g_t = None if log_g is None else log_g[:, 0]
         if rule == "delta":
@@ -419,9 +752,10 @@ def _op(cfg: _Config, q, k, v, log_g, beta, state, segment_ids, decode: bool):
             o_t = jnp.where(valid[:, None, None], o_t, 0.0)
         return o_t[:, None], s
     kw = dict(scale=cfg.scale, initial_state=state, return_final_state=state is not None, segment_ids=segment_ids,
-              impl="recurrent" if decode else cfg.impl, chunk_size=cfg.chunk_size)
+              impl="recurrent" if decode else cfg.impl, chunk_size=cfg.chunk_size, causal=cfg.causal)
     if rule == "normalized":  # decode: impl="recurrent" is recurrent_step on [φ(k), ...], [v, 1]
-        return linear_attention(q, k, v, feature_map=cfg.spec.feature_map, **kw)
+        fmap = "identity" if cfg.spec.features is not None else cfg.spec.feature_map
+        return linear_attention(q, k, v, feature_map=fmap, **kw)
     if rule == "delta":
         if log_g is None:
             return delta_rule(q, k, v, beta, **kw)
@@ -429,12 +763,10 @@ def _op(cfg: _Config, q, k, v, log_g, beta, state, segment_ids, decode: bool):
     return gated_linear_attention(q, k, v, log_g, mechanism=cfg.spec.name, **kw)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _forward(cfg: _Config, p, x, segment_ids, state, conv_state, decode: bool):
-    """The whole layer as one pure function (one compiled program even when called eagerly)."""
+def _project(cfg: _Config, p, x, segment_ids, conv_state):
+    """``(q, k, v, new_conv_state)``: projections, short convs, activations, L2 norms."""
     spec, dt = cfg.spec, cfg.dtype
     w = lambda n: p[n].astype(dt)  # noqa: E731
-    x = x.astype(dt)
     q = jnp.einsum("btd,dhf->bthf", x, w("w_q"))
     k = jnp.einsum("btd,dhf->bthf", x, w("w_k"))
     v = jnp.einsum("btd,dhf->bthf", x, w("w_v"))
@@ -449,24 +781,47 @@ def _forward(cfg: _Config, p, x, segment_ids, state, conv_state, decode: bool):
     q, k, v = _act(q, qk_act), _act(k, qk_act), _act(v, v_act)
     if spec.qk_l2:
         q, k = _l2(q), _l2(k)
+    return q, k, v, new_conv
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _forward(cfg: _Config, p, x, segment_ids, positions, state, conv_state, decode: bool):
+    """The whole layer as one pure function (one compiled program even when called eagerly)."""
+    spec, dt = cfg.spec, cfg.dtype
+    x = x.astype(dt)
+    q, k, v, new_conv = _project(cfg, p, x, segment_ids, conv_state)
     log_g, delta = _log_gates(cfg, p, x)
     v_in = v
     if spec.value_dt:  # Mamba-2 writes Δ_t x_t; Δ is per query head, so expand the kv heads
         k = expand_kv_heads(k, cfg.H)
         v_in = (expand_kv_heads(v, cfg.H).astype(jnp.float32) * delta[..., None]).astype(v.dtype)
-    beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, w("w_beta")).astype(jnp.float32)) if spec.beta else None
+    if spec.features is not None:
+        q, k, v_in = _features(cfg, p, q, k, v_in, positions)
+    beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, p["w_beta"].astype(dt)).astype(jnp.float32)) \
+        if spec.beta else None
     o, new_state = _op(cfg, q, k, v_in, log_g, beta, state, segment_ids, decode)
     if spec.value_dt:  # the D skip
         o = o + (p["D"].astype(jnp.float32)[:, None] * expand_kv_heads(v, cfg.H)).astype(o.dtype)
     o = _norm_gate(cfg, p, o, x)
     if segment_ids is not None:  # padding outputs zero (norm biases / skips would leak otherwise)
         o = jnp.where((segment_ids != 0)[:, :, None, None], o, 0.0)
-    y = jnp.einsum("bthv,hvd->btd", o, w("w_o"))
+    y = jnp.einsum("bthv,hvd->btd", o, p["w_o"].astype(dt))
     return y, new_state, new_conv
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _hedgehog_loss(cfg: _Config, p, x, segment_ids):
+    q, k, _, _ = _project(cfg, p, x.astype(cfg.dtype), segment_ids, None)
+    return hedgehog_distillation_loss(q, k, p["hh_wq"], p["hh_wk"], p["hh_bq"], p["hh_bk"], causal=cfg.causal,
+                                      segment_ids=segment_ids)
+
+
 def make_factory(name: str, **defaults):
-    """A registry factory ``factory(d_model, num_heads, *, rngs, **kwargs)`` for mechanism ``name``."""
+    """A registry factory ``factory(d_model, num_heads, *, rngs, **kwargs)`` for mechanism ``name``.
+
+    ``SUPPORTED_FEATURES`` claims ``"causal"`` when the mechanism has a causal (decoder) form
+    and ``"bidirectional"`` when it accepts ``causal=False`` (encoder); encoder-only mechanisms
+    claim only the latter (their factories raise unless given ``causal=False``)."""
     mech = MECHANISMS[name]
 
     def factory(d_model: int, num_heads: int, *, rngs: nnx.Rngs, **kwargs) -> LinearAttentionMixer:
@@ -474,6 +829,10 @@ def make_factory(name: str, **defaults):
 
     factory.__name__ = factory.__qualname__ = f"{name}_mixer"
     factory.__doc__ = f"The ``{name!r}`` registry entry: :class:`LinearAttentionMixer` with mechanism {name!r}."
-    factory.SUPPORTED_FEATURES = frozenset({"mha", "gqa", "causal", "segments", "bf16"}
-                                           | ({"dk_ne_dv"} if mech.expand_k != mech.expand_v else set()))
+    feats = {"mha", "gqa", "bf16"}
+    feats |= {"segments"}
+    feats |= {"causal"} if supports_causal(mech) else set()
+    feats |= {"bidirectional"} if supports_noncausal(mech) else set()
+    feats |= {"dk_ne_dv"} if mech.expand_k != mech.expand_v else set()
+    factory.SUPPORTED_FEATURES = frozenset(feats)
     return factory

@@ -24,9 +24,11 @@ attention, ...).  Models select mixers per layer by registry name
 ``mixer.init_cache(batch, max_len, dtype) -> cache`` builds an empty cache for up to
 ``max_len`` tokens per row (a mixer with a bounded state may ignore ``max_len``).
 
-Invariants checked over the whole registry (tests/nn/test_mixer_registry.py): jit ==
-eager, finite gradients, causality, prefill + step decode == full forward, packed ==
-padded.
+Invariants checked over the decoder mixers (``attn_jax.mixers.names(causal=True)``,
+tests/nn/test_mixer_registry.py): jit == eager, finite gradients, causality, prefill + step
+decode == full forward, packed == padded.  Over the mixers that accept ``causal=False``
+(``names(causal=False)``, tests/nn/test_encoder_mixers.py): jit == eager, finite gradients,
+non-causality, padded rows == each row alone, packed == padded.
 
 Registry factories have the signature ``factory(d_model, num_heads, *, rngs, **kwargs) ->
 mixer``; a factory (or class) may expose ``SUPPORTED_FEATURES`` (a frozenset of the
@@ -43,8 +45,11 @@ __all__ = ["TokenMixer", "FEATURE_KEYS"]
 FEATURE_KEYS = frozenset({
     "mha", "gqa", "dk_ne_dv", "cross", "causal", "sliding_window", "chunked", "prefix_lm", "segments",
     "key_padding", "dense_mask", "bias", "alibi", "t5", "softcap", "sinks", "dropout", "lse", "bf16", "rope",
-    "xpos", "absolute",
+    "xpos", "absolute", "bidirectional",
 })
+# "bidirectional": the factory accepts ``causal=False`` (an encoder mixer: every token sees its whole
+# document; no cache).  A mixer claiming "bidirectional" but not "causal" is encoder-only: its
+# factory raises unless given ``causal=False``.
 
 
 @runtime_checkable

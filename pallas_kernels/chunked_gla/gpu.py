@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.call_cache import PallasCallCache
-from pallas_kernels.chunked_gla import Config, dkdv_chunk, dq_chunk, fwd_chunk
+from pallas_kernels.chunked_gla import Config, Seg, dkdv_chunk, dq_chunk, fwd_chunk
 
 _CACHE = PallasCallCache()
 
@@ -43,15 +43,21 @@ def _specs(c: Config, names):
         "g_last": pl.BlockSpec((None, c.N, 1, c.Dg), lambda bh, iv: (bh, 0, 0, 0)),
         "g_col": pl.BlockSpec((None, c.N, c.Dg, 1), lambda bh, iv: (bh, 0, 0, 0)),
         "g_row": pl.BlockSpec((None, c.N, 1, c.C), lambda bh, iv: (bh, 0, 0, 0)),
+        "d": pl.BlockSpec((None, c.Tp, 1), lambda bh, iv: (bh, 0, 0)),
+        "m_in": pl.BlockSpec((None, c.Tp, 1), lambda bh, iv: (bh, 0, 0)),
+        "m_out": pl.BlockSpec((None, c.Tp, 1), lambda bh, iv: (bh, 0, 0)),
+        "d_row": pl.BlockSpec((None, c.N, 1, c.C), lambda bh, iv: (bh, 0, 0, 0)),
         "state": pl.BlockSpec((None, c.Dk, c.bv), lambda bh, iv: (bh, 0, iv)),
         "fin": pl.BlockSpec((None, c.Dk, c.bv), lambda bh, iv: (bh, 0, iv)),
     }
     return [table[n] for n in names]
 
 
-def _inputs(c: Config, names, arrays):
-    """Drop ``g_row`` for per-channel gates."""
-    pairs = [(n, a) for n, a in zip(names, arrays) if not (n == "g_row" and not c.scalar)]
+def _inputs(c: Config, names, arrays, seg=None):
+    """Drop ``g_row`` / ``d_row`` for per-channel gates; append the segment tables if any."""
+    if seg is not None:
+        names, arrays = (*names, *Seg._fields), (*arrays, *seg)
+    pairs = [(n, a) for n, a in zip(names, arrays) if not (n in ("g_row", "d_row") and not c.scalar)]
     return tuple(n for n, _ in pairs), [a for _, a in pairs]
 
 
@@ -73,6 +79,11 @@ class _Chunk:
         g_row = self.r["g_row"][n] if c.scalar else None
         return self("g"), self.r["g_last"][n], self.r["g_col"][n], g_row
 
+    def seg(self):
+        if "d" not in self.r:
+            return None
+        return Seg(self("d"), self.r["d_row"][self.n] if self.c.scalar else None, self("m_in"), self("m_out"))
+
 
 # ----------------------------------------------------------------------------- forward
 
@@ -84,16 +95,16 @@ def _fwd_kernel(*refs, c: Config, names):
     def step(n, S):
         ch = _Chunk(c, names, refs, n)
         G, g_last, g_col, g_row = ch.gates()
-        o, S = fwd_chunk(c, ch.row, ch("q"), ch("k"), ch("v"), G, g_last, g_col, g_row, S)
+        o, S = fwd_chunk(c, ch.row, ch("q"), ch("k"), ch("v"), G, g_last, g_col, g_row, S, ch.seg())
         o_ref[pl.ds(ch.base, c.C), :] = o.astype(o_ref.dtype)
         return S
 
     st_ref[...] = lax.fori_loop(0, c.N, step, r["state"][...].astype(jnp.float32))
 
 
-def forward(c: Config, q, k, v, G, g_last, g_col, g_row, h0):
+def forward(c: Config, q, k, v, G, g_last, g_col, g_row, h0, seg=None):
     names, args = _inputs(c, ("q", "k", "v", "g", "g_last", "g_col", "g_row", "state"),
-                          (q, k, v, G, g_last, g_col, g_row, h0))
+                          (q, k, v, G, g_last, g_col, g_row, h0), seg)
     return _call(c, functools.partial(_fwd_kernel, c=c, names=names), grid=(c.BH, c.nv),
                  in_specs=_specs(c, names), out_specs=_specs(c, ("v", "state")),
                  out_shape=[jax.ShapeDtypeStruct((c.BH, c.Tp, c.Dv), q.dtype),
@@ -113,18 +124,18 @@ def _dq_kernel(*refs, c: Config, names):
         ch = _Chunk(c, names, refs, n)
         G, g_last, g_col, g_row = ch.gates()
         p_ref[n] = jnp.sum(fin * S, axis=1, keepdims=True)
-        dq, S = dq_chunk(c, ch.row, ch("k"), ch("v"), ch("do"), G, g_last, g_col, g_row, S)
+        dq, S = dq_chunk(c, ch.row, ch("k"), ch("v"), ch("do"), G, g_last, g_col, g_row, S, ch.seg())
         dq_ref[pl.ds(ch.base, c.C), :] = dq
         return S
 
     lax.fori_loop(0, c.N, step, r["state"][...].astype(jnp.float32))
 
 
-def backward_dq(c: Config, k, v, do, G, g_last, g_col, g_row, h0, dst):
+def backward_dq(c: Config, k, v, do, G, g_last, g_col, g_row, h0, dst, seg=None):
     """``(dq partials [nv, BH, Tp, Dk], P [nv, BH, N, Dk, 1])`` with ``P_n = rowsum(dS_T * S_prev(n))``
     over this ``Dv`` tile (for the final-state part of ``dlog_g``)."""
     names, args = _inputs(c, ("k", "v", "do", "g", "g_last", "g_col", "g_row", "state", "fin"),
-                          (k, v, do, G, g_last, g_col, g_row, h0, dst))
+                          (k, v, do, G, g_last, g_col, g_row, h0, dst), seg)
     return _call(c, functools.partial(_dq_kernel, c=c, names=names), grid=(c.BH, c.nv),
                  in_specs=_specs(c, names),
                  out_specs=[pl.BlockSpec((None, None, c.Tp, c.Dk), lambda bh, iv: (iv, bh, 0, 0)),
@@ -144,7 +155,7 @@ def _dkdv_kernel(*refs, c: Config, names):
     def step(t, dS):
         ch = _Chunk(c, names, refs, c.N - 1 - t)
         G, g_last, g_col, g_row = ch.gates()
-        dk, dv, dS = dkdv_chunk(c, ch.row, ch("q"), ch("k"), ch("v"), ch("do"), G, g_last, g_col, g_row, dS)
+        dk, dv, dS = dkdv_chunk(c, ch.row, ch("q"), ch("k"), ch("v"), ch("do"), G, g_last, g_col, g_row, dS, ch.seg())
         dk_ref[pl.ds(ch.base, c.C), :] = dk
         dv_ref[pl.ds(ch.base, c.C), :] = dv
         return dS
@@ -152,9 +163,9 @@ def _dkdv_kernel(*refs, c: Config, names):
     dh0_ref[...] = lax.fori_loop(0, c.N, step, r["state"][...])
 
 
-def backward_dkdv(c: Config, q, k, v, do, G, g_last, g_col, g_row, dst):
+def backward_dkdv(c: Config, q, k, v, do, G, g_last, g_col, g_row, dst, seg=None):
     names, args = _inputs(c, ("q", "k", "v", "do", "g", "g_last", "g_col", "g_row", "state"),
-                          (q, k, v, do, G, g_last, g_col, g_row, dst))
+                          (q, k, v, do, G, g_last, g_col, g_row, dst), seg)
     return _call(c, functools.partial(_dkdv_kernel, c=c, names=names), grid=(c.BH, c.nv),
                  in_specs=_specs(c, names),
                  out_specs=[pl.BlockSpec((None, None, c.Tp, c.Dk), lambda bh, iv: (iv, bh, 0, 0)),

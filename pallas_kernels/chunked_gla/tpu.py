@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.call_cache import PallasCallCache
-from pallas_kernels.chunked_gla import Config, dkdv_chunk, dq_chunk, fwd_chunk
+from pallas_kernels.chunked_gla import Config, Seg, dkdv_chunk, dq_chunk, fwd_chunk
 
 _CACHE = PallasCallCache()
 
@@ -46,6 +46,10 @@ def _specs(c: Config, names, reverse=False):
         "g_last": pl.BlockSpec((None, None, 1, c.Dg), lambda bh, iv, n: (bh, ch(n), 0, 0)),
         "g_col": pl.BlockSpec((None, None, c.Dg, 1), lambda bh, iv, n: (bh, ch(n), 0, 0)),
         "g_row": pl.BlockSpec((None, None, 1, c.C), lambda bh, iv, n: (bh, ch(n), 0, 0)),
+        "d": pl.BlockSpec((None, c.C, 1), lambda bh, iv, n: (bh, ch(n), 0)),
+        "m_in": pl.BlockSpec((None, c.C, 1), lambda bh, iv, n: (bh, ch(n), 0)),
+        "m_out": pl.BlockSpec((None, c.C, 1), lambda bh, iv, n: (bh, ch(n), 0)),
+        "d_row": pl.BlockSpec((None, None, 1, c.C), lambda bh, iv, n: (bh, ch(n), 0, 0)),
         "state": pl.BlockSpec((None, c.Dk, c.bv), lambda bh, iv, n: (bh, 0, iv)),
         "fin": pl.BlockSpec((None, c.Dk, c.bv), lambda bh, iv, n: (bh, 0, iv)),
         "partial": pl.BlockSpec((None, None, c.C, c.Dk), lambda bh, iv, n: (iv, bh, ch(n), 0)),
@@ -53,8 +57,11 @@ def _specs(c: Config, names, reverse=False):
     return [table[n] for n in names]
 
 
-def _inputs(c: Config, names, arrays):
-    pairs = [(n, a) for n, a in zip(names, arrays) if not (n == "g_row" and not c.scalar)]
+def _inputs(c: Config, names, arrays, seg=None):
+    """Drop ``g_row`` / ``d_row`` for per-channel gates; append the segment tables if any."""
+    if seg is not None:
+        names, arrays = (*names, *Seg._fields), (*arrays, *seg)
+    pairs = [(n, a) for n, a in zip(names, arrays) if not (n in ("g_row", "d_row") and not c.scalar)]
     return tuple(n for n, _ in pairs), [a for _, a in pairs]
 
 
@@ -66,7 +73,7 @@ class _Chunk:
         self.c, self.r = c, dict(zip(names, refs))
         # float32 copies of the row-indexed inputs, loaded once outside the intra-chunk loop
         self._f32 = {} if c.scalar else {n: self.r[n][...].astype(jnp.float32)
-                                         for n in ("q", "k", "v", "do", "g") if n in self.r}
+                                         for n in ("q", "k", "v", "do", "g", "d") if n in self.r}
 
     def __call__(self, name):
         return self.r[name][...]
@@ -79,6 +86,11 @@ class _Chunk:
     def gates(self):
         g_row = self.r["g_row"][...] if self.c.scalar else None
         return self("g"), self.r["g_last"][...], self.r["g_col"][...], g_row
+
+    def seg(self):
+        if "d" not in self.r:
+            return None
+        return Seg(self("d"), self.r["d_row"][...] if self.c.scalar else None, self("m_in"), self("m_out"))
 
 
 def _carry(c: Config, state_ref, scratch):
@@ -100,7 +112,7 @@ def _fwd_kernel(*refs, c: Config, names):
     ch = _Chunk(c, names, refs)
     n = _carry(c, ch.r["state"], S_sc)
     G, g_last, g_col, g_row = ch.gates()
-    o, S = fwd_chunk(c, ch.row, ch("q"), ch("k"), ch("v"), G, g_last, g_col, g_row, S_sc[...])
+    o, S = fwd_chunk(c, ch.row, ch("q"), ch("k"), ch("v"), G, g_last, g_col, g_row, S_sc[...], ch.seg())
     o_ref[...] = o.astype(o_ref.dtype)
     S_sc[...] = S
 
@@ -109,9 +121,9 @@ def _fwd_kernel(*refs, c: Config, names):
         st_ref[...] = S
 
 
-def forward(c: Config, q, k, v, G, g_last, g_col, g_row, h0):
+def forward(c: Config, q, k, v, G, g_last, g_col, g_row, h0, seg=None):
     names, args = _inputs(c, ("q", "k", "v", "g", "g_last", "g_col", "g_row", "state"),
-                          (q, k, v, G, g_last, g_col, g_row, h0))
+                          (q, k, v, G, g_last, g_col, g_row, h0), seg)
     return _call(c, functools.partial(_fwd_kernel, c=c, names=names), grid=(c.BH, c.nv, c.N),
                  in_specs=_specs(c, names), out_specs=_specs(c, ("v", "state")),
                  out_shape=[jax.ShapeDtypeStruct((c.BH, c.Tp, c.Dv), q.dtype),
@@ -130,16 +142,16 @@ def _dq_kernel(*refs, c: Config, names):
     G, g_last, g_col, g_row = ch.gates()
     S = S_sc[...]
     p_ref[...] = jnp.sum(ch.r["fin"][...] * S, axis=1, keepdims=True)
-    dq, S = dq_chunk(c, ch.row, ch("k"), ch("v"), ch("do"), G, g_last, g_col, g_row, S)
+    dq, S = dq_chunk(c, ch.row, ch("k"), ch("v"), ch("do"), G, g_last, g_col, g_row, S, ch.seg())
     dq_ref[...] = dq
     S_sc[...] = S
 
 
-def backward_dq(c: Config, k, v, do, G, g_last, g_col, g_row, h0, dst):
+def backward_dq(c: Config, k, v, do, G, g_last, g_col, g_row, h0, dst, seg=None):
     """``(dq partials [nv, BH, Tp, Dk], P [nv, BH, N, Dk, 1])`` with ``P_n = rowsum(dS_T * S_prev(n))``
     over this ``Dv`` tile (for the final-state part of ``dlog_g``)."""
     names, args = _inputs(c, ("k", "v", "do", "g", "g_last", "g_col", "g_row", "state", "fin"),
-                          (k, v, do, G, g_last, g_col, g_row, h0, dst))
+                          (k, v, do, G, g_last, g_col, g_row, h0, dst), seg)
     return _call(c, functools.partial(_dq_kernel, c=c, names=names), grid=(c.BH, c.nv, c.N),
                  in_specs=_specs(c, names),
                  out_specs=[*_specs(c, ("partial",)),
@@ -158,7 +170,8 @@ def _dkdv_kernel(*refs, c: Config, names):
     ch = _Chunk(c, names, refs)
     n = _carry(c, ch.r["state"], dS_sc)
     G, g_last, g_col, g_row = ch.gates()
-    dk, dv, dS = dkdv_chunk(c, ch.row, ch("q"), ch("k"), ch("v"), ch("do"), G, g_last, g_col, g_row, dS_sc[...])
+    dk, dv, dS = dkdv_chunk(c, ch.row, ch("q"), ch("k"), ch("v"), ch("do"), G, g_last, g_col, g_row, dS_sc[...],
+                            ch.seg())
     dk_ref[...] = dk
     dv_ref[...] = dv
     dS_sc[...] = dS
@@ -168,9 +181,9 @@ def _dkdv_kernel(*refs, c: Config, names):
         dh0_ref[...] = dS
 
 
-def backward_dkdv(c: Config, q, k, v, do, G, g_last, g_col, g_row, dst):
+def backward_dkdv(c: Config, q, k, v, do, G, g_last, g_col, g_row, dst, seg=None):
     names, args = _inputs(c, ("q", "k", "v", "do", "g", "g_last", "g_col", "g_row", "state"),
-                          (q, k, v, do, G, g_last, g_col, g_row, dst))
+                          (q, k, v, do, G, g_last, g_col, g_row, dst), seg)
     return _call(c, functools.partial(_dkdv_kernel, c=c, names=names), grid=(c.BH, c.nv, c.N),
                  in_specs=_specs(c, names, reverse=True), out_specs=_specs(c, ("partial", "v", "state"), reverse=True),
                  out_shape=[jax.ShapeDtypeStruct((c.nv, c.BH, c.Tp, c.Dk), jnp.float32),

@@ -80,12 +80,12 @@ def _compile(fn, *args):
     return jax.jit(fn).lower(*args).compile(_FAST_COMPILE)
 
 
-def _check_all_impls(primals, gated, *, with_h0=True, **kw):
-    """recurrent, parallel and chunk against the reference on o, the final state and every gradient,
-    at the kit's tolerance of the inputs' dtype; returns the worst relative RMSE."""
+def _check_all_impls(primals, gated, *, with_h0=True, impls=None, **kw):
+    """``impls`` (default recurrent, parallel and chunk) against the reference on o, the final state
+    and every gradient, at the kit's tolerance of the inputs' dtype; returns the worst relative RMSE."""
     (o_r, s_r), g_r = _jit_vjp(_fn("reference", gated, with_h0=with_h0, **kw), primals)
     worst = 0.0
-    for impl in IMPLS[1:]:
+    for impl in impls or IMPLS[1:]:
         (o, s), g = _jit_vjp(_fn(impl, gated, with_h0=with_h0, **kw), primals)
         pairs = [("o", o, o_r, False), ("final_state", s, s_r, False)]
         pairs += [(n, x, y, True) for n, x, y in zip(GRAD_NAMES, g, g_r)
@@ -108,21 +108,22 @@ def _packed_ids(T=37):
 
 
 # ----------------------------------------------------------------------------- float64 parity
-@pytest.mark.parametrize("gated,T,H,K,chunk,packed,with_h0,beta,la_range", [
-    # Gated DeltaNet, GQA, odd T over 3 chunks, packed, beta near 0/1, gates from -5 to -1e-3
-    (True, 37, 4, 2, 16, True, True, "extreme", (-5.0, -1e-3)),
-    # DeltaNet, T = 100 over 4 chunks, resets inside chunks and on a chunk boundary
-    (False, 100, 2, 2, 32, True, True, "sigmoid", None),
-    # T < chunk (one padded chunk), MQA, strong gates, no initial state
-    (True, 9, 2, 1, 64, False, False, "sigmoid", (-5.0, -1.0)),
+@pytest.mark.parametrize("gated,T,H,K,chunk,packed,with_h0,beta,la_range,impls", [
+    # Gated DeltaNet, GQA, odd T over 3 chunks, packed, beta near 0/1, gates from -5 to -1e-3: every form
+    (True, 37, 4, 2, 16, True, True, "extreme", (-5.0, -1e-3), None),
+    # DeltaNet, T = 100 over 4 chunks, resets inside chunks and on a chunk boundary (the chunk form's case)
+    (False, 100, 2, 2, 32, True, True, "sigmoid", None, ("chunk",)),
+    # T < chunk (one padded chunk), MQA, strong gates, no initial state (the chunk form's case)
+    (True, 9, 2, 1, 64, False, False, "sigmoid", (-5.0, -1.0), ("chunk",)),
 ])
-def test_float64_parity(gated, T, H, K, chunk, packed, with_h0, beta, la_range):
+def test_float64_parity(gated, T, H, K, chunk, packed, with_h0, beta, la_range, impls):
     """reference == recurrent == parallel == chunk: o, final state and every gradient (kit float64
-    tolerance: rel-RMSE 1e-10, 2e-10 for gradients -- tighter than 1e-9)."""
+    tolerance: rel-RMSE 1e-10, 2e-10 for gradients -- tighter than 1e-9).  Every form at moderate
+    gates is also checked by tests/linear/test_catalog.py."""
     with tk.float64():
         primals = _inputs(T + H, T=T, H=H, K=K, beta=beta, log_alpha_range=la_range or (-1.0, -0.1))
         seg = _packed_ids(T) if packed else None
-        worst = _check_all_impls(primals, gated, chunk_size=chunk, segment_ids=seg, with_h0=with_h0)
+        worst = _check_all_impls(primals, gated, chunk_size=chunk, segment_ids=seg, with_h0=with_h0, impls=impls)
     assert worst <= F64_TOL
     print(f"float64 worst rel-RMSE {worst:.2e}")
 

@@ -101,6 +101,21 @@ def test_hedgehog_distillation_loss_matches_direct_cross_entropy_and_trains():
         assert np.isfinite(l1) and l1 < l0
 
 
+def test_hedgehog_distillation_loss_with_packed_documents():
+    """Packed documents (+ padding) == the valid-query-weighted mean of each document alone."""
+    with tk.float64():
+        T, H, D, F = 9, 2, 4, 3
+        q, k = _x(jax.random.key(1), (1, T, H, D)), _x(jax.random.key(2), (1, T, H, D))
+        Wq, Wk = _x(jax.random.key(3), (H, D, F)), _x(jax.random.key(4), (H, D, F))
+        seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0, 0]])
+        q_nan = q.at[0, 7:].set(jnp.nan)                      # padding content must not matter
+        for causal in (True, False):
+            packed = fm.hedgehog_distillation_loss(q_nan, k, Wq, Wk, causal=causal, segment_ids=seg)
+            a = fm.hedgehog_distillation_loss(q[:, :4], k[:, :4], Wq, Wk, causal=causal)
+            b = fm.hedgehog_distillation_loss(q[:, 4:7], k[:, 4:7], Wq, Wk, causal=causal)
+            tk.assert_close(packed, (4 * a + 3 * b) / 7, name=f"packed loss causal={causal}")
+
+
 def test_orthogonal_random_projection_structure():
     with tk.float64():
         m, d = 10, 4                                         # 3 blocks, the last one partial

@@ -3,6 +3,7 @@ Flowformer, LLN): fast form ⇄ reference on outputs and VJPs (float64), packed 
 causality, prefill + decode, bf16, vmap, bad input."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ from attn_jax.linear import feature_maps as fm
 from attn_jax.linear.agent import agent_attention, agent_attention_reference, pool_agents
 from attn_jax.linear.based import (based_attention, based_attention_reference, based_prefill, init_based_cache)
 from attn_jax.linear.efficient_attention import efficient_attention, efficient_attention_reference
-from attn_jax.linear.flowformer import flow_attention, flow_attention_reference
+from attn_jax.linear.flowformer import (FlowState, flow_attention, flow_attention_reference, flow_attention_step,
+                                       init_flow_state)
 from attn_jax.linear.linear_attention import (cosformer_attention, cosformer_attention_reference, linear_attention,
                                               linear_attention_reference)
 from attn_jax.linear.log_normal import (LLN_A, LLN_B, lln_moment_matching, log_normal_attention,
@@ -115,7 +117,9 @@ def test_nan_in_padding_does_not_leak_into_outputs_or_gradients():
             o1 = linear_attention(q, k, v, segment_ids=seg)[0]
             o2 = efficient_attention(q, k, v, segment_ids=seg)
             o3 = log_normal_attention(q, k, v, segment_ids=seg)[0]
-            return sum(jnp.sum(jnp.where(pad, 0.0, o) ** 2) for o in (o1, o2, o3))
+            o4 = flow_attention(q, k, v, causal=True, segment_ids=seg)[0]
+            o5 = agent_attention(q, k, v, num_agents=2, segment_ids=seg, max_segments=3)
+            return sum(jnp.sum(jnp.where(pad, 0.0, o) ** 2) for o in (o1, o2, o3, o4, o5))
 
         val, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(qn, kn, vn)
         assert bool(jnp.isfinite(val))
@@ -159,6 +163,30 @@ def test_cosformer_matches_dense_reweighting(causal):
                     functools.partial(cosformer_attention_reference, **kw), (q, k, v), name=f"cosformer M={M}")
         if causal:
             tk.check_causality_by_perturbation(jax.jit(_first(cosformer_attention)), q, k, v)
+
+
+def test_cosformer_initial_state_is_in_the_call_position_frame():
+    """cosFormer's ``initial_state`` is a state of the cos/sin features in the frame of the call
+    (its positions restart at 0).  A prefill state is therefore an exact continuation only after
+    rotating it by the prefill length ``P`` (keys at ``j`` move to ``j - P``); unrotated it is not
+    (the catalogue checks the op against a dense reference of this definition)."""
+    with tk.float64():
+        q, k, v = _qkv(jax.random.key(29))
+        T, P, D = q.shape[1], 6, q.shape[-1]
+
+        @jax.jit
+        def run(q, k, v):
+            full = cosformer_attention(q, k, v, max_len=T)[0]
+            _, S = cosformer_attention(q[:, :P], k[:, :P], v[:, :P], max_len=T, return_final_state=True)
+            th = math.pi / 2 * P / T
+            Sc, Ss = S[:, :, :D], S[:, :, D:]
+            S_rot = jnp.concatenate([math.cos(th) * Sc + math.sin(th) * Ss, math.cos(th) * Ss - math.sin(th) * Sc], 2)
+            cont = lambda s: cosformer_attention(q[:, P:], k[:, P:], v[:, P:], max_len=T, initial_state=s)[0]
+            return full[:, P:], cont(S_rot), cont(S)
+
+        full, rotated, unrotated = run(q, k, v)
+        tk.assert_close(rotated, full, name="rotated prefill state continues exactly")
+        assert tk.rel_rmse(unrotated, full) > 1e-3
 
 
 # ----------------------------------------------------------------------------- Efficient Attention
@@ -236,6 +264,55 @@ def test_agent_attention_matches_dense_reference():
         tk.assert_close(o2, o1)
 
 
+# ----------------------------------------------------------------------------- Agent Attention, packed
+def test_agent_attention_packed_equals_per_document():
+    with tk.float64():
+        q, k, v = _qkv(jax.random.key(20), Dk=6)
+        seg = jnp.asarray(SEG)
+        T = q.shape[1]
+        pad = (seg == 0)[:, :, None, None]
+        L = jnp.array([17, 9])
+
+        @jax.jit
+        def packed(q, k, v):
+            qn, kn, vn = (jnp.where(pad, jnp.nan, x) for x in (q, k, v))        # NaN padding must not leak
+            return (agent_attention(qn, kn, vn, num_agents=4, segment_ids=seg, max_segments=3, impl="xla"),
+                    agent_attention(q, k, v, num_agents=4, segment_ids=seg, max_segments=2, impl="xla"),
+                    agent_attention(q, k, v, num_agents=4, lengths=L, impl="xla"),
+                    agent_attention(q, k, v, num_agents=4, impl="xla", max_segments=1,
+                                    segment_ids=(jnp.arange(T) < L[:, None]).astype(jnp.int32)))
+
+        o, o_overflow, o_len, o_len_seg = packed(q, k, v)
+        # a document alone = the document at the start of a row, key padding (lengths) after it:
+        # one compiled program for every document length
+        alone = jax.jit(lambda q, k, v, n: agent_attention(q, k, v, num_agents=4, lengths=n, impl="xla"))
+
+        def single(qd, kd, vd):
+            n = qd.shape[1]
+            padt = lambda x: jnp.pad(x, ((0, 0), (0, T - n), (0, 0), (0, 0)))
+            return alone(padt(qd), padt(kd), padt(vd), jnp.array([n]))[:, :n]
+
+        tk.check_packed_equals_padded(lambda *a: o, single, q, k, v, seg)
+        # a row with more documents than max_segments is NaN (loudly wrong), the others are untouched
+        assert bool(jnp.isnan(o_overflow[0]).all()) and not bool(jnp.isnan(o_overflow[1]).any())
+        tk.assert_close(o_overflow[1], o[1])
+        # lengths is segment_ids = (t < length) with one document slot
+        tk.assert_close(o_len_seg, o_len)
+        with pytest.raises(ValueError, match="max_segments"):
+            agent_attention(q, k, v, num_agents=4, segment_ids=seg)
+
+
+@pytest.mark.slow  # the catalogue runs the same parity (tests/linear/test_catalog.py)
+def test_agent_attention_packed_matches_reference_given_agents():
+    with tk.float64():
+        q, k, v = _qkv(jax.random.key(21), Dk=6)
+        A = jax.random.normal(jax.random.key(22), (2, 3, 4, 6), jnp.float64)
+        kw = dict(segment_ids=jnp.asarray(SEG), max_segments=3)
+        _parity(lambda q, k, v, a: agent_attention(q, k, v, agents=a, impl="xla", **kw),
+                lambda q, k, v, a: agent_attention_reference(q, k, v, agents=a, **kw), (q, k, v, A),
+                name="agent given, packed")
+
+
 # ----------------------------------------------------------------------------- Flowformer
 @pytest.mark.slow  # the same parity runs in make test through tests/linear/test_catalog.py
 @pytest.mark.parametrize("causal", [True, False])
@@ -245,10 +322,125 @@ def test_flow_attention_matches_equations(causal):
             q, k, v = _qkv(jax.random.key(14))
         else:
             q, k, v = _qkv(jax.random.key(15), T=5, S=9)                         # cross attention, S != T
-        _parity(functools.partial(flow_attention, causal=causal),
-                functools.partial(flow_attention_reference, causal=causal), (q, k, v), name=f"flow causal={causal}")
+        _parity(_first(functools.partial(flow_attention, causal=causal)),
+                _first(functools.partial(flow_attention_reference, causal=causal)), (q, k, v),
+                name=f"flow causal={causal}")
         if causal:
-            tk.check_causality_by_perturbation(jax.jit(functools.partial(flow_attention, causal=True)), q, k, v)
+            tk.check_causality_by_perturbation(jax.jit(_first(functools.partial(flow_attention, causal=True))),
+                                               q, k, v)
+
+
+def _flow_prefix_state(key, B=2, H=4, K=2, Dk=5, Dv=3, T=7):
+    """A realistic state: the final state of a random prefix."""
+    q, k, v = _qkv(key, B=B, T=T, H=H, K=K, Dk=Dk, Dv=Dv)
+    return jax.jit(lambda q, k, v: flow_attention(q, k, v, causal=True, return_final_state=True)[1])(q, k, v)
+
+
+def test_flow_attention_state_and_segments_match_reference():
+    """Fast (engine chunk form) vs the dense reference with packed segments, an initial state and
+    the final state: values and gradients w.r.t. q, k, v and every leaf of the initial state, for
+    a random cotangent on the output and on every leaf of the final state.  (The catalogue runs
+    the output parity of every form, the recurrent one included, in both directions.)"""
+    with tk.float64():
+        q, k, v = _qkv(jax.random.key(23))
+        s0 = _flow_prefix_state(jax.random.key(24))
+        seg = jnp.asarray(SEG)
+
+        def run(fn, **kw):
+            return lambda q, k, v, s: fn(q, k, v, causal=True, segment_ids=seg, initial_state=s,
+                                         return_final_state=True, **kw)
+
+        args = (q, k, v, s0)
+        shape = jax.eval_shape(run(flow_attention_reference), *args)
+        leaves, tree = jax.tree.flatten(shape)
+        cts = jax.tree.unflatten(tree, [jax.random.normal(jax.random.key(30 + i), l.shape, l.dtype)
+                                        for i, l in enumerate(leaves)])
+        ref = _out_and_grads(run(flow_attention_reference), args, cts)
+
+        @jax.jit
+        def fast_forms(*a):                                                       # one program for both forms
+            return [_vjp(run(flow_attention, impl=impl), a, cts) for impl in ("chunk",)]
+
+        for impl, res in zip(("chunk",), fast_forms(*args)):
+            for i, (x, r) in enumerate(zip(jax.tree.leaves(res[0]), jax.tree.leaves(ref[0]))):
+                tk.assert_close(x, r, name=f"flow {impl} output leaf {i}")
+            for i, (x, r) in enumerate(zip(jax.tree.leaves(res[1]), jax.tree.leaves(ref[1]))):
+                tk.assert_close(x, r, grad=True, name=f"flow {impl} gradient leaf {i}")
+
+
+def _vjp(fn, args, ct):
+    out, pullback = jax.vjp(fn, *args)
+    return out, pullback(ct)
+
+
+def test_flow_attention_prefill_decode_and_step_scan():
+    with tk.float64():
+        q, k, v = _qkv(jax.random.key(25), B=1, T=9, H=2, K=1)
+        s0 = _flow_prefix_state(jax.random.key(26), B=1, H=2, K=1)
+        full = jax.jit(lambda q, k, v: flow_attention(q, k, v, causal=True, initial_state=s0)[0])
+        prefill = jax.jit(lambda q, k, v: flow_attention(q, k, v, causal=True, initial_state=s0,
+                                                          return_final_state=True))
+        step = jax.jit(lambda s, q, k, v: (lambda o, s: (o[:, None], s))(*flow_attention_step(
+            q[:, 0], k[:, 0], v[:, 0], s)))
+        tk.check_prefill_decode(full, prefill, step, q, k, v, n_prefill=4)
+
+        # the decode step scanned from the empty state over the whole sequence == the full causal form
+        def scanned(q, k, v):
+            def body(s, xs):
+                o, s = flow_attention_step(*xs, s)
+                return s, o
+            s, o = jax.lax.scan(body, init_flow_state(1, 2, 5, 3, jnp.float64),
+                                tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v)))
+            return jnp.moveaxis(o, 0, 1), s
+
+        o, s = jax.jit(scanned)(q, k, v)
+        o_full, s_full = jax.jit(lambda q, k, v: flow_attention(q, k, v, causal=True, return_final_state=True))(q, k, v)
+        tk.assert_close(o, o_full, name="scan of flow_attention_step vs full")
+        for f, a, b in zip(FlowState._fields, s, s_full):
+            tk.assert_close(a, b, name=f"final state {f}")
+        assert float(s.count[0, 0]) == 9.0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flow_attention_packed_equals_per_document(causal):
+    with tk.float64():
+        q, k, v = _qkv(jax.random.key(27))
+        seg = jnp.asarray(SEG)
+        T = q.shape[1]
+        pad = (seg == 0)[:, :, None, None]
+        f = jax.jit(lambda q, k, v, s: flow_attention(q, k, v, causal=causal, segment_ids=s)[0])
+        assert not bool(jnp.isnan(f(*(jnp.where(pad, jnp.nan, x) for x in (q, k, v)), seg)).any())
+        if not causal:
+            single = jax.jit(lambda q, k, v: flow_attention(q, k, v, causal=False)[0])
+            tk.check_packed_equals_padded(f, single, q, k, v, seg)
+            return
+        # causal: a document alone is the causal prefix of a row that starts with it (one program)
+        s0 = _flow_prefix_state(jax.random.key(28))
+        alone = jax.jit(lambda q, k, v, s0: flow_attention(q, k, v, causal=True, initial_state=s0,
+                                                           return_final_state=True))
+        empty = init_flow_state(2, 4, 5, 3, jnp.float64)
+
+        def single(qd, kd, vd, s0=empty):
+            n = qd.shape[1]
+            padt = lambda x: jnp.pad(jnp.broadcast_to(x, (2, *x.shape[1:])), ((0, 0), (0, T - n), (0, 0), (0, 0)))
+            return alone(padt(qd), padt(kd), padt(vd), s0)[0][:1, :n]
+
+        tk.check_packed_equals_padded(f, single, q, k, v, seg)
+        # the initial state belongs to the first document; the final state is the last document's
+        g = jax.jit(lambda q, k, v, s0: flow_attention(q, k, v, causal=True, segment_ids=seg, initial_state=s0,
+                                                       return_final_state=True))
+        o, s = g(q, k, v, s0)
+        o1, _ = alone(q, k, v, s0)
+        tk.assert_close(o[0, :6], o1[0, :6], name="first document of row 0 with the initial state")
+        roll = lambda n, s: alone(jnp.roll(q, -n, 1), jnp.roll(k, -n, 1), jnp.roll(v, -n, 1), s)[0]
+        tk.assert_close(o[1, 2:], roll(2, s0)[1, :15], name="row 1: the initial state passes the leading padding")
+        tk.assert_close(o[0, 13:], roll(13, empty)[0, :4], name="last document of row 0")
+        # final state of row 0 = that of its last document alone (4 tokens from the empty state);
+        # row 1 (one document after s0) is checked against the reference in the parity test
+        s_last = jax.jit(lambda q, k, v: flow_attention(q, k, v, causal=True, return_final_state=True)[1])(
+            q[:, 13:], k[:, 13:], v[:, 13:])
+        for f_, a, b in zip(FlowState._fields, s, s_last):
+            tk.assert_close(a[0], b[0], name=f"row 0 final state {f_}")
 
 
 # ----------------------------------------------------------------------------- LLN
@@ -284,7 +476,7 @@ def test_variants_bf16_in_bf16_out():
         (lambda *a: cosformer_attention(*a)[0], cosformer_attention_reference),
         (efficient_attention, efficient_attention_reference),
         (lambda *a: agent_attention(*a, num_agents=3), lambda *a: agent_attention_reference(*a, num_agents=3)),
-        (lambda *a: flow_attention(*a, causal=True), lambda *a: flow_attention_reference(*a, causal=True)),
+        (lambda *a: flow_attention(*a, causal=True)[0], lambda *a: flow_attention_reference(*a, causal=True)[0]),
         (lambda *a: log_normal_attention(*a, alpha=1.0, beta=1.0)[0],
          lambda *a: log_normal_attention_reference(*a, alpha=1.0, beta=1.0)),
     ]
@@ -321,5 +513,11 @@ def test_bad_inputs_name_the_argument():
         log_normal_attention(q, k, v, alpha=1.0)
     with pytest.raises(ValueError, match="k"):
         flow_attention(q, k[:, :5], v[:, :5], causal=True)
+    with pytest.raises(ValueError, match="initial_state"):
+        flow_attention(q, k, v, initial_state=init_flow_state(1, 2, 4, 4))
+    with pytest.raises(TypeError, match="initial_state"):
+        flow_attention(q, k, v, causal=True, initial_state=jnp.zeros((1, 2, 4, 4)))
+    with pytest.raises(ValueError, match="max_segments"):
+        agent_attention(q, k, v, num_agents=2, segment_ids=jnp.ones((1, 6), jnp.int32))
     with pytest.raises(TypeError, match="q, k and v"):
         linear_attention(q, k.astype(jnp.bfloat16), v)

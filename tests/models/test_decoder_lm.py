@@ -31,7 +31,7 @@ def _jitted(model):
     return graphdef, state, f
 
 
-@pytest.fixture(scope="module", params=tk.mixer_params(mixers.names()))
+@pytest.fixture(scope="module", params=tk.mixer_params(mixers.names(causal=True)))
 def lm(request):
     model = _model(request.param)
     return (request.param, model) + _jitted(model)

@@ -1,4 +1,6 @@
-"""Invariants every registered token mixer must satisfy (parametrized over attn_jax.mixers.names()).
+"""Invariants every registered decoder token mixer must satisfy (parametrized over
+attn_jax.mixers.names(causal=True); the encoder-only / bidirectional route is
+tests/nn/test_encoder_mixers.py).
 
 A family that registers a mixer is covered here the day it registers: shapes, jit == eager,
 finite gradients, causality, prefill + step decode == full forward, ragged prefill (per-row
@@ -18,7 +20,7 @@ from attn_jax.nn.mixer import FEATURE_KEYS, TokenMixer
 B, T, D, H = 2, 16, 32, 4
 
 
-@pytest.fixture(scope="module", params=mixers.names())
+@pytest.fixture(scope="module", params=mixers.names(causal=True))
 def mixer(request):
     m = mixers.get(request.param)(D, H, rngs=nnx.Rngs(0), num_kv_heads=2)
     graphdef, state = nnx.split(m)
@@ -117,5 +119,19 @@ def test_packed_equals_padded(mixer):
 
 def test_registry_features_are_known():
     for name in mixers.names():
-        feats = getattr(mixers.get(name), "SUPPORTED_FEATURES", frozenset())
+        feats = mixers.features(name)
         assert feats <= FEATURE_KEYS, f"{name}: unknown feature keys {sorted(feats - FEATURE_KEYS)}"
+
+
+def test_names_by_direction():
+    every, dec, enc = mixers.names(), mixers.names(causal=True), mixers.names(causal=False)
+    assert set(dec) | set(enc) == set(every)
+    assert {"softmax", "sliding_window", "linear", "performer", "cosformer"} <= set(dec) & set(enc)
+    assert {"efficient", "agent"} <= set(enc) - set(dec)          # encoder-only
+    assert {"mega", "gla", "deltanet", "ssd"} <= set(dec) - set(enc)
+    for name in dec:
+        assert "causal" in mixers.features(name)
+    for name in enc:
+        assert "bidirectional" in mixers.features(name)
+    with pytest.raises(TypeError, match="^causal:"):
+        mixers.names(causal="yes")

@@ -55,16 +55,17 @@ def _run(fn, primals, key, jit_opts=None):
     return g.lower(primals).compile(jit_opts)(primals)
 
 
-def _check(platform, q, k, v, lg, h0, *, dtype=None, chunk_size=None, scale=None, block_v=None):
+def _check(platform, q, k, v, lg, h0, *, dtype=None, chunk_size=None, scale=None, block_v=None, segment_ids=None):
     """Kernel (interpret) vs float64 reference on o, final state and every gradient; returns rel-RMSEs."""
     has_h0 = h0 is not None
 
     def kern(q, k, v, lg, *h):
         return chunked_gla(q, k, v, lg, initial_state=h[0] if h else None, scale=scale, chunk_size=chunk_size,
-                           block_v=block_v, platform=platform, interpret=interpret_params(platform))
+                           block_v=block_v, platform=platform, interpret=interpret_params(platform),
+                           segment_ids=segment_ids)
 
     def ref(q, k, v, lg, *h):
-        return gla_reference(q, k, v, lg, initial_state=h[0] if h else None, scale=scale)
+        return gla_reference(q, k, v, lg, initial_state=h[0] if h else None, scale=scale, segment_ids=segment_ids)
 
     primals = (q, k, v, lg, *((h0,) if has_h0 else ()))
     key = jax.random.key(42)
@@ -119,6 +120,48 @@ def test_bf16_zero_state(platform):
     q, k, v, lg, _ = _inputs(jax.random.key(2), T=40, Dk=32, Dv=32, gates=("mixed", "strong"), h0=False,
                              dtype=jnp.bfloat16)
     _check(platform, q, k, v, lg, None, dtype=jnp.bfloat16)
+
+
+# Packed documents (T = 40 in chunks of 16): row 0 has documents starting mid-chunk (t=10) and at a
+# chunk boundary (t=16), padding inside a document (t=23..25, the document continues after it), a
+# document starting mid-chunk after padding (t=28) and trailing padding; row 1 is one document
+# after leading padding (so h0 reaches its final state).
+SEGMENTS = np.array([[1] * 10 + [2] * 6 + [3] * 7 + [0] * 3 + [3] * 2 + [4] * 10 + [0] * 2,
+                     [0] * 5 + [9] * 35], np.int32)
+
+
+@pytest.mark.slow  # 5-15 s each in interpret mode; test_gla_lowering.py covers segments in the default run
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_packed_segments_h0(platform, scalar):
+    """segment_ids: state resets at document starts, padding transparent, h0 only in the first
+    document; o, final state and every gradient against the float64 scan reference with the
+    same segments (itself checked against the attn_jax engine below)."""
+    q, k, v, lg, h0 = _inputs(jax.random.key(3), T=40, Dk=16, Dv=16, gates=("mixed", "strong"), scalar=scalar, B=2)
+    _check(platform, q, k, v, lg, h0, chunk_size=16, segment_ids=jnp.asarray(SEGMENTS))
+
+
+@pytest.mark.slow  # float64 compile of the engine's chunk form under vjp dominates (~15-20 s)
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+def test_reference_segments_match_the_engine_chunk_form(scalar):
+    """``gla_reference(segment_ids=...)`` agrees with ``attn_jax``'s XLA chunk form on packed
+    segments (values and all gradients), so the kernel tests above check the engine's semantics."""
+    from attn_jax.linear import gated_linear_attention
+
+    q, k, v, lg, h0 = _inputs(jax.random.key(4), T=40, Dk=8, Dv=8, gates=("mixed", "strong"), scalar=scalar, B=2)
+    seg = jnp.asarray(SEGMENTS)
+    eng = lambda q, k, v, lg, h: gated_linear_attention(q, k, v, lg, initial_state=h, segment_ids=seg, scale=0.5,
+                                                        return_final_state=True, impl="chunk", chunk_size=16)
+    ref = lambda q, k, v, lg, h: gla_reference(q, k, v, lg, initial_state=h, segment_ids=seg, scale=0.5)
+    with tk.float64():
+        p64 = tuple(np.asarray(x, np.float64) for x in (q, k, v, lg, h0))
+        key = jax.random.key(7)
+        (ro, rst), rg = _run(ref, p64, key)
+        (eo, est), eg = _run(eng, p64, key)
+    tk.assert_close(eo, ro, name="o")
+    tk.assert_close(est, rst, name="final_state")
+    for name, a, b in zip(GRADS, eg, rg):
+        tk.assert_close(a, b, grad=True, name=name)
 
 
 # ----------------------------------------------------------------------------- cheap unit tests
