@@ -42,7 +42,7 @@ from jaxtyping import Array, Float, Int
 
 from attn_jax.core import masks
 from attn_jax.core.validation import check_float_array, check_qkv, shape_str
-from attn_jax.linear.common import expand_kv_heads, segment_layout, segmented_cumsum
+from attn_jax.linear.common import check_segment_ids, expand_kv_heads, segment_layout, segmented_cumsum
 from attn_jax.softmax.api import attention
 
 __all__ = ["agent_attention", "agent_attention_reference", "pool_agents"]
@@ -106,11 +106,7 @@ def _check_segments(segment_ids, max_segments, lengths, dims):
         return None
     if lengths is not None:
         raise ValueError("segment_ids: give either lengths or segment_ids, not both")
-    if not jnp.issubdtype(getattr(segment_ids, "dtype", jnp.float32), jnp.integer):
-        raise TypeError(f"segment_ids: expected an integer array [B, T], got "
-                        f"{getattr(segment_ids, 'dtype', type(segment_ids))}")
-    if segment_ids.shape != (dims.B, dims.T):
-        raise ValueError(f"segment_ids: expected shape [B, T] = {[dims.B, dims.T]}, got {shape_str(segment_ids)}")
+    check_segment_ids(segment_ids, dims.B, dims.T)
     if dims.S != dims.T:
         raise ValueError(f"segment_ids: packed documents need S == T, got T={dims.T}, S={dims.S}")
     if max_segments is None:

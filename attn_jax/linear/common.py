@@ -91,6 +91,17 @@ def default_scale(scale, Dk: int) -> float:
     return float(scale)
 
 
+def check_segment_ids(segment_ids, B: int, T: int) -> None:
+    """``segment_ids`` (if given) must be an integer array ``[B, T]``; errors name the argument."""
+    if segment_ids is None:
+        return
+    if not jnp.issubdtype(getattr(segment_ids, "dtype", jnp.float32), jnp.integer):
+        raise TypeError(f"segment_ids: expected an integer array [B, T], got "
+                        f"{getattr(segment_ids, 'dtype', type(segment_ids))}")
+    if getattr(segment_ids, "shape", None) != (B, T):
+        raise ValueError(f"segment_ids: expected shape [B, T] = {[B, T]}, got {shape_str(segment_ids)}")
+
+
 def validate(mechanism: str, q, k, v, gate=None, *, gate_name: str = "log_g", allow_vector_gate: bool = True,
              initial_state=None, segment_ids=None, causal: bool = True) -> RecurrentProblem:
     """Check shapes and dtypes; errors name the argument.  ``gate`` may be None."""
@@ -120,11 +131,7 @@ def validate(mechanism: str, q, k, v, gate=None, *, gate_name: str = "log_g", al
                              f"got {shape_str(initial_state)}")
         if not causal:
             raise ValueError("initial_state: only defined for causal=True")
-    if segment_ids is not None:
-        if not jnp.issubdtype(getattr(segment_ids, "dtype", jnp.float32), jnp.integer):
-            raise TypeError(f"segment_ids: expected an integer array, got {getattr(segment_ids, 'dtype', type(segment_ids))}")
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids: expected shape [B, T] = {[B, T]}, got {shape_str(segment_ids)}")
+    check_segment_ids(segment_ids, B, T)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {causal!r}")
     return RecurrentProblem(mechanism, B, T, H, dims.K, dims.Dk, dims.Dv, jnp.dtype(q.dtype).name, kind, causal,

@@ -58,7 +58,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from attn_jax.core.validation import check_float_array, check_qkv, shape_str
-from attn_jax.linear.common import expand_kv_heads, segment_layout, segmented_cumlogsumexp, segmented_cumsum
+from attn_jax.linear.common import check_segment_ids, expand_kv_heads, segment_layout, segmented_cumlogsumexp, segmented_cumsum
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 
 __all__ = ["flow_attention", "flow_attention_reference", "flow_attention_step", "FlowState", "init_flow_state"]
@@ -111,12 +111,8 @@ def _prepare(q, k, v, causal, eps, segment_ids, initial_state, return_final_stat
         raise ValueError(f"k: causal flow attention needs S == T = {dims.T}, got S = {dims.S}")
     eps = _check_eps(eps)
     B, T, H = dims.B, dims.T, dims.H
+    check_segment_ids(segment_ids, B, T)
     if segment_ids is not None:
-        if not jnp.issubdtype(getattr(segment_ids, "dtype", jnp.float32), jnp.integer):
-            raise TypeError(f"segment_ids: expected an integer array, got "
-                            f"{getattr(segment_ids, 'dtype', type(segment_ids))}")
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids: expected shape [B, T] = {[B, T]}, got {shape_str(segment_ids)}")
         if dims.S != T:
             raise ValueError(f"segment_ids: packed segments need S == T = {T}, got S = {dims.S}")
     if not causal and initial_state is not None:

@@ -44,7 +44,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from attn_jax.core.validation import check_float_array, shape_str
-from attn_jax.linear.common import segment_layout
+from attn_jax.linear.common import check_segment_ids, segment_layout
 
 __all__ = ["damped_ema", "damped_ema_reference", "damped_ema_parallel", "damped_ema_fft", "damped_ema_step",
            "damped_ema_kernel", "EMA_IMPLS"]
@@ -70,12 +70,7 @@ def _validate(x, alpha, delta, beta, eta, segment_ids, initial_state):
             want = f"[D={D}, N]" if N is None else f"[D={D}, N={N}]"
             raise ValueError(f"{name}: expected {want}, got {shape_str(p)}")
         N = p.shape[1]
-    if segment_ids is not None:
-        if not jnp.issubdtype(getattr(segment_ids, "dtype", jnp.float32), jnp.integer):
-            raise TypeError(f"segment_ids: expected an integer array [B, T], got dtype "
-                            f"{getattr(segment_ids, 'dtype', type(segment_ids))}")
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids: expected shape [B, T] = {[B, T]}, got {shape_str(segment_ids)}")
+    check_segment_ids(segment_ids, B, T)
     if initial_state is not None:
         check_float_array("initial_state", initial_state)
         if initial_state.shape != (B, D, N):

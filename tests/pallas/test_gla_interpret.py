@@ -130,9 +130,12 @@ SEGMENTS = np.array([[1] * 10 + [2] * 6 + [3] * 7 + [0] * 3 + [3] * 2 + [4] * 10
                      [0] * 5 + [9] * 35], np.int32)
 
 
-@pytest.mark.slow  # 5-15 s each in interpret mode; test_gla_lowering.py covers segments in the default run
-@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
-@pytest.mark.parametrize("platform", PLATFORMS)
+# 5-15 s each in interpret mode: the GPU kernel with vector gates runs by default, the rest under -m slow
+@pytest.mark.parametrize("platform,scalar", [
+    ("gpu", False),
+    *[pytest.param(p, s, marks=pytest.mark.slow) for p, s in ((p, s) for p in PLATFORMS for s in (False, True))
+      if (p, s) != ("gpu", False)],
+])
 def test_packed_segments_h0(platform, scalar):
     """segment_ids: state resets at document starts, padding transparent, h0 only in the first
     document; o, final state and every gradient against the float64 scan reference with the
