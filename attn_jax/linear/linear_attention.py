@@ -193,10 +193,13 @@ def cosformer_attention(q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], 
                         chunk_size: int = DEFAULT_CHUNK):
     """cosFormer attention (arXiv:2202.08791); returns ``(o, state)``.
 
-    ``state``: ``[B, H, 2D, Dv + 1]`` (cos features then sin features; normaliser last column).
-    A state carried across calls (decode) is only consistent when positions continue, which this
-    function does not track — pass ``initial_state`` only for a continuation whose positions
-    start at 0 of the same ``max_len`` frame (prefer one call over the whole sequence).
+    ``state``: ``[B, H, 2D, Dv + 1]`` (cos features then sin features; normaliser last column),
+    in the frame of this call's positions ``0 .. T-1``.  Positions restart at 0 in every call, so
+    to continue a sequence after ``P`` tokens rotate the carried state into the new frame:
+    ``S_cos' = cos θ S_cos + sin θ S_sin``, ``S_sin' = cos θ S_sin − sin θ S_cos`` with
+    ``θ = πP / 2M`` (tested in ``tests/linear/test_linear_variants.py``).  The ``"cosformer"``
+    mixer (:mod:`attn_jax.nn.linear_mixers`) instead computes features at absolute positions and
+    needs no rotation.
     """
     check_qkv(q, k, v)
     M = _check_max_len(max_len, q.shape[1])

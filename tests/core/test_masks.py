@@ -9,7 +9,20 @@ from hypothesis import strategies as st
 
 from attn_jax import masks
 from attn_jax.core.masks import EMPTY, FULL, PARTIAL
-from attn_jax.core.testing import random_segment_ids
+from attn_jax.core.testing import fast_jit, random_segment_ids
+
+# Data-dependent masks run their lowerings as one fast-compiled program per shape (eager, every
+# op compiled separately at every shape); positional masks stay eager (classify is NumPy).
+_materialize = fast_jit(lambda m, T, S: m.materialize(T, S), static_argnums=(1, 2))
+_classify = fast_jit(lambda m, T, S, bq, bk: m.classify(T, S, bq, bk), static_argnums=(1, 2, 3, 4))
+_predicate = fast_jit(lambda m, qi, ki, T, S: m.predicate(qi, ki, T, S), static_argnums=(3, 4))
+
+
+def _lowerings(mask):
+    """(materialize, classify, predicate) of ``mask``: jitted for data-dependent masks."""
+    if mask.is_static:
+        return mask.materialize, mask.classify, mask.predicate
+    return (lambda *a: _materialize(mask, *a)), (lambda *a: _classify(mask, *a)), (lambda *a: _predicate(mask, *a))
 
 
 def numpy_visible(kind, T, S, **kw):
@@ -51,16 +64,18 @@ def check_sound(cls, vis, bq, bk):
 
 
 def check_exact(mask, T, S, bq, bk):
-    vis = np.asarray(mask.materialize(T, S))
-    truth, cls = check_sound(mask.classify(T, S, bq, bk), vis, bq, bk)
+    materialize, classify, _ = _lowerings(mask)
+    vis = np.asarray(materialize(T, S))
+    truth, cls = check_sound(classify(T, S, bq, bk), vis, bq, bk)
     np.testing.assert_array_equal(cls, np.broadcast_to(truth, cls.shape))
 
 
 def check_predicate(mask, T, S, rng):
-    full = np.asarray(mask.materialize(T, S))
+    materialize, _, predicate = _lowerings(mask)
+    full = np.asarray(materialize(T, S))
     qi = np.sort(rng.choice(T, size=min(T, 5), replace=False))
     ki = np.sort(rng.choice(S, size=min(S, 7), replace=False))
-    sub = np.asarray(mask.predicate(jnp.asarray(qi), jnp.asarray(ki), T, S))
+    sub = np.asarray(predicate(jnp.asarray(qi), jnp.asarray(ki), T, S))
     np.testing.assert_array_equal(np.broadcast_to(sub, full[..., qi[:, None], ki[None, :]].shape),
                                   full[..., qi[:, None], ki[None, :]])
 
@@ -115,10 +130,11 @@ def test_compositions_are_sound(a, b, op, T, S, bq, bk):
 def test_segments_sound_and_predicate(B, T, bq, bk, seed):
     ids = random_segment_ids(jax.random.key(seed), B, T, max_segments=4, pad_fraction=0.3)
     m = masks.segments(ids)
-    vis = np.asarray(m.materialize(T, T))
+    materialize, classify, _ = _lowerings(m)
+    vis = np.asarray(materialize(T, T))
     ref = (np.asarray(ids)[:, :, None] == np.asarray(ids)[:, None, :]) & (np.asarray(ids)[:, :, None] != 0)
     np.testing.assert_array_equal(vis[:, 0], ref)
-    check_sound(m.classify(T, T, bq, bk), vis, bq, bk)
+    check_sound(classify(T, T, bq, bk), vis, bq, bk)
     check_predicate(m, T, T, np.random.default_rng(seed))
     # Sorted packed ids: the min/max rule is exact.
     check_exact(m, T, T, bq, bk)
@@ -130,7 +146,7 @@ def test_key_padding_and_dense_exact(B, T, S, bq, bk, seed):
     rng = np.random.default_rng(seed)
     lengths = jnp.asarray(rng.integers(0, S + 1, size=B), jnp.int32)
     kp = masks.key_padding(lengths)
-    vis = np.asarray(kp.materialize(T, S))
+    vis = np.asarray(_lowerings(kp)[0](T, S))
     np.testing.assert_array_equal(vis[:, 0], np.broadcast_to(
         np.arange(S)[None, None, :] < np.asarray(lengths)[:, None, None], (B, T, S)))
     check_exact(kp, T, S, bq, bk)

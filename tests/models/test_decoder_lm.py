@@ -24,7 +24,7 @@ def _model(pattern, **kw):
 def _jitted(model):
     graphdef, state = nnx.split(model)
 
-    @jax.jit
+    @tk.fast_jit
     def f(state, tokens, positions=None, segment_ids=None, cache=None):
         return nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
 
@@ -80,7 +80,7 @@ def test_shapes_and_gradients_are_finite(lm):
         logits, _ = nnx.merge(gdef, params, rest)(tok[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tok[:, 1:]).mean()
 
-    grads = jax.jit(jax.grad(loss))(params)
+    grads = tk.fast_jit(jax.grad(loss))(params)
     leaves = jax.tree.leaves(grads)
     assert len(leaves) == len(jax.tree.leaves(params))
     for g in leaves:
@@ -130,7 +130,7 @@ def test_hybrid_pattern_and_sharding_axes():
 def test_bf16_compute():
     model = _model("softmax", dtype=jnp.bfloat16)
     assert model.embed.embedding[...].dtype == jnp.float32
-    logits, _ = jax.jit(lambda s, t: nnx.merge(*s)(t))(nnx.split(model), _tokens(3))
+    logits, _ = tk.fast_jit(lambda s, t: nnx.merge(*s)(t))(nnx.split(model), _tokens(3))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
 
 

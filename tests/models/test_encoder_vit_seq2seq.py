@@ -13,9 +13,13 @@ from attn_jax.models.vit import patchify, sincos_2d
 V, D = 50, 32
 
 
+# Programs compile with tk.FAST_COMPILE (compile time dominates these tests; float32 results agree).
+_randint = tk.fast_jit(lambda key, shape, n: jax.random.randint(key, shape, 0, n), static_argnums=(1, 2))
+
+
 def _call(model, *args, **kw):
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a, **kw))(state, *args)
+    return tk.fast_jit(lambda s, *a: nnx.merge(graphdef, s)(*a, **kw))(state, *args)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -23,8 +27,8 @@ def test_encoder_classifier_padding_invariance_and_bidirectionality(pooling):
     cfg = EncoderConfig(vocab_size=V, num_classes=3, d_model=D, num_heads=4, pooling=pooling)
     model = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    f = jax.jit(lambda s, t, m: nnx.merge(graphdef, s)(t, padding_mask=m))
-    tok = jax.random.randint(jax.random.key(0), (2, 10), 0, V)
+    f = tk.fast_jit(lambda s, t, m: nnx.merge(graphdef, s)(t, padding_mask=m))
+    tok = _randint(jax.random.key(0), (2, 10), V)
     mask = jnp.arange(10)[None, :] < jnp.array([[10], [6]])
     logits = f(state, tok, mask)
     assert logits.shape == (2, 3) and logits.dtype == jnp.float32
@@ -69,10 +73,10 @@ def test_seq2seq_incremental_decoding_equals_teacher_forcing():
     cfg = Seq2SeqConfig(src_vocab_size=V, tgt_vocab_size=40, d_model=D, num_heads=4, num_kv_heads=2)
     model = Seq2Seq(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    src = jax.random.randint(jax.random.key(0), (2, 9), 0, V)
-    tgt = jax.random.randint(jax.random.key(1), (2, 7), 0, 40)
+    src = _randint(jax.random.key(0), (2, 9), V)
+    tgt = _randint(jax.random.key(1), (2, 7), 40)
     src_mask = jnp.arange(9)[None, :] < jnp.array([[9], [5]])
-    forward = jax.jit(lambda s, a, b, m: nnx.merge(graphdef, s)(a, b, src_padding_mask=m))
+    forward = tk.fast_jit(lambda s, a, b, m: nnx.merge(graphdef, s)(a, b, src_padding_mask=m))
     full = forward(state, src, tgt, src_mask)
     assert full.shape == (2, 7, 40)
     # Padding source tokens do not matter.
@@ -80,12 +84,12 @@ def test_seq2seq_incremental_decoding_equals_teacher_forcing():
     full2 = forward(state, src2, tgt, src_mask)
     tk.assert_close(full2, full, name="source padding")
 
-    @jax.jit
+    @tk.fast_jit
     def start(s, src, m):
         mdl = nnx.merge(graphdef, s)
         return mdl.init_cache(mdl.encode(src, src_padding_mask=m), m, max_len=8)
 
-    @jax.jit
+    @tk.fast_jit
     def step(s, tok, cache):
         return nnx.merge(graphdef, s).decode(tok, cache=cache)
 

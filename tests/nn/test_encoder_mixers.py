@@ -26,7 +26,7 @@ def mixer(request):
     m = mixers.get(request.param)(D, H, rngs=nnx.Rngs(0), num_kv_heads=2, causal=False)
     graphdef, state = nnx.split(m)
 
-    @jax.jit
+    @tk.fast_jit
     def call(state, x, positions=None, segment_ids=None):
         return nnx.merge(graphdef, state)(x, positions=positions, segment_ids=segment_ids)[0]
 
@@ -55,7 +55,7 @@ def test_protocol_and_jit_matches_eager(mixer):
 
 def test_finite_gradients(mixer):
     name, m, state, call = mixer
-    gs, gx = jax.jit(jax.grad(lambda s, x: jnp.sum(call(s, x) ** 2), argnums=(0, 1)))(state, _x(1))
+    gs, gx = tk.fast_jit(jax.grad(lambda s, x: jnp.sum(call(s, x) ** 2), argnums=(0, 1)))(state, _x(1))
     for g in jax.tree.leaves(gs) + [gx]:
         assert np.isfinite(np.asarray(g)).all()
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(gs))
@@ -112,7 +112,7 @@ def test_encoder_runs_with_encoder_only_mixers():
     assert [b.mixer.spec.name for b in model.encoder.blocks] == ["efficient", "agent"]
     assert all(not b.mixer.causal for b in model.encoder.blocks)
     graphdef, state = nnx.split(model)
-    f = jax.jit(lambda s, t, mask: nnx.merge(graphdef, s)(t, padding_mask=mask))
+    f = tk.fast_jit(lambda s, t, mask: nnx.merge(graphdef, s)(t, padding_mask=mask))
     tok = jax.random.randint(jax.random.key(0), (2, 10), 0, 50)
     mask = jnp.arange(10)[None, :] < jnp.array([[10], [6]])
     logits = f(state, tok, mask)

@@ -129,7 +129,7 @@ def test_layer_matches_hand_written_computation(name):
     x, seg = _x(0), jnp.asarray(SEG)
     y, cache = m(x, segment_ids=seg)
     assert cache is None and y.shape == (B, T, D)
-    ref = jax.jit(_manual, static_argnums=0)(name, _params(m), x, seg)
+    ref = tk.fast_jit(_manual, static_argnums=0)(name, _params(m), x, seg)
     tk.assert_close(y, ref, name=f"{name}: layer vs hand-written")
     assert float(jnp.abs(ref).max()) > 0.0
 
@@ -140,7 +140,7 @@ def test_noncausal_layer_matches_hand_written_computation(name):
     x, seg = _x(7), jnp.asarray(SEG)
     y, cache = m(x, segment_ids=seg)
     assert cache is None and y.shape == (B, T, D)
-    ref = jax.jit(_manual, static_argnums=(0, 4))(name, _params(m), x, seg, False)
+    ref = tk.fast_jit(_manual, static_argnums=(0, 4))(name, _params(m), x, seg, False)
     tk.assert_close(y, ref, name=f"{name}: non-causal layer vs hand-written")
     assert float(jnp.abs(ref).max()) > 0.0
 
@@ -155,8 +155,8 @@ def test_decode_after_ragged_prefill_equals_full(name):
     """Prefill rows of 12 and 5 valid tokens, then T=1 steps (row 1 skips one: a padding step)."""
     m = _mixer(name)
     graphdef, state = nnx.split(m)
-    call = jax.jit(lambda x, seg, cache: nnx.merge(graphdef, state)(x, segment_ids=seg, cache=cache))
-    full_fn = jax.jit(lambda x: nnx.merge(graphdef, state)(x)[0])
+    call = tk.fast_jit(lambda x, seg, cache: nnx.merge(graphdef, state)(x, segment_ids=seg, cache=cache))
+    full_fn = tk.fast_jit(lambda x: nnx.merge(graphdef, state)(x)[0])
     x = _x(1, t=T + 3)
     n_valid = np.array([T, 5])
     seg = (np.arange(T)[None] < n_valid[:, None]).astype(np.int32)
@@ -307,7 +307,7 @@ def test_hedgehog_distillation_trains_the_feature_maps():
     graphdef, maps, rest = nnx.split(m, is_map, ...)
     opt = optax.adam(5e-2)
 
-    @jax.jit
+    @tk.fast_jit
     def train(maps):
         def loss(maps):
             return nnx.merge(graphdef, maps, rest).distillation_loss(x)

@@ -25,7 +25,7 @@ def mixer(request):
     m = mixers.get(request.param)(D, H, rngs=nnx.Rngs(0), num_kv_heads=2)
     graphdef, state = nnx.split(m)
 
-    @jax.jit
+    @tk.fast_jit
     def call(state, x, positions=None, segment_ids=None, cache=None):
         y, cache = nnx.merge(graphdef, state)(x, positions=positions, segment_ids=segment_ids, cache=cache)
         return y, cache
@@ -53,7 +53,7 @@ def test_finite_gradients(mixer):
     def loss(state, x):
         return jnp.sum(call(state, x)[0] ** 2)
 
-    gs, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
+    gs, gx = tk.fast_jit(jax.grad(loss, argnums=(0, 1)))(state, x)
     leaves = jax.tree.leaves(gs) + [gx]
     assert leaves
     for g in leaves:

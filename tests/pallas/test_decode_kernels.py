@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attn_jax.core.testing import fast_jit
 from pallas_kernels.decode_attention import (decode_attention, decode_partials, merge_partials,
                                              paged_decode_attention)
 from pallas_kernels.decode_attention.reference import decode_reference, gather_pages
@@ -28,7 +29,9 @@ def _tol(dtype):
     return dict(atol=2e-2, rtol=2e-2) if dtype == jnp.bfloat16 else dict(atol=2e-5, rtol=2e-5)
 
 
+@functools.partial(fast_jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7), static_argnames=("Dv",))
 def _qkv(B, T, H, K, D, S, dtype, seed=0, Dv=None):
+    """One fast-compiled program per shape (eager jax.random compiles with the default options)."""
     ks = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(dtype)
     k = jax.random.normal(ks[1], (B, S, K, D), jnp.float32).astype(dtype)
@@ -38,19 +41,20 @@ def _qkv(B, T, H, K, D, S, dtype, seed=0, Dv=None):
 
 
 def _run(platform, fn):
-    """Run ``jit(fn)()`` (one XLA program: faster than eager interpret) and materialise it; on TPU
-    inside the race recorder, asserting that race detection ran and found no race."""
+    """Run ``jit(fn)()`` (one XLA program: faster than eager interpret; fast-compiled, see
+    ``attn_jax.core.testing.FAST_COMPILE``) and materialise it; on TPU inside the race recorder,
+    asserting that race detection ran and found no race."""
     if platform == "tpu":
         with tpu_race_check() as rec:
-            out = jax.block_until_ready(jax.jit(fn)())
+            out = jax.block_until_ready(fast_jit(fn)())
         assert rec.states, "race detection did not run"
         assert not rec.races_found
         return out
-    return jax.block_until_ready(jax.jit(fn)())
+    return jax.block_until_ready(fast_jit(fn)())
 
 
 def _ref(q, k, v, lengths, **kw):
-    return jax.jit(lambda *a: decode_reference(*a, **kw))(q, k, v, lengths)
+    return fast_jit(lambda *a: decode_reference(*a, **kw))(q, k, v, lengths)
 
 
 def _assert_match(o, lse, ro, rlse, dtype):

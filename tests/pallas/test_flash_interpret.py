@@ -34,6 +34,9 @@ def _blocks(platform):
 
 # XLA:CPU compile time dominates; the optimisation level does not change results.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# Inputs as one fast-compiled program per shape (eager jax.random compiles with the default options).
+_random_qkv = tk.random_qkv_compiled
+_normal = tk.fast_jit(lambda key, shape: jax.random.normal(key, shape, jnp.float32), static_argnums=1)
 
 
 def _jit_vjp(fn, primals, key):
@@ -77,7 +80,7 @@ def _check(platform, q, k, v, *, mask=None, bias=None, sinks=None, softcap=None,
 def test_causal_gqa_softcap_sinks_alibi_dropout_ragged(platform):
     """T < S bottom-right causal, GQA (H=4, K=2), Dk != Dv, ragged T/S, softcap, sinks, ALiBi (dslopes),
     dropout (in-kernel counter hash)."""
-    q, k, v = tk.random_qkv(jax.random.key(0), B=1, T=23, S=37, H=4, K=2, Dk=32, Dv=16)
+    q, k, v = _random_qkv(jax.random.key(0), B=1, T=23, S=37, H=4, K=2, Dk=32, Dv=16)
     sinks = jnp.array([0.5, -1.0, 2.0, 0.0], jnp.float32)
     bias = ALiBi(alibi(4).slopes * 4.0)  # steeper slopes so the bias matters at these lengths
     _check(platform, q, k, v, mask=masks.causal(), bias=bias, sinks=sinks, softcap=3.0, dropout_rate=0.2)
@@ -87,7 +90,7 @@ def test_causal_gqa_softcap_sinks_alibi_dropout_ragged(platform):
 def test_segments_window_bias_fully_masked_rows(platform):
     """Packed segments with padding (fully masked rows), sliding window, dense bias with dbias."""
     B, T, H = 2, 40, 2
-    q, k, v = tk.random_qkv(jax.random.key(1), B=B, T=T, H=H, Dk=16)
+    q, k, v = _random_qkv(jax.random.key(1), B=B, T=T, H=H, Dk=16)
     seg = np.array(tk.random_segment_ids(jax.random.key(3), B, T))
     seg[0, -7:] = 0       # padding rows: fully masked
     seg[1, 5:9] = 0       # padding in the middle
@@ -95,7 +98,7 @@ def test_segments_window_bias_fully_masked_rows(platform):
     # NaN in padded positions must not leak
     pad = (seg == 0)[:, :, None, None]
     q, k, v = (jnp.where(pad, jnp.nan, x) for x in (q, k, v))
-    bias = jax.random.normal(jax.random.key(4), (1, H, T, T), jnp.float32)
+    bias = _normal(jax.random.key(4), (1, H, T, T))
     mask = masks.segments(seg) & masks.sliding_window(9, 3)
     o, lse, grads = _check(platform, q, k, v, mask=mask, bias=bias)
     rows = np.asarray(seg == 0)
@@ -108,7 +111,7 @@ def test_segments_window_bias_fully_masked_rows(platform):
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_bf16_causal_no_sinks(platform):
-    q, k, v = tk.random_qkv(jax.random.key(5), B=1, T=32, H=2, Dk=32, dtype=jnp.bfloat16)
+    q, k, v = _random_qkv(jax.random.key(5), B=1, T=32, H=2, Dk=32, dtype=jnp.bfloat16)
     _check(platform, q, k, v, mask=masks.causal(), dtype=jnp.bfloat16)
 
 
@@ -116,8 +119,8 @@ def test_bf16_causal_no_sinks(platform):
 def test_chunked_prefix_key_padding_batched_bias(platform):
     """chunked & prefix_lm (static) & key_padding (traced lists), T > S, per-batch bias [B, 1, T, S]."""
     B, T, S, H = 2, 36, 30, 2
-    q, k, v = tk.random_qkv(jax.random.key(6), B=B, T=T, S=S, H=H, K=1, Dk=16, Dv=32)
-    bias = jax.random.normal(jax.random.key(7), (B, 1, T, S), jnp.float32)
+    q, k, v = _random_qkv(jax.random.key(6), B=B, T=T, S=S, H=H, K=1, Dk=16, Dv=32)
+    bias = _normal(jax.random.key(7), (B, 1, T, S))
     mask = masks.chunked(12) & masks.prefix_lm(5) & masks.key_padding(jnp.array([30, 17]))
     _check(platform, q, k, v, mask=mask, bias=bias, scale=0.3)
 
@@ -125,7 +128,7 @@ def test_chunked_prefix_key_padding_batched_bias(platform):
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_decode_one_query_odd_head_dim_fp16(platform):
     """T = 1 against S = 27 keys (decode), odd head dim 24 (zero-padded to 32 on GPU), float16."""
-    q, k, v = tk.random_qkv(jax.random.key(8), B=1, T=1, S=27, H=2, Dk=24, dtype=jnp.float16)
+    q, k, v = _random_qkv(jax.random.key(8), B=1, T=1, S=27, H=2, Dk=24, dtype=jnp.float16)
     _check(platform, q, k, v, mask=masks.causal(), dtype=jnp.float16)
 
 
@@ -156,8 +159,9 @@ def test_dropout_keep_mask_bitwise_equal_to_attn_jax():
     s32 = lax.bitcast_convert_type(seed, jnp.int32)
     ar = lambda n, ax: jnp.arange(n, dtype=jnp.int32).reshape([-1 if a == ax else 1 for a in range(4)])
     for rate in (0.1, 0.5):
-        ours = dropout_keep(rate, s32[0], s32[1], ar(2, 0), ar(3, 1), ar(33, 2), ar(70, 3))
-        theirs = aj_random.keep_mask(seed, rate, ar(2, 0), ar(3, 1), ar(33, 2), ar(70, 3))
+        ours, theirs = tk.compiled(lambda seed, s32: (
+            dropout_keep(rate, s32[0], s32[1], ar(2, 0), ar(3, 1), ar(33, 2), ar(70, 3)),
+            aj_random.keep_mask(seed, rate, ar(2, 0), ar(3, 1), ar(33, 2), ar(70, 3))), seed, s32)
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
@@ -173,17 +177,18 @@ def test_mask_terms_match_mask_objects():
 
 
 def test_kernel_reference_matches_attn_jax_reference():
-    q, k, v = tk.random_qkv(jax.random.key(9), B=1, T=12, S=12, H=2, K=1, Dk=8)
-    o, lse = flash_attention_reference(q, k, v, mask_terms=(("window", 0, 3, 1),), softcap=2.0,
-                                       sinks=jnp.array([0.1, 0.2]))
-    ro, rlse = aj.attention(q, k, v, mask=masks.sliding_window(3, 1), softcap=2.0, sinks=jnp.array([0.1, 0.2]),
-                            return_lse=True, impl="reference")
+    q, k, v = _random_qkv(jax.random.key(9), B=1, T=12, S=12, H=2, K=1, Dk=8)
+    (o, lse), (ro, rlse) = tk.compiled(lambda q, k, v: (
+        flash_attention_reference(q, k, v, mask_terms=(("window", 0, 3, 1),), softcap=2.0,
+                                  sinks=jnp.array([0.1, 0.2])),
+        aj.attention(q, k, v, mask=masks.sliding_window(3, 1), softcap=2.0, sinks=jnp.array([0.1, 0.2]),
+                     return_lse=True, impl="reference")), q, k, v)
     tk.assert_close(o, ro)
     tk.assert_close(lse, rlse)
 
 
 def test_unsupported_reasons():
-    q, k, v = tk.random_qkv(jax.random.key(0), B=1, T=8, H=2, Dk=8)
+    q, k, v = _random_qkv(jax.random.key(0), B=1, T=8, H=2, Dk=8)
     seg = jnp.ones((1, 8), jnp.int32)
 
     def reasons(platform, **kw):

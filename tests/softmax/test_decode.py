@@ -22,7 +22,11 @@ from attn_jax.softmax.kv_cache import KVCache, PageAllocator, PagedKVCache, Ring
 
 def random_qkv(*args, **kwargs):
     """NumPy inputs: slicing them per step must not compile a slice per token position."""
-    return tuple(np.array(x) for x in testing.random_qkv(*args, **kwargs))
+    return tuple(np.array(x) for x in testing.random_qkv_compiled(*args, **kwargs))
+
+
+#: jax.random.normal as one fast-compiled program per shape (eager, it compiles with the defaults).
+_normal = testing.fast_jit(lambda key, shape: jax.random.normal(key, shape), static_argnums=1)
 
 
 #: The decode logic (caches, offsets, masks, merges) is tested through the fast-to-compile
@@ -31,10 +35,13 @@ IMPL = "reference"
 
 
 def _jit(fn, **kw):
-    """Tests run jitted: eager dispatch of the attention loops would dominate the runtime."""
+    """Tests run jitted: eager dispatch of the attention loops would dominate the runtime.
+
+    Programs compile with ``testing.FAST_COMPILE`` (compile time dominates; float32 results agree).
+    """
     if fn in (D.prefill, D.decode_step, D.decode_attention, D.decode_attention_split_k):
         kw.setdefault("impl", IMPL)
-    return jax.jit(functools.partial(fn, **kw))
+    return testing.fast_jit(functools.partial(fn, **kw))
 
 
 def _full(q, k, v, mask=None, **kw):
@@ -61,11 +68,11 @@ def test_prefill_then_steps_equals_full_forward(H, K, Dk, Dv):
     B, T, n_prefill = 2, 11, 6
     q, k, v = random_qkv(jax.random.key(0), B=B, T=T, H=H, K=K, Dk=Dk, Dv=Dv)
 
-    @jax.jit
+    @testing.fast_jit
     def prefill_fn(q, k, v):
         return D.prefill(q, k, v, KVCache.init(B, 16, K, Dk, value_dim=Dv), impl=IMPL)
 
-    @jax.jit
+    @testing.fast_jit
     def step_fn(cache, q, k, v):
         return D.decode_step(q, k, v, cache, impl=IMPL)
 
@@ -117,7 +124,7 @@ def test_append_writes_per_row_and_drops_overflow():
     cache = KVCache.init(2, 4, 1, 2)
     cache = cache.replace(lengths=np.array([1, 3], np.int32))
     kn = np.arange(1, 4, dtype=np.float32).reshape(1, 3, 1, 1) * np.ones((2, 3, 1, 2), np.float32)
-    append = jax.jit(lambda c, k, v, n=None: c.append(k, v, n))
+    append = testing.fast_jit(lambda c, k, v, n=None: c.append(k, v, n))
     new = append(cache, kn, kn)
     np.testing.assert_array_equal(new.lengths, [4, 4])  # row 1 saturates at max_len
     np.testing.assert_array_equal(new.k[0, :, 0, 0], [0, 1, 2, 3])
@@ -132,7 +139,7 @@ def test_append_writes_per_row_and_drops_overflow():
 
 
 def _t5(H):
-    return T5RelativeBias(jax.random.normal(jax.random.key(4), (8, H)), bidirectional=False, num_buckets=8,
+    return T5RelativeBias(_normal(jax.random.key(4), (8, H)), bidirectional=False, num_buckets=8,
                           max_distance=6)
 
 
@@ -141,7 +148,7 @@ def _t5(H):
 def test_bias_softcap_sinks_through_decode(kind, method):
     B, T, H, K, Dk, n_prefill = 2, 9, 4, 2, 16, 5
     q, k, v = random_qkv(jax.random.key(3), B=B, T=T, H=H, K=K, Dk=Dk)
-    sinks = jax.random.normal(jax.random.key(5), (H,))
+    sinks = _normal(jax.random.key(5), (H,))
     kw = {"alibi": dict(bias=alibi(H)), "softcap+scale+sinks": dict(softcap=2.0, scale=0.7, sinks=sinks),
           "t5+sinks": dict(bias=_t5(H), sinks=sinks)}[kind]
     extra = dict(method=method, num_splits=3) if method == "split_k" else {}
@@ -273,7 +280,7 @@ def test_page_allocator():
 def test_paged_writes_to_unallocated_pages_are_dropped():
     cache = PagedKVCache.init(1, 4, 2, 3, 1, 2, page_table=jnp.array([[2, -1, 0]], jnp.int32))
     kn = np.ones((1, 4, 1, 2), np.float32)
-    new = jax.jit(lambda c, k, v: c.append(k, v))(cache, kn, kn)
+    new = testing.fast_jit(lambda c, k, v: c.append(k, v))(cache, kn, kn)
     np.testing.assert_array_equal(new.k_pages[2], 1)
     assert not np.any(np.asarray(new.k_pages)[[0, 1, 3]])  # page 1 of the row is unallocated
     np.testing.assert_array_equal(new.lengths, [4])
@@ -306,7 +313,7 @@ def test_split_k_with_sinks_and_dense_bias():
     q, k, v = random_qkv(jax.random.key(14), B=B, T=T, S=S, H=H, Dk=Dk)
     lengths = jnp.array([10, 3], jnp.int32)
     sinks = jnp.array([0.5, -1.0])
-    bias = jax.random.normal(jax.random.key(15), (1, H, T, S))
+    bias = _normal(jax.random.key(15), (1, H, T, S))
     ref = _jit(D.decode_attention, method="direct", return_lse=True)(
         q, k, v, lengths=lengths, sinks=sinks, bias=bias)
     for ns in (3, 4):
@@ -343,7 +350,7 @@ def test_decode_step_compiles_once(make_cache):
         traces.append(1)  # Python side effect: runs only when jit traces
         return D.decode_step(q, k, v, cache, impl=IMPL)
 
-    jstep = jax.jit(step, donate_argnums=3)
+    jstep = testing.fast_jit(step, donate_argnums=3)
     q, k, v = random_qkv(jax.random.key(17), B=2, T=8, H=4, K=2, Dk=8)
     cache = make_cache()
     for t in range(8):
@@ -419,7 +426,7 @@ def test_write_first_path_with_dense_bias_and_mask():
     """A dense bias or an extra mask takes the write-then-attend path; it must agree too."""
     B, T, H, K, Dk, S = 2, 6, 4, 2, 8, 10
     q, k, v = random_qkv(jax.random.key(20), B=B, T=T, H=H, K=K, Dk=Dk)
-    bias = np.asarray(jax.random.normal(jax.random.key(21), (1, H, T, T)))
+    bias = np.asarray(_normal(jax.random.key(21), (1, H, T, T)))
     cache = KVCache.init(B, S, K, Dk)
     cache = cache.replace(lengths=np.array([0, 0], np.int32))
     dense = np.zeros((1, H, T, S), np.float32)

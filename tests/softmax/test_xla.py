@@ -34,8 +34,9 @@ def _fns(mask=None, block_q=BQ, block_k=BK, **kw):
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _jit_vjp(fn, primals, key):
-    g = jax.jit(lambda *p: tk.vjp_with_random_cotangent(fn, p, key))
+def _jit_vjp(fns, primals, key):
+    """``[vjp_with_random_cotangent(fn, primals, key) for fn in fns]`` as one compiled program."""
+    g = jax.jit(lambda *p: [tk.vjp_with_random_cotangent(fn, p, key) for fn in fns])
     # The fast options approximate float64 transcendental functions; keep float64 exact.
     opts = {} if primals[0].dtype == jnp.float64 else _FAST_COMPILE
     return g.lower(*primals).compile(opts)(*primals)
@@ -45,8 +46,7 @@ def check_parity(q, k, v, *, bias=None, sinks=None, mask=None, dtype=None, block
     fx, fr = _fns(mask, block_q, block_k, **kw)
     primals = (q, k, v, bias, sinks)
     key = jax.random.key(123)
-    out_x, g_x = _jit_vjp(fx, primals, key)
-    out_r, g_r = _jit_vjp(fr, primals, key)
+    (out_x, g_x), (out_r, g_r) = _jit_vjp((fx, fr), primals, key)
     dtype = q.dtype if dtype is None else dtype
     tk.assert_close(out_x[0], out_r[0], dtype=dtype, name="o")
     tk.assert_close(out_x[1], out_r[1], dtype="float32" if dtype != jnp.float64 else dtype, name="lse")
@@ -61,7 +61,11 @@ def check_parity(q, k, v, *, bias=None, sinks=None, mask=None, dtype=None, block
 
 
 def qkv(B=2, T=40, S=None, H=4, K=None, Dk=32, Dv=None, dtype=jnp.float32, seed=0):
-    return tk.random_qkv(jax.random.key(seed), B=B, T=T, S=S, H=H, K=K, Dk=Dk, Dv=Dv, dtype=dtype)
+    return tk.random_qkv_compiled(jax.random.key(seed), B=B, T=T, S=S, H=H, K=K, Dk=Dk, Dv=Dv, dtype=dtype)
+
+
+#: Random inputs as one fast-compiled program per shape (eager jax.random compiles with the defaults).
+_normal = tk.fast_jit(lambda key, shape: jax.random.normal(key, shape), static_argnums=1)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -119,12 +123,12 @@ def test_key_padding_with_empty_row():
 
 def test_dense_mask_with_fully_masked_rows():
     q, k, v = qkv(B=2, T=40, S=50)
-    m = jax.random.bernoulli(jax.random.key(3), 0.3, (2, 1, 40, 50))
-    m = m.at[:, :, 5].set(False).at[1, :, 20:36].set(False)
+    m = tk.compiled(lambda: jax.random.bernoulli(jax.random.key(3), 0.3, (2, 1, 40, 50))
+                    .at[:, :, 5].set(False).at[1, :, 20:36].set(False))
     (o, lse), (dq, _, _, _, _) = check_parity(q, k, v, mask=m)
     assert np.all(np.asarray(o[:, 5]) == 0) and np.all(np.isneginf(np.asarray(lse[:, 5])))
     assert np.all(np.asarray(dq[:, 5]) == 0)
-    mh = jax.random.bernoulli(jax.random.key(4), 0.5, (1, 4, 40, 50))
+    mh = tk.compiled(lambda: jax.random.bernoulli(jax.random.key(4), 0.5, (1, 4, 40, 50)))
     check_parity(q, k, v, mask=masks.dense(mh) & masks.causal())
 
 
@@ -139,21 +143,21 @@ def test_per_row_offsets():
 @pytest.mark.parametrize("shape", [(1, 1, 45, 70), (2, 4, 45, 70)])
 def test_dense_bias_broadcast(shape):
     q, k, v = qkv(T=45, S=70, K=2)
-    bias = jax.random.normal(jax.random.key(9), shape)
+    bias = _normal(jax.random.key(9), shape)
     check_parity(q, k, v, bias=bias, mask=masks.causal())
 
 
 def test_alibi_and_t5_structured_bias():
     q, k, v = qkv(T=45, S=70, H=4, K=1)
     check_parity(q, k, v, bias=alibi(4), mask=masks.causal())
-    table = jax.random.normal(jax.random.key(2), (32, 4))
+    table = _normal(jax.random.key(2), (32, 4))
     check_parity(q, k, v, bias=T5RelativeBias(table, bidirectional=True, max_distance=20))
 
 
 def test_softcap_sinks():
     q, k, v = qkv(T=45, S=70)
     q = q * 4  # large logits so the cap bites
-    sinks = jax.random.normal(jax.random.key(8), (4,))
+    sinks = _normal(jax.random.key(8), (4,))
     check_parity(q, k, v, softcap=5.0, mask=masks.causal())
     check_parity(q, k, v, sinks=sinks, softcap=3.0, bias=alibi(4), mask=masks.sliding_window(6), scale=0.3)
 
@@ -169,9 +173,10 @@ def test_dropout_matches_reference_bitwise_decisions():
     q, k, v = qkv(T=45, S=70, K=2)
     rng = jax.random.key(42)
     check_parity(q, k, v, mask=masks.causal(), dropout_rate=0.3, dropout_rng=rng)
-    a = xla.attention_blockwise(q, k, v, dropout_rate=0.3, dropout_rng=rng, block_q=BQ, block_k=BK)
-    b = xla.attention_blockwise(q, k, v, dropout_rate=0.3, dropout_rng=jax.random.key(43), block_q=BQ,
-                                block_k=BK)
+    a, b = tk.compiled(lambda q, k, v: (
+        xla.attention_blockwise(q, k, v, dropout_rate=0.3, dropout_rng=rng, block_q=BQ, block_k=BK),
+        xla.attention_blockwise(q, k, v, dropout_rate=0.3, dropout_rng=jax.random.key(43), block_q=BQ,
+                                block_k=BK)), q, k, v)
     assert not np.allclose(np.asarray(a), np.asarray(b))
 
 
@@ -211,8 +216,9 @@ def test_float64_tight():
 def test_through_public_api():
     q, k, v = qkv(T=45, S=70, K=2)
     for return_lse in (False, True):
-        a = aj.attention(q, k, v, mask=masks.causal(), impl="xla", return_lse=return_lse)
-        b = aj.attention(q, k, v, mask=masks.causal(), impl="reference", return_lse=return_lse)
+        a, b = tk.compiled(lambda q, k, v: (
+            aj.attention(q, k, v, mask=masks.causal(), impl="xla", return_lse=return_lse),
+            aj.attention(q, k, v, mask=masks.causal(), impl="reference", return_lse=return_lse)), q, k, v)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             tk.assert_close(x, y)
     assert "xla" in str(aj.explain(q, k, v, impl="auto", platform="cpu")).split("->")[1]
@@ -252,7 +258,7 @@ def test_deterministic_and_jit_matches_eager():
         o, vjp = jax.vjp(lambda q, k, v: xla.attention_blockwise(q, k, v, mask=m, block_q=BQ, block_k=BK), q, k, v)
         return (o, *vjp(jnp.ones_like(o)))
 
-    tk.check_deterministic(jax.jit(f), q, k, v)
+    tk.check_deterministic(tk.fast_jit(f), q, k, v)
     fwd = lambda q, k, v: xla.attention_blockwise(q, k, v, mask=m, block_q=BQ, block_k=BK, return_lse=True)
     tk.check_jit_matches_eager(fwd, q, k, v)
 
@@ -286,7 +292,9 @@ def test_no_t_by_s_temporaries_forward_and_backward():
 
 def test_block_skipping_counts_tiles():
     q, k, v = qkv(B=1, T=256, H=2)
-    count = lambda mask, bq=32, bk=32: int(xla.forward_tile_count(q, k, v, mask=mask, block_q=bq, block_k=bk))
+    # One fast-compiled program per mask (eager, the tiled forward ran op by op).
+    tiles = tk.fast_jit(xla.forward_tile_count, static_argnames=("block_q", "block_k"))
+    count = lambda mask, bq=32, bk=32: int(tiles(q, k, v, mask=mask, block_q=bq, block_k=bk))
     n = 256 // 32
     assert count(None) == n * n
     assert count(masks.causal()) == n * (n + 1) // 2
