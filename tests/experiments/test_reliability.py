@@ -83,11 +83,13 @@ def trained(tmp_path_factory):
 
 
 def _damage(step_dir: str, how: str) -> None:
-    if how == "truncated":      # the largest array file loses its second half
-        files = [f for f in glob.glob(os.path.join(step_dir, "**"), recursive=True) if os.path.isfile(f)]
-        big = max(files, key=os.path.getsize)
-        data = open(big, "rb").read()
-        open(big, "wb").write(data[: len(data) // 2])
+    if how == "truncated":      # every array data file loses its second half (the OCDBT store may hold
+        #                         unreferenced data files, so damaging only one of them can go unnoticed)
+        files = [f for f in glob.glob(os.path.join(step_dir, "**", "d", "*"), recursive=True) if os.path.isfile(f)]
+        assert files, f"no array data files under {step_dir}"
+        for f in files:
+            data = open(f, "rb").read()
+            open(f, "wb").write(data[: len(data) // 2])
     elif how == "garbled":      # the tree metadata is not JSON any more
         open(os.path.join(step_dir, "default", "_METADATA"), "w").write("\x00garbage{")
     elif how == "no_commit_marker":
