@@ -255,7 +255,7 @@ ENCODER_ONLY_RULES = ("efficient", "agent")
 COSFORMER_MAX_LEN = 2048
 AGENT_NUM_AGENTS = 16
 
-# mechanism-specific constructor options: option -> (what claims it, default)
+# mechanism-specific constructor options: option -> the mechanism (features or rule) that takes it
 AGENT_MAX_SEGMENTS = 8
 _OPTIONS = {"num_features": "performer", "nu": "dpfp", "feature_dim": "hedgehog", "max_len": "cosformer",
             "num_agents": "agent", "max_segments": "agent"}
