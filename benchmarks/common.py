@@ -1,4 +1,4 @@
-"""Timing and memory helpers shared by the benchmarks (DESIGN.md section 6).
+"""Timing and memory helpers shared by the benchmarks (BUILD.md, "Benchmarks").
 
 * :func:`time_call` -- median wall time of ``fn(*args)`` over ``repeats`` runs after warm-up,
   synchronised with ``jax.block_until_ready`` (or any ``sync`` callable for other frameworks).

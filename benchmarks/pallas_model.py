@@ -2,7 +2,7 @@
 
     python -m benchmarks.pallas_model [--platforms=h100,v5e] [--json-only] [--out-dir=results/bench]
 
-No GPU or TPU is available to this project (DESIGN.md section 4), so kernel speed is never
+No GPU or TPU is available to this project (BUILD.md, "Kernels"), so kernel speed is never
 measured here.  This script prints what a roofline model predicts for our kernels
 (``pallas_kernels.flash_attention``) on an H100 SXM (Triton/``gpu`` block sizes) and a TPU v5e
 (Mosaic/``tpu`` block sizes).  Every output is labelled "model, not a measurement".

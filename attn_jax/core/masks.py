@@ -29,7 +29,7 @@ hold different lengths; the mask is then data-dependent).
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -40,11 +40,14 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "chunked", "segments",
-    "prefix_lm", "dense", "key_padding", "as_mask",
+    "prefix_lm", "dense", "key_padding", "as_mask", "all_of", "is_concrete_int",
+    "PositionalMask", "Causal", "SlidingWindow", "Chunked", "PrefixLM", "Segments", "KeyPadding", "DenseMask",
+    "Combination",
 ]
 
 
-def _is_concrete_int(x) -> bool:
+def is_concrete_int(x) -> bool:
+    """True for a Python / NumPy integer (not a bool, not an array): a static value."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
@@ -57,15 +60,20 @@ def _block_bounds(n: int, b: int):
 
 def _check_block_sizes(T, S, bq, bk):
     for name, v in (("bq", bq), ("bk", bk)):
-        if not _is_concrete_int(v) or v <= 0:
+        if not is_concrete_int(v) or v <= 0:
             raise ValueError(f"block size {name} must be a positive int, got {v!r}")
     for name, v in (("T", T), ("S", S)):
-        if not _is_concrete_int(v) or v <= 0:
+        if not is_concrete_int(v) or v <= 0:
             raise ValueError(f"sequence length {name} must be a positive int, got {v!r}")
 
 
 class Mask:
-    """Base class.  Subclasses implement ``predicate`` and ``classify``."""
+    """Base class.  Subclasses implement ``predicate`` and ``classify``.
+
+    The mask classes are public and frozen (dataclasses: backends ``match`` on them, e.g.
+    ``case Causal(offset=off)``); build them with the constructor functions below, which
+    validate their arguments.  :meth:`conjuncts` lists the masks whose conjunction this is.
+    """
 
     #: True when visibility depends only on (i, j, T, S), not on array data.
     is_static: bool = True
@@ -87,11 +95,15 @@ class Mask:
         """The data arrays the mask holds (for NaN-safety and sharding logic)."""
         return ()
 
+    def conjuncts(self) -> tuple["Mask", ...]:
+        """The masks whose ``&`` is this mask: the parts of an ``&`` composition, else ``(self,)``."""
+        return (self,)
+
     def __and__(self, other: "Mask") -> "Mask":
-        return _Combine("and", (self, as_mask(other)))
+        return Combination("and", (self, as_mask(other)))
 
     def __or__(self, other: "Mask") -> "Mask":
-        return _Combine("or", (self, as_mask(other)))
+        return Combination("or", (self, as_mask(other)))
 
     def __rand__(self, other):
         return as_mask(other) & self
@@ -103,34 +115,42 @@ class Mask:
 # ----------------------------------------------------------------------------- positional masks
 
 
-class _Positional(Mask):
+class PositionalMask(Mask):
     """Masks defined by the query position ``p = i + offset`` and key index ``j``."""
 
-    def __init__(self, offset):
-        if offset is not None and not _is_concrete_int(offset):
+    def __post_init__(self):
+        offset = self.offset
+        if offset is not None and not is_concrete_int(offset):
             offset = jnp.asarray(offset)
             if not jnp.issubdtype(offset.dtype, jnp.integer):
                 raise TypeError(f"offset must be an int or an integer array of shape [B], got dtype {offset.dtype}")
             if offset.ndim != 1:
                 raise ValueError(f"offset array must have shape [B], got shape {offset.shape}")
-            self.is_static = False
-        self.offset = offset
+            object.__setattr__(self, "offset", offset)
+
+    @property
+    def is_static(self) -> bool:
+        return self.offset is None or is_concrete_int(self.offset)
+
+    def query_offset(self, T: int, S: int):
+        """Position of query 0: ``S - T`` by default (bottom-right), else the int or ``[B]`` array given."""
+        return S - T if self.offset is None else self.offset
 
     def _offset(self, T, S, xp):
         """Offset broadcastable to [B|1, 1, 1, 1] (arrays) or a Python int."""
         if self.offset is None:
             return S - T
-        if _is_concrete_int(self.offset):
+        if is_concrete_int(self.offset):
             return int(self.offset)
         return xp.asarray(self.offset).reshape(-1, 1, 1, 1)
 
     def check(self, B, H, T, S):
-        if self.offset is not None and not _is_concrete_int(self.offset):
+        if self.offset is not None and not is_concrete_int(self.offset):
             if self.offset.shape[0] not in (1, B):
                 raise ValueError(f"mask offset: expected shape [{B}] (or [1]), got {tuple(self.offset.shape)}")
 
     def arrays(self):
-        return () if self.offset is None or _is_concrete_int(self.offset) else (self.offset,)
+        return () if self.offset is None or is_concrete_int(self.offset) else (self.offset,)
 
     def predicate(self, q_idx, k_idx, T, S):
         p = jnp.asarray(q_idx)[:, None] + self._offset(T, S, jnp)
@@ -155,7 +175,10 @@ class _Positional(Mask):
         return cls
 
 
-class _Causal(_Positional):
+@dataclass(frozen=True, eq=False)
+class Causal(PositionalMask):
+    offset: Any = None
+
     def _visible(self, p, j):
         return j <= p
 
@@ -166,10 +189,11 @@ class _Causal(_Positional):
         return f"causal(offset={self.offset!r})"
 
 
-class _SlidingWindow(_Positional):
-    def __init__(self, left, right, offset):
-        super().__init__(offset)
-        self.left, self.right = left, right
+@dataclass(frozen=True, eq=False)
+class SlidingWindow(PositionalMask):
+    left: int
+    right: int = 0
+    offset: Any = None
 
     def _visible(self, p, j):
         return (j >= p - self.left) & (j <= p + self.right)
@@ -187,10 +211,10 @@ class _SlidingWindow(_Positional):
         return f"sliding_window(left={self.left}, right={self.right}, offset={self.offset!r})"
 
 
-class _Chunked(_Positional):
-    def __init__(self, size, offset):
-        super().__init__(offset)
-        self.size = size
+@dataclass(frozen=True, eq=False)
+class Chunked(PositionalMask):
+    size: int
+    offset: Any = None
 
     def _visible(self, p, j):
         return (p // self.size) == (j // self.size)
@@ -207,10 +231,10 @@ class _Chunked(_Positional):
         return f"chunked(size={self.size}, offset={self.offset!r})"
 
 
-class _PrefixLM(_Positional):
-    def __init__(self, prefix_len, offset):
-        super().__init__(offset)
-        self.prefix_len = prefix_len
+@dataclass(frozen=True, eq=False)
+class PrefixLM(PositionalMask):
+    prefix_len: int
+    offset: Any = None
 
     def _visible(self, p, j):
         return (j < self.prefix_len) | (j <= p)
@@ -226,7 +250,7 @@ class _PrefixLM(_Positional):
 
 
 def _check_nonneg_int(name, v):
-    if not _is_concrete_int(v):
+    if not is_concrete_int(v):
         raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
     if v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
@@ -234,7 +258,7 @@ def _check_nonneg_int(name, v):
 
 def causal(offset=None) -> Mask:
     """Key ``j`` visible to query ``i`` iff ``j <= i + offset`` (default offset ``S - T``)."""
-    return _Causal(offset)
+    return Causal(offset)
 
 
 def sliding_window(left: int, right: int = 0, *, offset=None) -> Mask:
@@ -246,7 +270,7 @@ def sliding_window(left: int, right: int = 0, *, offset=None) -> Mask:
     """
     _check_nonneg_int("left", left)
     _check_nonneg_int("right", right)
-    return _SlidingWindow(int(left), int(right), offset)
+    return SlidingWindow(int(left), int(right), offset)
 
 
 def chunked(size: int, *, offset=None) -> Mask:
@@ -257,13 +281,13 @@ def chunked(size: int, *, offset=None) -> Mask:
     _check_nonneg_int("size", size)
     if size == 0:
         raise ValueError("size must be >= 1, got 0")
-    return _Chunked(int(size), offset)
+    return Chunked(int(size), offset)
 
 
 def prefix_lm(prefix_len: int, *, offset=None) -> Mask:
     """Bidirectional over the first ``prefix_len`` keys, causal after them."""
     _check_nonneg_int("prefix_len", prefix_len)
-    return _PrefixLM(int(prefix_len), offset)
+    return PrefixLM(int(prefix_len), offset)
 
 
 # ----------------------------------------------------------------------------- data masks
@@ -278,29 +302,31 @@ def _block_minmax(ids, n: int, b: int, fill_min, fill_max):
     return lo.min(-1), hi.max(-1)
 
 
-class _Segments(Mask):
+@dataclass(frozen=True, eq=False)
+class Segments(Mask):
+    """Packed documents (:func:`segments`); ``kv_ids`` None means the query ids."""
+
+    q_ids: Any
+    kv_ids: Any = None
     is_static = False
 
-    def __init__(self, q_ids, kv_ids):
-        self.q_ids = q_ids
-        self.kv_ids = kv_ids
-
-    def _kv(self):
+    def kv(self):
+        """The key/value segment ids (the query ids when none were given)."""
         return self.q_ids if self.kv_ids is None else self.kv_ids
 
     def check(self, B, H, T, S):
-        for name, ids, n in (("q_segment_ids", self.q_ids, T), ("kv_segment_ids", self._kv(), S)):
+        for name, ids, n in (("q_segment_ids", self.q_ids, T), ("kv_segment_ids", self.kv(), S)):
             if ids.ndim != 2 or ids.shape[0] not in (1, B) or ids.shape[1] != n:
                 extra = " (kv_segment_ids defaults to q_segment_ids, which needs T == S)" if (
                     self.kv_ids is None and name == "kv_segment_ids") else ""
                 raise ValueError(f"{name}: expected shape [{B}, {n}], got {tuple(ids.shape)}{extra}")
 
     def arrays(self):
-        return (self.q_ids, self._kv())
+        return (self.q_ids, self.kv())
 
     def predicate(self, q_idx, k_idx, T, S):
         qi = jnp.take(self.q_ids, q_idx, axis=1, mode="clip")
-        ki = jnp.take(self._kv(), k_idx, axis=1, mode="clip")
+        ki = jnp.take(self.kv(), k_idx, axis=1, mode="clip")
         vis = (qi[:, :, None] == ki[:, None, :]) & (qi[:, :, None] != 0)
         return vis[:, None]
 
@@ -308,7 +334,7 @@ class _Segments(Mask):
         _check_block_sizes(T, S, bq, bk)
         big = jnp.iinfo(jnp.int32).max
         q = self.q_ids.astype(jnp.int32)
-        k = self._kv().astype(jnp.int32)
+        k = self.kv().astype(jnp.int32)
         # Padding (id 0) never matches: treat it as "absent" for the range test.
         # Ranges over real tokens only; a block of pure padding gets max = -1.
         qmin = _block_minmax(jnp.where(q == 0, big, q), T, bq, big, -1)[0]
@@ -330,11 +356,12 @@ class _Segments(Mask):
             "None)" if self.kv_ids is None else f"{tuple(self.kv_ids.shape)})")
 
 
-class _KeyPadding(Mask):
-    is_static = False
+@dataclass(frozen=True, eq=False)
+class KeyPadding(Mask):
+    """Key padding by row lengths (:func:`key_padding`)."""
 
-    def __init__(self, lengths):
-        self.lengths = lengths
+    lengths: Any
+    is_static = False
 
     def check(self, B, H, T, S):
         if self.lengths.ndim != 1 or self.lengths.shape[0] not in (1, B):
@@ -359,11 +386,12 @@ class _KeyPadding(Mask):
         return f"key_padding(lengths{tuple(self.lengths.shape)})"
 
 
-class _Dense(Mask):
-    is_static = False
+@dataclass(frozen=True, eq=False)
+class DenseMask(Mask):
+    """An explicit boolean array (:func:`dense`)."""
 
-    def __init__(self, m):
-        self.m = m
+    m: Any
+    is_static = False
 
     def check(self, B, H, T, S):
         m = self.m
@@ -416,7 +444,7 @@ def segments(q_segment_ids, kv_segment_ids=None) -> Mask:
         raise ValueError(f"q_segment_ids: expected shape [B, T], got {tuple(q.shape)}")
     if kv is not None and kv.ndim != 2:
         raise ValueError(f"kv_segment_ids: expected shape [B, S], got {tuple(kv.shape)}")
-    return _Segments(q, kv)
+    return Segments(q, kv)
 
 
 def key_padding(lengths) -> Mask:
@@ -424,7 +452,7 @@ def key_padding(lengths) -> Mask:
     n = _int_array("lengths", lengths)
     if n.ndim != 1:
         raise ValueError(f"lengths: expected shape [B], got {tuple(n.shape)}")
-    return _KeyPadding(n)
+    return KeyPadding(n)
 
 
 def dense(mask) -> Mask:
@@ -434,19 +462,33 @@ def dense(mask) -> Mask:
         raise TypeError(f"mask: expected a boolean array, got dtype {m.dtype}")
     if m.ndim != 4:
         raise ValueError(f"mask: expected rank 4 [B|1, H|1, T, S], got shape {tuple(m.shape)}")
-    return _Dense(m)
+    return DenseMask(m)
 
 
 # ----------------------------------------------------------------------------- composition
 
 
-class _Combine(Mask):
-    def __init__(self, op, parts):
+@dataclass(frozen=True, eq=False)
+class Combination(Mask):
+    """``op`` ("and" / "or") of ``parts``; nested compositions of the same op are flattened."""
+
+    op: str
+    parts: tuple
+
+    def __post_init__(self):
+        if self.op not in ("and", "or"):
+            raise ValueError(f"op: expected 'and' or 'or', got {self.op!r}")
         flat = []
-        for p in parts:
-            flat.extend(p.parts if isinstance(p, _Combine) and p.op == op else [p])
-        self.op, self.parts = op, tuple(flat)
-        self.is_static = all(p.is_static for p in self.parts)
+        for p in self.parts:
+            flat.extend(p.parts if isinstance(p, Combination) and p.op == self.op else [p])
+        object.__setattr__(self, "parts", tuple(flat))
+
+    @property
+    def is_static(self) -> bool:
+        return all(p.is_static for p in self.parts)
+
+    def conjuncts(self):
+        return self.parts if self.op == "and" else (self,)
 
     def check(self, B, H, T, S):
         for p in self.parts:
@@ -491,23 +533,23 @@ def _unflatten_leaf_mask(cls):
         arrays, static = aux
         m = object.__new__(cls)
         for n, x in (*static, *zip(arrays, children)):
-            setattr(m, n, x)
+            object.__setattr__(m, n, x)
         return m
     return unflatten
 
 
-for _cls in (_Causal, _SlidingWindow, _Chunked, _PrefixLM, _Segments, _KeyPadding, _Dense):
+for _cls in (Causal, SlidingWindow, Chunked, PrefixLM, Segments, KeyPadding, DenseMask):
     jax.tree_util.register_pytree_node(_cls, _flatten_leaf_mask, _unflatten_leaf_mask(_cls))
 
 
-def _unflatten_combine(aux, parts):
-    m = object.__new__(_Combine)
-    m.op, m.is_static = aux
-    m.parts = tuple(parts)
+def _unflatten_combine(op, parts):
+    m = object.__new__(Combination)
+    object.__setattr__(m, "op", op)
+    object.__setattr__(m, "parts", tuple(parts))
     return m
 
 
-jax.tree_util.register_pytree_node(_Combine, lambda m: (m.parts, (m.op, m.is_static)), _unflatten_combine)
+jax.tree_util.register_pytree_node(Combination, lambda m: (m.parts, m.op), _unflatten_combine)
 
 
 def as_mask(mask: Any) -> Mask | None:
@@ -519,5 +561,9 @@ def as_mask(mask: Any) -> Mask | None:
     raise TypeError(f"mask: expected an attn_jax.masks.Mask, a boolean array or None, got {type(mask).__name__}")
 
 
-def num_blocks(n: int, b: int) -> int:
-    return math.ceil(n / b)
+def all_of(*parts: Mask) -> Mask | None:
+    """The ``&`` of ``parts`` (None when there are none; the mask itself when there is one)."""
+    parts = tuple(as_mask(p) for p in parts if p is not None)
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else Combination("and", parts)

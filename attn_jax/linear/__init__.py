@@ -1,4 +1,4 @@
-"""Linear and recurrent attention (DESIGN.md §2, the recurrent family).
+"""Linear and recurrent attention: the recurrent family of the functional API.
 
 ``o, state = aj.linear.<mech>(q, k, v, *gates, scale=None, initial_state=None,
 return_final_state=False, segment_ids=None, impl="auto")`` with ``impl`` in

@@ -1,7 +1,8 @@
 """Shared machinery of the linear / recurrent attention family: validation, the problem
 record the dispatch registries read, packed-segment layout, GQA expansion.
 
-Conventions (DESIGN.md §2): ``q: [B, T, H, Dk]``, ``k: [B, T, K, Dk]``, ``v: [B, T, K, Dv]``
+Conventions (the recurrent family of the functional API): ``q: [B, T, H, Dk]``,
+``k: [B, T, K, Dk]``, ``v: [B, T, K, Dv]``
 with ``H % K == 0`` (k/v heads are shared by ``H // K`` query heads); gates are log-space
 float arrays ``[B, T, H]`` (one decay per head) or ``[B, T, H, Dk]`` (one per key channel);
 states are float32 ``[B, H, Dk, Dv]``.

@@ -13,7 +13,7 @@
 
 Every parameter is an ``nnx.Param`` carrying logical sharding axes (``out_sharding``
 metadata, read by ``nnx.get_partition_spec``) — "embed", "mlp", "vocab", "heads",
-"kv_heads", "head_dim" — so ``attn_jax.parallel`` can map them onto a mesh.
+"kv_heads", "head_dim" — so a sharding rule table (``nnx.logical_to_mesh`` over a mesh) can map them onto devices.
 Parameters are stored in ``param_dtype`` (float32 by default); arithmetic runs in
 ``dtype`` (the compute dtype, e.g. bfloat16); statistics of norms are float32.
 """
@@ -58,7 +58,7 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str 
                                                  in_axis=-2 if in_axis is None else in_axis,
                                                  out_axis=-1 if out_axis is None else out_axis)
     value = init(key, shape, param_dtype)
-    # Logical names only: a mesh is applied later by attn_jax.parallel (no eager placement).
+    # Logical names only: a mesh is applied later through sharding rules (no eager placement).
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 

@@ -6,60 +6,15 @@ implementation registered in :data:`ATTENTION` computes the same function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from attn_jax.core import validation as V
 from attn_jax.core.bias import StructuredBias
 from attn_jax.core.dispatch import Decision, Registry
-from attn_jax.core.masks import Mask, as_mask
+from attn_jax.softmax.problem import AttentionProblem, attention_problem
 
 ATTENTION = Registry("attention")
-
-
-@dataclass(frozen=True)
-class AttentionProblem:
-    """Static description of one attention call; what ``unsupported`` functions inspect."""
-
-    dims: V.AttentionDims
-    dtype: Any
-    mask: Mask | None
-    bias: Any            # None, an array [B|1, H|1, T, S] or a StructuredBias
-    scale: float | None
-    softcap: float | None
-    has_sinks: bool
-    dropout_rate: float
-    return_lse: bool
-
-    @property
-    def bias_kind(self) -> str:
-        if self.bias is None:
-            return "none"
-        return "structured" if isinstance(self.bias, StructuredBias) else "dense"
-
-
-def _validate(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse) -> AttentionProblem:
-    dims = V.check_qkv(q, k, v)
-    mask = as_mask(mask)
-    if mask is not None:
-        mask.check(dims.B, dims.H, dims.T, dims.S)
-    if bias is not None and not isinstance(bias, StructuredBias):
-        V.check_float_array("bias", bias)
-        V.check_broadcastable("bias", bias, (dims.B, dims.H, dims.T, dims.S), "[B|1, H|1, T, S]")
-    if isinstance(bias, StructuredBias) and bias.num_heads not in (None, dims.H):
-        raise ValueError(f"bias: structured bias is defined for {bias.num_heads} heads, q has H={dims.H}")
-    V.check_positive_scalar("scale", scale)
-    V.check_positive_scalar("softcap", softcap)
-    V.check_dropout(dropout_rate, dropout_rng)
-    V.check_sinks(sinks, dims.H)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
-    return AttentionProblem(dims, q.dtype, mask, bias, scale, softcap, sinks is not None, float(dropout_rate),
-                            return_lse)
 
 
 def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"], *,
@@ -87,7 +42,7 @@ def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float
     Returns:
       ``o: [B, T, H, Dv]`` in the dtype of ``q`` (and ``lse`` when requested).
     """
-    problem = _validate(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
+    problem = attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
     bias_arr = bias if (bias is None or isinstance(bias, StructuredBias)) else jnp.asarray(bias)
 
     return ATTENTION.call(impl, problem, q, k, v, bias_arr, sinks, dropout_rng)
@@ -101,7 +56,7 @@ def explain(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, sinks=No
     """
     if dropout_rate > 0 and dropout_rng is None:
         dropout_rng = jax.random.key(0)  # explain never draws; only the presence matters
-    problem = _validate(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
+    problem = attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
     return ATTENTION.explain(impl, problem, platform)
 
 

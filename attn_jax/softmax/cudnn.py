@@ -21,7 +21,7 @@ from attn_jax.core import masks as M
 
 def _causal_offset(mask):
     """The causal mask's offset if ``mask`` is exactly ``causal(...)``; else raise LookupError."""
-    if isinstance(mask, M._Causal):
+    if isinstance(mask, M.Causal):
         return mask.offset
     raise LookupError
 

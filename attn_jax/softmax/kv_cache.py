@@ -92,7 +92,7 @@ def _check_new_kv(k_new, v_new, B: int, K: int, Dk: int, Dv: int, what: str):
     return T
 
 
-def _n_new(n_new, B: int, T: int):
+def new_token_counts(n_new, B: int, T: int):
     """Per-row number of valid new tokens, int32[B] (traced values allowed)."""
     if n_new is None:
         return jnp.full((B,), T, jnp.int32)
@@ -201,7 +201,7 @@ class KVCache(_BufferProperties):
         T = _check_new_kv(k_new, v_new, B, K, Dk, self.v.shape[3], f"cache {type(self).__name__}")
         if T > S:
             raise ValueError(f"k_new: chunk of T_new={T} tokens exceeds the cache capacity max_len={S}")
-        n = _n_new(n_new, B, T)
+        n = new_token_counts(n_new, B, T)
         # Window [start, start + T) inside the buffer; positions >= S fall outside it (dropped).
         starts = jnp.clip(self.lengths, 0, S - T)
         k = _write_windows(self.k, k_new, starts, self.lengths, n)
@@ -252,7 +252,7 @@ class RingKVCache(_BufferProperties):
         """Write the valid tokens of a chunk; only the last ``capacity`` of them are kept."""
         B, W, K, Dk = self.k.shape
         T = _check_new_kv(k_new, v_new, B, K, Dk, self.v.shape[3], "ring cache")
-        n = _n_new(n_new, B, T)
+        n = new_token_counts(n_new, B, T)
         t = jnp.arange(T, dtype=jnp.int32)[None, :]
         pos = self.lengths[:, None] + t
         # Tokens older than the last W of the chunk would collide on a slot (scatter order
@@ -357,7 +357,7 @@ class PagedKVCache:
         if T > self.max_len:
             raise ValueError(f"k_new: chunk of T_new={T} tokens exceeds the cache capacity "
                              f"max_len={self.max_len} (max_pages_per_seq * page_size)")
-        n = _n_new(n_new, B, T)
+        n = new_token_counts(n_new, B, T)
         t = jnp.arange(T, dtype=jnp.int32)[None, :]
         pos = self.lengths[:, None] + t
         page, slot = self._locate(pos)

@@ -3,7 +3,7 @@
 Paper: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
 2023, arXiv:2307.08691.  The kernels and their recurrences live in
 :mod:`pallas_kernels.flash_attention` (which never imports attn_jax); this module is the
-adapter that turns an :class:`~attn_jax.softmax.api.AttentionProblem` into kernel metadata:
+adapter that turns an :class:`~attn_jax.softmax.problem.AttentionProblem` into kernel metadata:
 
 * masks -> a static predicate plus segment-id arrays.  A conjunction (``&``) of
   ``causal``, ``sliding_window``, ``chunked``, ``prefix_lm`` (integer or default offsets),
@@ -34,6 +34,7 @@ from jax import lax
 from attn_jax.core import masks as M
 from attn_jax.core import random as aj_random
 from attn_jax.core.bias import StructuredBias
+from attn_jax.softmax.problem import attention_problem
 
 __all__ = ["attention_pallas", "unsupported", "flash_attention"]
 
@@ -43,50 +44,34 @@ _KERNEL_PLATFORM = {"cuda": "gpu", "tpu": "tpu"}
 # ----------------------------------------------------------------------------- mask translation
 
 
-def _offset(m, T, S):
-    return S - T if m.offset is None else m.offset
-
-
 def _translate_mask(mask, T: int, S: int):
     """``(terms, segment masks, key-padding masks, reasons)`` for a mask."""
     terms, segs, pads, reasons = [], [], [], []
-
-    def walk(m):
-        if isinstance(m, M._Combine):
-            if m.op != "and":
+    for m in (() if mask is None else mask.conjuncts()):
+        if isinstance(m, M.PositionalMask) and not M.is_concrete_int(m.query_offset(T, S)):
+            reasons.append(f"mask {m!r}: per-row (array) offsets are not supported by the kernels")
+            continue
+        match m:
+            case M.Causal():
+                terms.append(("causal", int(m.query_offset(T, S))))
+            case M.SlidingWindow(left=left, right=right):
+                terms.append(("window", int(m.query_offset(T, S)), int(left), int(right)))
+            case M.Chunked(size=size):
+                terms.append(("chunked", int(m.query_offset(T, S)), int(size)))
+            case M.PrefixLM(prefix_len=n):
+                terms.append(("prefix", int(m.query_offset(T, S)), int(n)))
+            case M.Segments():
+                segs.append(m)
+            case M.KeyPadding():
+                pads.append(m)
+            case M.DenseMask():
+                reasons.append("dense boolean masks are not supported by the Pallas kernels (they would be read as "
+                               "T x S per tile); use structured masks")
+            case M.Combination():
                 reasons.append(f"mask {m!r}: '|' compositions have no tile predicate in the kernels "
                                "(only '&' of causal/sliding_window/chunked/prefix_lm/segments/key_padding)")
-                return
-            for part in m.parts:
-                walk(part)
-        elif isinstance(m, M._Positional):
-            off = _offset(m, T, S)
-            if not M._is_concrete_int(off):
-                reasons.append(f"mask {m!r}: per-row (array) offsets are not supported by the kernels")
-                return
-            off = int(off)
-            if isinstance(m, M._Causal):
-                terms.append(("causal", off))
-            elif isinstance(m, M._SlidingWindow):
-                terms.append(("window", off, int(m.left), int(m.right)))
-            elif isinstance(m, M._Chunked):
-                terms.append(("chunked", off, int(m.size)))
-            elif isinstance(m, M._PrefixLM):
-                terms.append(("prefix", off, int(m.prefix_len)))
-            else:
-                reasons.append(f"mask {m!r}: positional mask type {type(m).__name__} has no kernel predicate")
-        elif isinstance(m, M._Segments):
-            segs.append(m)
-        elif isinstance(m, M._KeyPadding):
-            pads.append(m)
-        elif isinstance(m, M._Dense):
-            reasons.append("dense boolean masks are not supported by the Pallas kernels (they would be read as "
-                           "T x S per tile); use structured masks")
-        else:
-            reasons.append(f"mask {m!r}: unknown mask type {type(m).__name__}")
-
-    if mask is not None:
-        walk(mask)
+            case _:
+                reasons.append(f"mask {m!r}: mask type {type(m).__name__} has no kernel predicate")
     if len(segs) > 1:
         reasons.append("more than one segments() mask in one conjunction is not supported by the kernels")
     return tuple(terms), segs, pads, reasons
@@ -131,7 +116,7 @@ def _run(p, q, k, v, bias, sinks, seed, *, platform: str, interpret=False, block
     q_ids = kv_ids = None
     if segs:
         q_ids = jnp.broadcast_to(segs[0].q_ids.astype(jnp.int32), (B, T))
-        kv_ids = jnp.broadcast_to(segs[0]._kv().astype(jnp.int32), (B, S))
+        kv_ids = jnp.broadcast_to(segs[0].kv().astype(jnp.int32), (B, S))
     if pads:
         if q_ids is None:
             q_ids = jnp.ones((B, T), jnp.int32)
@@ -189,12 +174,11 @@ def flash_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, 
     ``pltpu.InterpretParams`` may be passed instead.  Block sizes override the table in
     :mod:`pallas_kernels.flash_attention.block_sizes`.
     """
-    from attn_jax.softmax import api
     from pallas_kernels.testing import interpret_params
 
     if platform not in ("tpu", "gpu"):
         raise ValueError(f"platform: expected 'tpu' or 'gpu', got {platform!r}")
-    p = api._validate(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
+    p = attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
     reasons = [r for r in unsupported({"gpu": "cuda", "tpu": "tpu"}[platform], p)]
     if reasons:
         raise ValueError("impl='pallas' cannot serve this call: " + "; ".join(reasons))

@@ -27,7 +27,6 @@ This is the simplest correct code: it materialises ``[B, H, T, S]``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

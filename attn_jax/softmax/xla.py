@@ -87,17 +87,8 @@ def _split_static(mask):
         return None, None
     if mask.is_static:
         return mask, None
-    if isinstance(mask, M._Combine) and mask.op == "and":
-        st = [p for p in mask.parts if p.is_static]
-        dy = [p for p in mask.parts if not p.is_static]
-
-        def conj(ps):
-            if not ps:
-                return None
-            return ps[0] if len(ps) == 1 else M._Combine("and", tuple(ps))
-
-        return conj(st), conj(dy)
-    return None, mask
+    parts = mask.conjuncts()
+    return M.all_of(*(p for p in parts if p.is_static)), M.all_of(*(p for p in parts if not p.is_static))
 
 
 def _reduce_kinds(cls, xp):

@@ -82,6 +82,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.common import backend_module, next_pow2
+
 __all__ = ["chunked_gla", "unsupported_reasons", "Config", "DEFAULT_CHUNK"]
 
 #: default chunk size by gate kind (per-channel gates use the exact row loop, scalar gates matmuls)
@@ -260,16 +262,6 @@ def dkdv_chunk(c: Config, row, q, k, v, do, G, g_last, g_col, g_row, dS, seg=Non
 # ----------------------------------------------------------------------------- custom VJP
 
 
-def _backend(platform):
-    if platform == "tpu":
-        from pallas_kernels.chunked_gla import tpu as backend
-    elif platform == "gpu":
-        from pallas_kernels.chunked_gla import gpu as backend
-    else:
-        raise ValueError(f"platform: expected 'tpu' or 'gpu', got {platform!r}")
-    return backend
-
-
 def _gate_tables(c: Config, lg, st=None):
     """``(G, g_last, g_col, g_row)``: chunk-local cumulative log gates ``[BH, Tp, Dg]``, their last
     row per chunk as a row ``[BH, N, 1, Dg]`` and as a column ``[BH, N, Dg, 1]``, and (scalar gates)
@@ -333,7 +325,7 @@ def _segmented_reverse_cumsum(x, d):
 
 
 def _make_core(c: Config):
-    backend = _backend(c.platform)
+    backend = backend_module(__name__, c.platform)
 
     def run_fwd(q, k, v, lg, h0, st):
         gates = _gate_tables(c, lg, st)
@@ -410,10 +402,6 @@ def _make_core(c: Config):
 # ----------------------------------------------------------------------------- public entry
 
 
-def _next_pow2(n):
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _platform(platform: str) -> str:
     if platform in ("gpu", "cuda"):
         return "gpu"
@@ -454,7 +442,7 @@ def unsupported_reasons(q, k, v, log_g, *, initial_state=None, chunk_size: int |
             if chunk_size % sub:
                 reasons.append(f"chunk_size={chunk_size}: Mosaic needs a multiple of {sub} for {sorted(dtypes)}")
     if block_v is not None:
-        Dvp = max(16, _next_pow2(Dv)) if plat == "gpu" else Dv
+        Dvp = max(16, next_pow2(Dv)) if plat == "gpu" else Dv
         if Dvp % block_v or (plat == "gpu" and (block_v < 16 or block_v & (block_v - 1))):
             reasons.append(f"block_v={block_v} must divide the (padded) Dv={Dvp}"
                            + (" and be a power of two >= 16" if plat == "gpu" else ""))
@@ -518,12 +506,12 @@ def chunked_gla(q, k, v, log_g, *, scale: float | None = None, initial_state=Non
     scalar = log_g.ndim == 3
     if chunk_size is None:
         C = DEFAULT_CHUNK["scalar" if scalar else "vector"]
-        C = min(C, max(16, _next_pow2(T)))
+        C = min(C, max(16, next_pow2(T)))
     else:
         C = int(chunk_size)
     Tp = -(-T // C) * C
     N = Tp // C
-    Dkp, Dvp = (max(16, _next_pow2(Dk)), max(16, _next_pow2(Dv))) if plat == "gpu" else (Dk, Dv)
+    Dkp, Dvp = (max(16, next_pow2(Dk)), max(16, next_pow2(Dv))) if plat == "gpu" else (Dk, Dv)
     # GPU: a [Dk, block_v] float32 state per program stays within the register file
     bv = block_v or (min(Dvp, 64 if Dkp <= 128 else 32) if plat == "gpu" else Dvp)
     BH = B * H

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from pallas_kernels.common import backend_module, next_pow2, round_up
+
 __all__ = ["Config", "decode_attention", "paged_decode_attention", "decode_partials", "paged_decode_partials",
            "merge_partials"]
 
@@ -66,14 +68,6 @@ class Config:
         return self.nb * self.bk
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def _check(q, k, v, lengths, platform):
     if platform not in ("gpu", "tpu"):
         raise ValueError(f"platform: expected 'gpu' or 'tpu', got {platform!r}")
@@ -92,7 +86,7 @@ def _check(q, k, v, lengths, platform):
 
 def _rows(platform: str, TG: int) -> int:
     # Triton dots need power-of-two dims >= 16; Mosaic wants sublane multiples of 8.
-    return max(16, _next_pow2(TG)) if platform == "gpu" else _round_up(TG, 8)
+    return max(16, next_pow2(TG)) if platform == "gpu" else round_up(TG, 8)
 
 
 def _kh(platform: str, K: int, Dk: int, Dv: int) -> int:
@@ -131,14 +125,6 @@ def _rows_meta(lengths, offsets, T, cap):
     return lengths, offsets
 
 
-def _backend(platform):
-    if platform == "gpu":
-        from pallas_kernels.decode_attention import gpu as mod
-    else:
-        from pallas_kernels.decode_attention import tpu as mod
-    return mod
-
-
 def decode_partials(q, k, v, lengths, *, offsets=None, num_splits: int = 1, block_k: int | None = None,
                     scale: float | None = None, softcap: float | None = None, causal: bool = True,
                     platform: str = "tpu", interpret=False, num_warps: int | None = None,
@@ -155,12 +141,12 @@ def decode_partials(q, k, v, lengths, *, offsets=None, num_splits: int = 1, bloc
         raise ValueError(f"num_splits: expected an int >= 1, got {num_splits!r}")
     per = -(-S // num_splits)
     if block_k is None:
-        block_k = min(64, max(16, _next_pow2(per))) if platform == "gpu" else min(128, _round_up(per, 8))
+        block_k = min(64, max(16, next_pow2(per))) if platform == "gpu" else min(128, round_up(per, 8))
     nb = -(-per // block_k)
     C = nb * block_k
     n = -(-S // C)
     Sp = n * C
-    Dkp, Dvp = (_next_pow2(Dk), _next_pow2(Dv)) if platform == "gpu" else (Dk, Dv)
+    Dkp, Dvp = (next_pow2(Dk), next_pow2(Dv)) if platform == "gpu" else (Dk, Dv)
     if Sp != S or Dkp != Dk or Dvp != Dv:
         k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, Dkp - Dk)))
         v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, Dvp - Dv)))
@@ -170,8 +156,9 @@ def decode_partials(q, k, v, lengths, *, offsets=None, num_splits: int = 1, bloc
                float(Dk ** -0.5 if scale is None else scale), None if softcap is None else float(softcap),
                bool(causal), False, num_warps or (4 if Dkp <= 64 else 8), num_stages or 2)
     lengths, offsets = _rows_meta(lengths, offsets, T, S)
-    o, lse = _backend(platform).partials(c, _prep_q(q, K, M, Dkp), k, v, lengths, offsets, None,
-                                         interpret=_interp(interpret, platform))
+    kernel = backend_module(__name__, platform)
+    o, lse = kernel.partials(c, _prep_q(q, K, M, Dkp), k, v, lengths, offsets, None,
+                             interpret=_interp(interpret, platform))
     return _unprep(dataclasses.replace(c, Dv=Dv), o, lse)
 
 
@@ -191,7 +178,7 @@ def paged_decode_partials(q, k_pages, v_pages, page_table, lengths, *, offsets=N
     table = jnp.asarray(page_table, jnp.int32)
     if n * pps != Mp:
         table = jnp.pad(table, ((0, 0), (0, n * pps - Mp)), constant_values=-1)
-    Dkp, Dvp = (_next_pow2(Dk), _next_pow2(Dv)) if platform == "gpu" else (Dk, Dv)
+    Dkp, Dvp = (next_pow2(Dk), next_pow2(Dv)) if platform == "gpu" else (Dk, Dv)
     if Dkp != Dk or Dvp != Dv:   # copies the pool; keep head dims powers of two on GPU
         k_pages = jnp.pad(k_pages, ((0, 0), (0, 0), (0, 0), (0, Dkp - Dk)))
         v_pages = jnp.pad(v_pages, ((0, 0), (0, 0), (0, 0), (0, Dvp - Dv)))
@@ -201,8 +188,9 @@ def paged_decode_partials(q, k_pages, v_pages, page_table, lengths, *, offsets=N
                float(Dk ** -0.5 if scale is None else scale), None if softcap is None else float(softcap),
                bool(causal), True, num_warps or (4 if Dkp <= 64 else 8), num_stages or 2)
     lengths, offsets = _rows_meta(lengths, offsets, T, Mp * ps)
-    o, lse = _backend(platform).partials(c, _prep_q(q, K, M, Dkp), k_pages, v_pages, lengths, offsets, table,
-                                         interpret=_interp(interpret, platform))
+    kernel = backend_module(__name__, platform)
+    o, lse = kernel.partials(c, _prep_q(q, K, M, Dkp), k_pages, v_pages, lengths, offsets, table,
+                             interpret=_interp(interpret, platform))
     return _unprep(dataclasses.replace(c, Dv=Dv), o, lse)
 
 

@@ -54,6 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels.common import backend_module, next_pow2
+from pallas_kernels.dropout import dropout_keep
 from pallas_kernels.flash_attention.block_sizes import BlockSizes, get_block_sizes
 
 __all__ = ["flash_attention", "block_lists", "Config", "evaluate_terms", "dropout_keep"]
@@ -177,31 +179,6 @@ def tile_grads(c: Config, s, t, vis, lse, delta, do, v, z=None):
 
 
 # ----------------------------------------------------------------------------- dropout
-# Counter-based keep mask, bit-identical to attn_jax.core.random.keep_mask (a pure function of
-# (seed, b, h, i, j), independent of tiling): MurmurHash3's 32-bit finaliser (Appleby, public
-# domain).  Written in int32 with logical shifts -- multiplication and xor are the same bits as
-# uint32 -- because Mosaic has no unsigned vector arithmetic.
-
-
-def _i32(x: int) -> int:
-    return x - (1 << 32) if x >= (1 << 31) else x
-
-
-def _fmix32(h):
-    h = h ^ lax.shift_right_logical(h, jnp.int32(16))
-    h = h * jnp.int32(_i32(0x85EBCA6B))
-    h = h ^ lax.shift_right_logical(h, jnp.int32(13))
-    h = h * jnp.int32(_i32(0xC2B2AE35))
-    return h ^ lax.shift_right_logical(h, jnp.int32(16))
-
-
-def dropout_keep(rate: float, seed0, seed1, b, h, i, j):
-    """Boolean keep mask for int32 seeds and index arrays (broadcast): ``uniform(seed, b, h, i, j) >= rate``."""
-    x = _fmix32(seed0 ^ _fmix32(b * jnp.int32(_i32(0x9E3779B1)) + h + seed1))
-    x = _fmix32(x ^ (i * jnp.int32(_i32(0xCC9E2D51))))
-    x = _fmix32(x ^ (j * jnp.int32(_i32(0x1B873593))) ^ seed1)
-    uniform = lax.shift_right_logical(x, jnp.int32(8)).astype(jnp.float32) * jnp.float32(1.0 / (1 << 24))
-    return uniform >= jnp.float32(rate)
 
 
 def tile_dropout(c: Config, seed0, seed1, b, h, i, j):
@@ -245,16 +222,6 @@ def block_lists(nonempty, *, static: bool):
 # ----------------------------------------------------------------------------- custom VJP
 
 
-def _backend(platform):
-    if platform == "tpu":
-        from pallas_kernels.flash_attention import tpu as backend
-    elif platform == "gpu":
-        from pallas_kernels.flash_attention import gpu as backend
-    else:
-        raise ValueError(f"platform: expected 'tpu' or 'gpu', got {platform!r}")
-    return backend
-
-
 def _sum_to(x, batched, headed):
     if not batched:
         x = x.sum(0, keepdims=True)
@@ -264,7 +231,7 @@ def _sum_to(x, batched, headed):
 
 
 def _make_core(c: Config):
-    backend = _backend(c.platform)
+    backend = backend_module(__name__, c.platform)
 
     @jax.custom_vjp
     def core(q, k, v, bias, slopes, sinks, q_seg, kv_seg, lists, seed):
@@ -305,10 +272,6 @@ def _pad_to(x, axis, n, value=0):
     pads = [(0, 0)] * x.ndim
     pads[axis] = (0, n - x.shape[axis])
     return jnp.pad(x, pads, constant_values=value)
-
-
-def _next_pow2(n):
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def flash_attention(q, k, v, *, bias=None, alibi_slopes=None, alibi_offset: int | None = None, sinks=None,
@@ -360,7 +323,7 @@ def flash_attention(q, k, v, *, bias=None, alibi_slopes=None, alibi_offset: int 
 
     # Layout [B, H, T, D]; pad sequences to block multiples (hidden by the predicate) and, on
     # GPU, head dims to a power of two >= 16 (zero columns change no dot product).
-    Dkp, Dvp = (Dk, Dv) if platform == "tpu" else (max(16, _next_pow2(Dk)), max(16, _next_pow2(Dv)))
+    Dkp, Dvp = (Dk, Dv) if platform == "tpu" else (max(16, next_pow2(Dk)), max(16, next_pow2(Dv)))
     qt = _pad_to(_pad_to(q.transpose(0, 2, 1, 3), 2, Tp), 3, Dkp)
     kt = _pad_to(_pad_to(k.transpose(0, 2, 1, 3), 2, Sp), 3, Dkp)
     vt = _pad_to(_pad_to(v.transpose(0, 2, 1, 3), 2, Sp), 3, Dvp)

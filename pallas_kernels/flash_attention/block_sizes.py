@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from pallas_kernels.common import next_pow2, round_up
+
 __all__ = ["BlockSizes", "TABLE", "get_block_sizes"]
 
 
@@ -51,14 +53,6 @@ TABLE: dict[tuple[str, int, str], BlockSizes] = {
 }
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def lookup(platform: str, head_dim: int, dtype) -> BlockSizes:
     cls = "16bit" if jnp.dtype(dtype).itemsize <= 2 else "32bit"
     for (p, bound, c), bs in sorted(TABLE.items(), key=lambda kv: kv[0][1]):
@@ -77,12 +71,12 @@ def get_block_sizes(platform: str, head_dim: int, dtype, T: int, S: int, *, bloc
     bq, bk = d.block_q, d.block_k
     if platform == "tpu":
         if T <= bq:
-            bq = _round_up(T, 8)
+            bq = round_up(T, 8)
         if S <= bk:
-            bk = _round_up(S, 8)
+            bk = round_up(S, 8)
     else:
-        bq = min(bq, max(16, _next_pow2(T)))
-        bk = min(bk, max(16, _next_pow2(S)))
+        bq = min(bq, max(16, next_pow2(T)))
+        bk = min(bk, max(16, next_pow2(S)))
     for name, v in (("block_q", block_q), ("block_k", block_k)):
         if v is not None and (not isinstance(v, int) or v <= 0):
             raise ValueError(f"{name}: expected a positive int, got {v!r}")

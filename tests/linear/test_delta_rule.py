@@ -17,7 +17,6 @@ F64_TOL = 1e-9
 
 # XLA:CPU compile time dominates.  The fast level changes no result of these functions (checked
 # against the default level in float64: rel-RMSE < 1e-15 with identical cotangents).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _inputs(seed, *, B=2, T=37, H=4, K=2, Dk=12, Dv=20, dtype=jnp.float64, log_alpha_range=(-5.0, -1e-3),
@@ -77,7 +76,7 @@ def _jit_vjp(fn, primals):
 
 def _compile(fn, *args):
     """``jax.jit(fn)`` compiled for ``args`` at the fast compile level."""
-    return jax.jit(fn).lower(*args).compile(_FAST_COMPILE)
+    return jax.jit(fn).lower(*args).compile(tk.FAST_COMPILE)
 
 
 def _check_all_impls(primals, gated, *, with_h0=True, impls=None, **kw):

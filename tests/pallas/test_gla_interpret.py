@@ -24,7 +24,6 @@ PLATFORMS = ["gpu", "tpu"]
 GRADS = ["dq", "dk", "dv", "dlog_g", "dh0"]
 
 # XLA:CPU compile time dominates; the optimisation level does not change results.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _log_gates(key, shape, kind):
@@ -70,14 +69,14 @@ def _check(platform, q, k, v, lg, h0, *, dtype=None, chunk_size=None, scale=None
     primals = (q, k, v, lg, *((h0,) if has_h0 else ()))
     key = jax.random.key(42)
     with tpu_race_check() as races:
-        (o, st), grads = jax.block_until_ready(_run(kern, primals, key, _FAST_COMPILE))
+        (o, st), grads = jax.block_until_ready(_run(kern, primals, key, tk.FAST_COMPILE))
     assert not races.races_found, "TPU interpret mode detected a data race"
     assert platform != "tpu" or races.states, "race detection did not run"
     assert o.dtype == q.dtype and st.dtype == jnp.float32 and st.shape == (q.shape[0], q.shape[2], q.shape[3],
                                                                           v.shape[3])
     with tk.float64():
         p64 = tuple(np.asarray(x, np.float64) for x in primals)
-        (ro, rst), rgrads = jax.tree.map(np.asarray, _run(ref, p64, key, _FAST_COMPILE))
+        (ro, rst), rgrads = jax.tree.map(np.asarray, _run(ref, p64, key, tk.FAST_COMPILE))
     errs = {}
     tk.assert_close(o, ro, dtype=dtype, name="o")
     tk.assert_close(st, rst, dtype=dtype, name="final_state")

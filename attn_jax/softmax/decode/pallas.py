@@ -1,6 +1,6 @@
 """``method="pallas"`` of the decode registry: the split-K Pallas decode kernels.
 
-Adapter from a :class:`attn_jax.softmax.decode.DecodeProblem` to
+Adapter from a :class:`attn_jax.softmax.decode.problem.DecodeProblem` to
 :mod:`pallas_kernels.decode_attention` (Triton when lowered for ``cuda``, Mosaic for
 ``tpu``): flash-decoding over a contiguous cache, partial ``(o, lse)`` per key split merged by
 log-sum-exp, sinks added once in the merge (equations in :mod:`attn_jax.softmax.decode`).

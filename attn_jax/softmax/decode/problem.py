@@ -1,0 +1,84 @@
+"""The validated, static description of a decode call (what the DECODE / PAGED registries inspect)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+
+from attn_jax.core import masks
+from attn_jax.core import validation as V
+from attn_jax.core.bias import StructuredBias
+
+__all__ = ["DecodeProblem", "decode_problem"]
+
+
+@dataclass(frozen=True)
+class DecodeProblem:
+    """Static description of a :func:`decode_attention` call (what ``unsupported`` inspects)."""
+
+    dims: V.AttentionDims
+    dtype: Any
+    num_splits: int | None
+    window: int | None
+    mask: masks.Mask | None
+    bias_kind: str              # "none" | "dense" | "structured"
+    scale: float | None
+    softcap: float | None
+    has_sinks: bool
+    dropout_rate: float
+    return_lse: bool
+    impl: Any                   # passed to attn_jax.attention
+    causal: bool = True
+
+
+def _int_rows(name: str, x, B: int):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer array of shape [B], got dtype {x.dtype}")
+    if x.ndim == 0:
+        x = jnp.broadcast_to(x, (B,))
+    if x.shape != (B,):
+        raise ValueError(f"{name}: expected shape [{B}] (or a scalar), got {V.shape_str(x)}")
+    return x.astype(jnp.int32)
+
+
+def _bias_kind(bias) -> str:
+    return "none" if bias is None else ("structured" if isinstance(bias, StructuredBias) else "dense")
+
+
+def _check_window(window):
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window: expected an int >= 0 (keys p - window .. p are visible), got {window!r}")
+    return window
+
+
+def _check_splits(num_splits, S):
+    if num_splits is None:
+        return None
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits: expected an int >= 1, got {num_splits!r}")
+    return num_splits
+
+
+def decode_problem(q, k, v, lengths, offset, *, num_splits, window, mask, bias, scale, softcap, sinks, dropout_rate,
+             dropout_rng, return_lse, impl, causal=True):
+    dims = V.check_qkv(q, k, v)
+    lengths = _int_rows("lengths", lengths, dims.B)
+    offset = lengths - dims.T if offset is None else _int_rows("offset", offset, dims.B)
+    mask = masks.as_mask(mask)
+    if mask is not None:
+        mask.check(dims.B, dims.H, dims.T, dims.S)
+    V.check_dropout(dropout_rate, dropout_rng)
+    V.check_sinks(sinks, dims.H)
+    if bias is not None and not isinstance(bias, StructuredBias):
+        V.check_float_array("bias", bias)
+        V.check_broadcastable("bias", bias, (dims.B, dims.H, dims.T, dims.S), "[B|1, H|1, T, S]")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    p = DecodeProblem(dims, q.dtype, _check_splits(num_splits, dims.S), _check_window(window), mask, _bias_kind(bias),
+                      scale, softcap, sinks is not None, float(dropout_rate), return_lse, impl, bool(causal))
+    return p, lengths, offset
