@@ -4,7 +4,7 @@
 
 Measured (CPU, XLA): a jitted ``decode_step`` (cache write + attention, cache donated, fill
 levels traced) for B=1, H=K=8, D=64, float32 over a cache of ``seq`` keys, with
-``method="direct"``, ``method="split_k"`` for a few ``num_splits``, and a paged cache; the
+``impl="direct"``, ``impl="split_k"`` for a few ``num_splits``, and a paged cache; the
 peer is ``aj.attention(q1, k, v, impl="auto")`` — the chunked forward of 1 query over
 ``seq`` keys — timed in the same process.  Median of ``repeats`` runs after warm-up.
 Writes ``results/bench/decode.json``.  Target: decode step <= 1.5x the chunked forward.
@@ -68,8 +68,8 @@ def main(argv=None):
     results["peer"]["attention_auto_1xS"] = peer
     print(f"peer aj.attention(impl=auto) 1x{S}: {peer['median_s'] * 1e3:8.2f} ms")
 
-    variants = [("direct", dict(method="direct"))]
-    variants += [(f"split_k/{n}", dict(method="split_k", num_splits=n)) for n in map(int, args.splits.split(","))]
+    variants = [("direct", dict(impl="direct"))]
+    variants += [(f"split_k/{n}", dict(impl="split_k", num_splits=n)) for n in map(int, args.splits.split(","))]
     for name, kw in variants:
         cache = KVCache(k_all, v_all, jnp.full((B,), start_len, jnp.int32))
         cache = jax.tree.map(jnp.copy, cache)  # the step donates its cache
@@ -97,7 +97,7 @@ def main(argv=None):
           f"ratio {r['ratio_vs_peer']:.2f}x")
 
     # Attention only (no cache write) for the direct method, to separate the costs.
-    attn_only = jax.jit(lambda q, k, v, n: D.decode_attention(q, k, v, lengths=n, method="direct"))
+    attn_only = jax.jit(lambda q, k, v, n: D.decode_attention(q, k, v, lengths=n, impl="direct"))
     r = time_call(attn_only, q1, k_all, v_all, jnp.full((B,), S, jnp.int32), repeats=R, warmup=warmup)
     r["ratio_vs_peer"] = r["median_s"] / peer["median_s"]
     results["decode_attention_direct_no_write"] = r

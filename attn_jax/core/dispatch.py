@@ -188,3 +188,29 @@ class Registry:
 
                 branches[p] = _raise
         return lax.platform_dependent(*args, **branches)
+
+
+# ----------------------------------------------------------------------------- one explain for every op
+# Each public op that dispatches through a Registry registers how to explain one of its calls next
+# to its definition (``register_explainer(op, explainer)``); ``attn_jax.explain(op, *args, **kw)``
+# then answers for any of them with the same Decision report.
+
+_EXPLAINERS: dict[Callable, Callable[..., Decision]] = {}
+
+
+def register_explainer(op: Callable, explainer: Callable[..., Decision]) -> None:
+    """``explainer(*args, platform=None, **kwargs) -> Decision`` takes the arguments of ``op``."""
+    _EXPLAINERS[op] = explainer
+
+
+def explainable_ops() -> list[str]:
+    """Qualified names of the ops :func:`explain_call` can explain."""
+    return sorted(f"{op.__module__}.{op.__qualname__}" for op in _EXPLAINERS)
+
+
+def explain_call(op: Callable, *args, platform: str | None = None, **kwargs) -> Decision:
+    """The dispatch decision (chosen implementation per platform, every reason) for ``op(*args, **kwargs)``."""
+    if op not in _EXPLAINERS:
+        name = getattr(op, "__qualname__", repr(op))
+        raise ValueError(f"op: {name} has no dispatch to explain; explainable ops: {', '.join(explainable_ops())}")
+    return _EXPLAINERS[op](*args, platform=platform, **kwargs)

@@ -146,5 +146,5 @@ def based_prefill(q_feat, k_feat, q, k, v, cache: BasedCache, *, eps: float = DE
         raise TypeError(f"cache: expected a BasedCache (init_based_cache), got {type(cache).__name__}")
     o_lin, state = based_linear_attention(q_feat, k_feat, v, eps=eps, initial_state=cache.linear_state,
                                           return_final_state=True, impl=impl)
-    o_win, ring = _ring_prefill(q, k, v, cache.ring, scale=scale, impl=window_impl)
+    o_win, ring = _ring_prefill(q, k, v, cache.ring, scale=scale, attention_impl=window_impl)
     return (o_lin, o_win), BasedCache(state, ring)

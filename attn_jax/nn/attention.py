@@ -307,8 +307,9 @@ class MultiHeadAttention(nnx.Module):
                 n_new = None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
                 dt = cache.dtype
                 window = None if isinstance(cache, RingKVCache) else self.window
+                decode_kw = {("attention_impl" if name == "impl" else name): x for name, x in kw.items()}
                 o, cache = prefill(q.astype(dt), k.astype(dt), v.astype(dt), cache, n_new=n_new, window=window,
-                                   bias=bias, **kw)
+                                   bias=bias, **decode_kw)
                 o = o.astype(self.dtype)
 
         if self.gate is not None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attn_jax.core.bias import StructuredBias
-from attn_jax.core.dispatch import Decision, Registry
+from attn_jax.core.dispatch import Decision, Registry, explain_call, register_explainer
 from attn_jax.softmax.problem import AttentionProblem, attention_problem
 
 ATTENTION = Registry("attention")
@@ -48,12 +48,23 @@ def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float
     return ATTENTION.call(impl, problem, q, k, v, bias_arr, sinks, dropout_rng)
 
 
-def explain(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, sinks=None, dropout_rate=0.0,
-            dropout_rng=None, return_lse=False, impl="auto", platform: str | None = None) -> Decision:
-    """Which implementation ``attention`` would use on each platform, and why the others cannot.
+def explain(*args, platform: str | None = None, **kwargs) -> Decision:
+    """Which implementation an op would use on each platform, and why the others cannot.
 
-    ``q, k, v`` may be arrays or ``jax.ShapeDtypeStruct``.  ``str()`` of the result is a report.
+    ``aj.explain(q, k, v, **kw)`` explains :func:`attention`; ``aj.explain(op, *args, **kw)``
+    explains any op that dispatches through a registry (``decode_attention``,
+    ``aj.linear.gla``, ``gated_linear_attention``, ``delta_rule``, ...; see
+    :func:`attn_jax.core.dispatch.explainable_ops`).  Arrays may be ``jax.ShapeDtypeStruct``.
+    ``platform``: one of ``"cpu"``, ``"cuda"``, ``"rocm"``, ``"tpu"`` (default: all).
+    ``str()`` of the result is a report.
     """
+    if args and callable(args[0]):
+        return explain_call(args[0], *args[1:], platform=platform, **kwargs)
+    return _explain_attention(*args, platform=platform, **kwargs)
+
+
+def _explain_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, sinks=None, dropout_rate=0.0,
+                       dropout_rng=None, return_lse=False, impl="auto", platform: str | None = None) -> Decision:
     if dropout_rate > 0 and dropout_rng is None:
         dropout_rng = jax.random.key(0)  # explain never draws; only the presence matters
     problem = attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
@@ -108,3 +119,4 @@ ATTENTION.register("cudnn", _cudnn.attention_cudnn, _cudnn.unsupported)
 ATTENTION.register("xla", _xla.attention_xla, _xla.unsupported)
 # The reference materialises T x S: never chosen by "auto", only when asked for by name.
 ATTENTION.register("reference", _reference_impl, _reference_unsupported, auto=False)
+register_explainer(attention, _explain_attention)

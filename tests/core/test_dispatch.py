@@ -103,3 +103,19 @@ def test_unservable_branch_survives_grad_and_vmap_until_lowering():
         jax.jit(jax.grad(f))(jnp.ones((3, 2)))
     with pytest.raises(ValueError, match="needs cuda"):
         jax.jit(jax.vmap(f))(jnp.ones((3, 2)))
+
+
+def test_one_explain_for_attention_and_decode():
+    import attn_jax as aj
+    from attn_jax.softmax.decode import decode_attention
+
+    q = jax.ShapeDtypeStruct((2, 1, 4, 16), jnp.float32)
+    kv = jax.ShapeDtypeStruct((2, 32, 2, 16), jnp.float32)
+    lengths = jnp.array([5, 32], jnp.int32)
+    assert aj.explain(q, kv, kv, platform="cpu").chosen == aj.explain(aj.attention, q, kv, kv, platform="cpu").chosen
+    d = aj.explain(decode_attention, q, kv, kv, lengths=lengths, num_splits=4, platform="cpu")
+    assert d.op == "decode_attention" and d.chosen == {"cpu": "split_k"}
+    d = aj.explain(decode_attention, q, kv, kv, lengths=lengths, platform="cpu")
+    assert d.chosen == {"cpu": "direct"} and "num_splits not given" in str(d)
+    with pytest.raises(ValueError, match="has no dispatch to explain; explainable ops: .*decode_attention"):
+        aj.explain(aj.merge_attention, [])

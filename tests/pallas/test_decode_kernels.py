@@ -206,13 +206,13 @@ def test_decode_registry_method_pallas_lowers_to_the_kernels_and_explains_cpu():
     q = jax.ShapeDtypeStruct((B, 1, H, Dh), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((B, S, K, Dh), jnp.bfloat16)
     lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
-    f = lambda q, k, v, n: D.decode_attention(q, k, v, lengths=n, method="pallas", num_splits=2,
+    f = lambda q, k, v, n: D.decode_attention(q, k, v, lengths=n, impl="pallas", num_splits=2,
                                               sinks=jnp.zeros((H,), jnp.bfloat16))
     for platform, call in (("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")):
         text = lower_for(f, platform, q, kv, kv, lengths).mlir_module()
         assert call in text, platform
     d = D.explain_decode(jnp.zeros((B, 1, H, Dh)), jnp.zeros((B, S, K, Dh)), jnp.zeros((B, S, K, Dh)),
-                         lengths=jnp.full((B,), S, jnp.int32), method="pallas", window=8, platform="cpu")
+                         lengths=jnp.full((B,), S, jnp.int32), impl="pallas", window=8, platform="cpu")
     assert d.chosen["cpu"] is None
     assert "need a GPU or TPU" in str(d) and "sliding windows" in str(d)
 
@@ -225,7 +225,7 @@ def test_paged_attention_method_pallas_lowers_to_the_kernels():
     cache = PagedKVCache.init(B, num_pages=B * M, page_size=ps, max_pages_per_seq=M, kv_heads=K, head_dim=Dh,
                               dtype=jnp.bfloat16, page_table=jnp.arange(B * M, dtype=jnp.int32).reshape(B, M))
     q = jax.ShapeDtypeStruct((B, 1, H, Dh), jnp.bfloat16)
-    f = lambda q, c: D.paged_attention(q, c, pages_per_split=2, method="pallas")
+    f = lambda q, c: D.paged_attention(q, c, pages_per_split=2, impl="pallas")
     for platform, call in (("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")):
         assert call in lower_for(f, platform, q, cache).mlir_module(), platform
     with pytest.raises(ValueError, match="need a GPU or TPU"):

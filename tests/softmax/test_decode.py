@@ -40,7 +40,7 @@ def _jit(fn, **kw):
     Programs compile with ``testing.FAST_COMPILE`` (compile time dominates; float32 results agree).
     """
     if fn in (D.prefill, D.decode_step, D.decode_attention, D.decode_attention_split_k):
-        kw.setdefault("impl", IMPL)
+        kw.setdefault("attention_impl", IMPL)
     return testing.fast_jit(functools.partial(fn, **kw))
 
 
@@ -70,11 +70,11 @@ def test_prefill_then_steps_equals_full_forward(H, K, Dk, Dv):
 
     @testing.fast_jit
     def prefill_fn(q, k, v):
-        return D.prefill(q, k, v, KVCache.init(B, 16, K, Dk, value_dim=Dv), impl=IMPL)
+        return D.prefill(q, k, v, KVCache.init(B, 16, K, Dk, value_dim=Dv), attention_impl=IMPL)
 
     @testing.fast_jit
     def step_fn(cache, q, k, v):
-        return D.decode_step(q, k, v, cache, impl=IMPL)
+        return D.decode_step(q, k, v, cache, attention_impl=IMPL)
 
     check_prefill_decode(_full, prefill_fn, step_fn, q, k, v, n_prefill=n_prefill)
 
@@ -151,7 +151,7 @@ def test_bias_softcap_sinks_through_decode(kind, method):
     sinks = _normal(jax.random.key(5), (H,))
     kw = {"alibi": dict(bias=alibi(H)), "softcap+scale+sinks": dict(softcap=2.0, scale=0.7, sinks=sinks),
           "t5+sinks": dict(bias=_t5(H), sinks=sinks)}[kind]
-    extra = dict(method=method, num_splits=3) if method == "split_k" else {}
+    extra = dict(impl=method, num_splits=3) if method == "split_k" else {}
     got, _ = _decode_all(KVCache.init(B, 14, K, Dk), q, k, v, n_prefill, **kw, **extra)
     assert_close(got, _full(q, k, v, **kw))
 
@@ -171,7 +171,7 @@ def test_window_on_contiguous_cache():
     B, T, H, Dk, w = 2, 10, 2, 8, 2
     q, k, v = random_qkv(jax.random.key(8), B=B, T=T, H=H, Dk=Dk)
     ref = _full(q, k, v, mask=masks.causal() & masks.sliding_window(w))
-    for extra in ({}, dict(method="split_k", num_splits=4)):
+    for extra in ({}, dict(impl="split_k", num_splits=4)):
         got, _ = _decode_all(KVCache.init(B, 12, H, Dk), q, k, v, 4, window=w, **extra)
         assert_close(got, ref, name=str(extra))
 
@@ -235,7 +235,7 @@ def test_paged_equals_gather_reference_and_plain_cache():
     nn = np.asarray(n, np.int32)
     outs = {}
     # (pages_per_split that does not divide max_pages_per_seq: test_auto_impl[paged])
-    for name, cache, kw in (("paged-1", paged, dict(pages_per_split=1)), ("gather", paged, dict(method="gather")),
+    for name, cache, kw in (("paged-1", paged, dict(pages_per_split=1)), ("gather", paged, dict(impl="gather")),
                             ("plain", plain, {})):
         o, cache = _jit(D.prefill, **kw)(q[:, :6], k[:, :6], v[:, :6], cache, n_new=nn)
         step = _jit(D.decode_step, **kw)
@@ -296,7 +296,7 @@ def test_split_k_equals_direct(T, splits):
     lengths = jnp.array([21, 4, 11], jnp.int32)  # row 1: every chunk after the first is empty
     k[1, 4:] = np.nan  # garbage past a row's length must not leak
     v[1, 4:] = np.nan
-    o_ref, lse_ref = _jit(D.decode_attention, method="direct", return_lse=True)(q, k, v, lengths=lengths)
+    o_ref, lse_ref = _jit(D.decode_attention, impl="direct", return_lse=True)(q, k, v, lengths=lengths)
     for ns in splits:
         o, lse = _jit(D.decode_attention_split_k, num_splits=ns, return_lse=True)(q, (k, v), lengths)
         assert_close(o, o_ref, name=f"o, num_splits={ns}")
@@ -314,10 +314,10 @@ def test_split_k_with_sinks_and_dense_bias():
     lengths = jnp.array([10, 3], jnp.int32)
     sinks = jnp.array([0.5, -1.0])
     bias = _normal(jax.random.key(15), (1, H, T, S))
-    ref = _jit(D.decode_attention, method="direct", return_lse=True)(
+    ref = _jit(D.decode_attention, impl="direct", return_lse=True)(
         q, k, v, lengths=lengths, sinks=sinks, bias=bias)
     for ns in (3, 4):
-        got = _jit(D.decode_attention, method="split_k", num_splits=ns, return_lse=True)(
+        got = _jit(D.decode_attention, impl="split_k", num_splits=ns, return_lse=True)(
             q, k, v, lengths=lengths, sinks=sinks, bias=bias)
         assert_close(got[0], ref[0], name=f"o {ns}")
         assert_close(got[1], ref[1], name=f"lse {ns}")
@@ -329,7 +329,7 @@ def test_decode_registry_choice_and_reasons():
     assert D.explain_decode(q, k, v, lengths=lengths).chosen["cpu"] == "direct"
     assert D.explain_decode(q, k, v, lengths=lengths, num_splits=2).chosen["cpu"] == "split_k"
     with pytest.raises(ValueError, match="mask"):
-        D.decode_attention(q, k, v, lengths=lengths, mask=masks.causal(offset=7), method="split_k", num_splits=2)
+        D.decode_attention(q, k, v, lengths=lengths, mask=masks.causal(offset=7), impl="split_k", num_splits=2)
     # auto falls back to direct when split-K cannot serve, and says why
     d = D.explain_decode(q, k, v, lengths=lengths, num_splits=2, mask=masks.causal(offset=7))
     assert d.chosen["cpu"] == "direct" and any("mask" in r for r in d.reasons["cpu"]["split_k"])
@@ -348,7 +348,7 @@ def test_decode_step_compiles_once(make_cache):
 
     def step(q, k, v, cache):
         traces.append(1)  # Python side effect: runs only when jit traces
-        return D.decode_step(q, k, v, cache, impl=IMPL)
+        return D.decode_step(q, k, v, cache, attention_impl=IMPL)
 
     jstep = testing.fast_jit(step, donate_argnums=3)
     q, k, v = random_qkv(jax.random.key(17), B=2, T=8, H=4, K=2, Dk=8)
@@ -373,9 +373,9 @@ def test_auto_impl(path):
         "plain": (KVCache.init(B, 12, K, Dk), {}, None),
         "ring": (RingKVCache.init(B, w, K, Dk), {}, masks.causal() & masks.sliding_window(w)),
         "paged": (PagedKVCache.init(B, 8, 4, 3, K, Dk), dict(pages_per_split=2), None),
-        "split_k": (KVCache.init(B, 12, K, Dk), dict(method="split_k", num_splits=5), None),
+        "split_k": (KVCache.init(B, 12, K, Dk), dict(impl="split_k", num_splits=5), None),
     }[path]
-    kw.update(impl="auto", bias=alibi(H))
+    kw.update(attention_impl="auto", bias=alibi(H))
     o, cache = _jit(D.prefill, **kw)(q[:, :5], k[:, :5], v[:, :5], cache, n_new=n)
     step = _jit(D.decode_step, **kw)
     outs = []

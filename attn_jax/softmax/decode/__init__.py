@@ -47,7 +47,7 @@ contributes nothing.  Learned sinks are added once, after the merge:
 
 **Paged attention** attends over the page pool through the page table, one
 chunk per ``pages_per_split`` pages (the split-K merge above, as in vLLM's
-PagedAttention V2); ``method="gather"`` instead rebuilds the contiguous cache
+PagedAttention V2); ``prefill(..., impl="gather")`` instead rebuilds the contiguous cache
 (:meth:`PagedKVCache.gather`) and attends once — the gather reference.
 
 **Ring buffer** (sliding window ``w``): the ring of ``W >= w`` slots is rolled
@@ -57,9 +57,11 @@ is appended, and the queries attend over those ``W + T`` keys with
 and padding tokens have segment id 0) — *before* the chunk is written, because
 a chunk longer than ``W - w`` overwrites keys its own first queries need.
 
-Dispatch: :data:`DECODE` (``method=``) has ``"split_k"`` (chosen by ``"auto"``
-when ``num_splits`` is given) and ``"direct"`` (one :func:`attn_jax.attention`
-call over the whole cache); ``impl=`` is passed to :func:`attn_jax.attention`.
+Dispatch: :data:`DECODE` (``impl=``) has ``"split_k"`` (chosen by ``"auto"``
+when ``num_splits`` is given), ``"direct"`` (one :func:`attn_jax.attention`
+call over the whole cache) and the opt-in ``"pallas"`` kernels;
+``attention_impl=`` is passed to :func:`attn_jax.attention` as its ``impl``.
+(``method=`` is the deprecated old name of ``impl=``.)
 """
 
 

@@ -8,11 +8,11 @@ from jaxtyping import Array, Float, Int
 
 from attn_jax.core import masks
 from attn_jax.core.bias import StructuredBias
-from attn_jax.core.dispatch import Decision, Registry
+from attn_jax.core.dispatch import Decision, Registry, register_explainer
 from attn_jax.softmax.api import attention, merge_attention
 from attn_jax.softmax.decode import pallas as decode_pallas
 from attn_jax.softmax.decode.positioned_bias import positioned
-from attn_jax.softmax.decode.problem import DecodeProblem, decode_problem
+from attn_jax.softmax.decode.problem import DecodeProblem, decode_problem, resolve_method
 from attn_jax.softmax.kv_cache import KVCache
 
 __all__ = ["DECODE", "decode_attention", "decode_attention_split_k", "explain_decode", "attend_chunks",
@@ -40,7 +40,8 @@ def _direct(p: DecodeProblem, q, k, v, lengths, offset, bias, sinks, dropout_rng
     B = q.shape[0]
     bias = positioned(bias, offset, 0, jnp.arange(B, dtype=jnp.int32))
     return attention(q, k, v, mask=m, bias=bias, scale=p.scale, softcap=p.softcap, sinks=sinks,
-                     dropout_rate=p.dropout_rate, dropout_rng=dropout_rng, return_lse=p.return_lse, impl=p.impl)
+                     dropout_rate=p.dropout_rate, dropout_rng=dropout_rng, return_lse=p.return_lse,
+                     impl=p.attention_impl)
 
 
 def attend_chunks(p: DecodeProblem, q, kc, vc, n: int, C: int, lengths, offset, bias, sinks):
@@ -62,7 +63,7 @@ def attend_chunks(p: DecodeProblem, q, kc, vc, n: int, C: int, lengths, offset, 
     if isinstance(bias, StructuredBias):
         bias = positioned(bias, rep(offset), start, rep(jnp.arange(B, dtype=jnp.int32)))
     o, lse = attention(qr, kc, vc, mask=m, bias=bias, scale=p.scale, softcap=p.softcap, return_lse=True,
-                       impl=p.impl)
+                       impl=p.attention_impl)
     Dv = o.shape[-1]
     o = o.reshape(B, n, T, H, Dv)
     lse = lse.reshape(B, n, T, H)
@@ -110,7 +111,7 @@ def _split_k_unsupported(platform, p: DecodeProblem):
                        "implemented for it")
     if p.mask is not None:
         reasons.append("mask: an arbitrary mask cannot be re-indexed per key chunk (use window=, or "
-                       "method='direct')")
+                       "impl='direct')")
     return reasons
 
 
@@ -124,42 +125,47 @@ def decode_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v
                      lengths: Int[Array, "B"], offset: Int[Array, "B"] | None = None, window: int | None = None,
                      mask=None, bias=None, scale: float | None = None, softcap: float | None = None,
                      sinks: Float[Array, "H"] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
-                     return_lse: bool = False, method="auto", num_splits: int | None = None, impl="auto",
-                     causal: bool = True):
+                     return_lse: bool = False, impl="auto", num_splits: int | None = None,
+                     attention_impl="auto", causal: bool = True, method=None):
     """Attention of ``T`` new queries over a contiguous cache holding ``lengths[b]`` valid keys.
 
     Query ``t`` of row ``b`` is at position ``offset[b] + t`` (default ``lengths[b] - T``:
     the last query is the last key) and sees keys ``j <= offset[b] + t`` (only with
     ``causal=True``) with ``j < lengths[b]`` (and ``j >= offset[b] + t - window`` when
     ``window`` is given).
-    ``method``: ``"auto"``, ``"direct"`` or ``"split_k"`` (needs ``num_splits``); ``impl`` is
-    passed to :func:`attn_jax.attention`.  ``mask`` (``&``-ed in; cache coordinates) is
-    only supported by ``"direct"``.  Returns ``o: [B, T, H, Dv]`` (and ``lse`` ``[B, T, H]``).
+    ``impl``: the :data:`DECODE` entry, ``"auto"``, ``"direct"``, ``"split_k"`` (needs
+    ``num_splits``) or ``"pallas"`` (``method=`` is its deprecated old name);
+    ``attention_impl`` is passed to :func:`attn_jax.attention` as its ``impl``.  ``mask``
+    (``&``-ed in; cache coordinates) is only supported by ``"direct"``.  Returns ``o: [B, T, H, Dv]`` (and ``lse`` ``[B, T, H]``).
     """
+    impl = resolve_method("decode_attention", impl, method)
     p, lengths, offset = decode_problem(q, k, v, lengths, offset, num_splits=num_splits, window=window, mask=mask,
-                                  bias=bias, scale=scale, softcap=softcap, sinks=sinks, dropout_rate=dropout_rate,
-                                  dropout_rng=dropout_rng, return_lse=return_lse, impl=impl, causal=causal)
-    return DECODE.call(method, p, q, k, v, lengths, offset, bias, sinks, dropout_rng)
+                                        bias=bias, scale=scale, softcap=softcap, sinks=sinks,
+                                        dropout_rate=dropout_rate, dropout_rng=dropout_rng, return_lse=return_lse,
+                                        attention_impl=attention_impl, causal=causal)
+    return DECODE.call(impl, p, q, k, v, lengths, offset, bias, sinks, dropout_rng)
 
 
-def explain_decode(q, k, v, *, lengths, offset=None, method="auto", num_splits=None, window=None, mask=None,
-                   bias=None, sinks=None, dropout_rate=0.0, return_lse=False, platform=None) -> Decision:
-    """Which :data:`DECODE` method :func:`decode_attention` would use, and why the others cannot."""
+def explain_decode(q, k, v, *, lengths, offset=None, impl="auto", num_splits=None, window=None, mask=None,
+                   bias=None, sinks=None, dropout_rate=0.0, return_lse=False, platform=None,
+                   method=None) -> Decision:
+    """Which :data:`DECODE` entry :func:`decode_attention` would use, and why the others cannot."""
+    impl = resolve_method("explain_decode", impl, method)
     rng = jax.random.key(0) if dropout_rate > 0 else None
     p, _, _ = decode_problem(q, k, v, lengths, offset, num_splits=num_splits, window=window, mask=mask, bias=bias,
-                       scale=None, softcap=None, sinks=sinks, dropout_rate=dropout_rate, dropout_rng=rng,
-                       return_lse=return_lse, impl="auto")
-    return DECODE.explain(method, p, platform)
+                             scale=None, softcap=None, sinks=sinks, dropout_rate=dropout_rate, dropout_rng=rng,
+                             return_lse=return_lse, attention_impl="auto")
+    return DECODE.explain(impl, p, platform)
 
 
 def decode_attention_split_k(q: Float[Array, "B T H Dk"], cache_or_kv, lengths: Int[Array, "B"] | None = None, *,
                              num_splits: int, offset=None, window: int | None = None, bias=None,
                              scale: float | None = None, softcap: float | None = None, sinks=None,
-                             return_lse: bool = False, impl="auto"):
+                             return_lse: bool = False, attention_impl="auto"):
     """Flash-decoding: split the keys into ``num_splits`` chunks, attend to each, merge by LSE.
 
     ``cache_or_kv``: a :class:`KVCache` (``lengths`` defaults to its fill) or a ``(k, v)`` pair.
-    Equal to ``decode_attention(..., method="direct")`` for any ``num_splits`` (rows whose
+    Equal to ``decode_attention(..., impl="direct")`` for any ``num_splits`` (rows whose
     chunk lies entirely past their length contribute ``lse = -inf`` parts).
     """
     if isinstance(cache_or_kv, KVCache):
@@ -174,5 +180,8 @@ def decode_attention_split_k(q: Float[Array, "B T H Dk"], cache_or_kv, lengths: 
     if num_splits is None:
         raise ValueError("num_splits: required (an int >= 1)")
     return decode_attention(q, k, v, lengths=lengths, offset=offset, window=window, bias=bias, scale=scale,
-                            softcap=softcap, sinks=sinks, return_lse=return_lse, method="split_k",
-                            num_splits=num_splits, impl=impl)
+                            softcap=softcap, sinks=sinks, return_lse=return_lse, impl="split_k",
+                            num_splits=num_splits, attention_impl=attention_impl)
+
+
+register_explainer(decode_attention, explain_decode)

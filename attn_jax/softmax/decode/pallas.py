@@ -1,10 +1,10 @@
-"""``method="pallas"`` of the decode registry: the split-K Pallas decode kernels.
+"""``impl="pallas"`` of the decode registry: the split-K Pallas decode kernels.
 
 Adapter from a :class:`attn_jax.softmax.decode.problem.DecodeProblem` to
 :mod:`pallas_kernels.decode_attention` (Triton when lowered for ``cuda``, Mosaic for
 ``tpu``): flash-decoding over a contiguous cache, partial ``(o, lse)`` per key split merged by
 log-sum-exp, sinks added once in the merge (equations in :mod:`attn_jax.softmax.decode`).
-Opt-in (``method="pallas"``): it has been checked in interpret mode and by lowering, never on
+Opt-in (``impl="pallas"``): it has been checked in interpret mode and by lowering, never on
 hardware, so ``"auto"`` does not pick it yet.
 """
 
@@ -39,7 +39,7 @@ def unsupported(platform: str, p) -> list[str]:
     if p.window is not None:
         r.append("window: sliding windows are not implemented in the Pallas decode kernels")
     if p.mask is not None:
-        r.append("mask: not supported by the Pallas decode kernels (use method='direct')")
+        r.append("mask: not supported by the Pallas decode kernels (use impl='direct')")
     if p.bias_kind != "none":
         r.append("bias: the Pallas decode kernels take no bias")
     if p.dropout_rate > 0:

@@ -12,6 +12,7 @@ from attn_jax.softmax.api import attention, merge_attention
 from attn_jax.softmax.decode.contiguous import apply_sinks, decode_attention
 from attn_jax.softmax.decode.paged import paged_attention
 from attn_jax.softmax.decode.positioned_bias import positioned
+from attn_jax.softmax.decode.problem import resolve_method
 from attn_jax.softmax.kv_cache import KVCache, PagedKVCache, RingKVCache, new_token_counts
 
 __all__ = ["prefill", "decode_step"]
@@ -42,7 +43,7 @@ def _check_chunk(q, k, v, cache):
 
 
 def _ring_prefill(q, k, v, cache: RingKVCache, n_new, *, window, mask, bias, scale, softcap, sinks, dropout_rate,
-                  dropout_rng, impl):
+                  dropout_rng, attention_impl):
     if window is not None and window != cache.window:
         raise ValueError(f"window: the RingKVCache was built for window={cache.window}, got window={window}")
     if mask is not None:
@@ -62,12 +63,12 @@ def _ring_prefill(q, k, v, cache: RingKVCache, n_new, *, window, mask, bias, sca
     L = cache.lengths
     bias = positioned(bias, L, L - W, jnp.arange(B, dtype=jnp.int32))
     o = attention(q, keys, vals, mask=m, bias=bias, scale=scale, softcap=softcap, sinks=sinks,
-                  dropout_rate=dropout_rate, dropout_rng=dropout_rng, impl=impl)
+                  dropout_rate=dropout_rate, dropout_rng=dropout_rng, impl=attention_impl)
     return o, cache.append(k, v, n)
 
 
-def _prefill_two_part(q, k, v, cache, L, n, *, window, bias, scale, softcap, sinks, method, num_splits,
-                      pages_per_split, impl):
+def _prefill_two_part(q, k, v, cache, L, n, *, window, bias, scale, softcap, sinks, impl, num_splits,
+                      pages_per_split, attention_impl):
     """Attend over the cached keys ``j < L`` (no causal mask needed: they precede every query)
     and over the new chunk (causal, ``T x T``) separately; merge by LSE.
 
@@ -79,17 +80,20 @@ def _prefill_two_part(q, k, v, cache, L, n, *, window, bias, scale, softcap, sin
     """
     B, T = q.shape[:2]
     if isinstance(cache, PagedKVCache):
-        o_c, lse_c = paged_attention(q, cache.replace(lengths=L), offset=L, pages_per_split=pages_per_split, window=window, bias=bias,
-                                     scale=scale, softcap=softcap, return_lse=True, impl=impl, causal=False)
+        o_c, lse_c = paged_attention(q, cache.replace(lengths=L), offset=L, pages_per_split=pages_per_split,
+                                     window=window, bias=bias, scale=scale, softcap=softcap, return_lse=True,
+                                     attention_impl=attention_impl, causal=False)
     else:
+        # every cached key precedes every query: no causal mask over the cache part
         o_c, lse_c = decode_attention(q, cache.k, cache.v, lengths=L, offset=L, window=window, bias=bias, scale=scale,
-                                      softcap=softcap, return_lse=True, method=method, num_splits=num_splits,
-                                      impl=impl, causal=False)  # every cached key precedes every query
+                                      softcap=softcap, return_lse=True, impl=impl, num_splits=num_splits,
+                                      attention_impl=attention_impl, causal=False)
     m = masks.causal() & masks.key_padding(n)
     if window is not None:
         m = m & masks.sliding_window(window)
     chunk_bias = positioned(bias, L, L, jnp.arange(B, dtype=jnp.int32))
-    o_n, lse_n = attention(q, k, v, mask=m, bias=chunk_bias, scale=scale, softcap=softcap, return_lse=True, impl=impl)
+    o_n, lse_n = attention(q, k, v, mask=m, bias=chunk_bias, scale=scale, softcap=softcap, return_lse=True,
+                           impl=attention_impl)
     o, lse = merge_attention([(o_c, lse_c), (o_n, lse_n)], return_lse=True)
     if sinks is not None:
         o, _ = apply_sinks(o, lse, sinks)
@@ -99,58 +103,61 @@ def _prefill_two_part(q, k, v, cache, L, n, *, window, bias, scale, softcap, sin
 def prefill(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v: Float[Array, "B T K Dv"], cache, *,
             n_new: Int[Array, "B"] | None = None, mask=None, window: int | None = None, bias=None,
             scale: float | None = None, softcap: float | None = None, sinks: Float[Array, "H"] | None = None,
-            dropout_rate: float = 0.0, dropout_rng=None, method="auto", num_splits: int | None = None,
-            pages_per_split: int = 1, impl="auto"):
+            dropout_rate: float = 0.0, dropout_rng=None, impl="auto", num_splits: int | None = None,
+            pages_per_split: int = 1, attention_impl="auto", method=None):
     """Append ``T`` tokens to ``cache`` and attend their queries over it; returns ``(o, new_cache)``.
 
     ``cache``: :class:`KVCache`, :class:`RingKVCache` (sliding window ``cache.window``) or
     :class:`PagedKVCache`.  ``n_new: int32[B]``: valid tokens per row (default all ``T``);
     outputs of padding queries are zero.  ``window``: sliding window for contiguous/paged
-    caches.  ``method``: for :class:`KVCache` a :data:`DECODE` method (``"auto"``,
-    ``"direct"``, ``"split_k"`` with ``num_splits``); for :class:`PagedKVCache` ``"auto"``
-    / ``"paged"`` (per-page split-K) or ``"gather"`` (the gather reference).  ``mask``:
+    caches.  ``impl``: for :class:`KVCache` a :data:`DECODE` entry (``"auto"``,
+    ``"direct"``, ``"split_k"`` with ``num_splits``, ``"pallas"``); for :class:`PagedKVCache`
+    ``"auto"`` / ``"paged"`` (per-page split-K) or ``"gather"`` (the gather reference)
+    (``method=`` is its deprecated old name).  ``mask``:
     extra mask ``&``-ed in, in cache coordinates (``[T, S_max]``; positional masks need
     ``offset=cache.lengths``); contiguous caches, direct method only.  Other keywords as in
-    :func:`attn_jax.attention`, to which ``impl`` is passed.
+    :func:`attn_jax.attention`, to which ``attention_impl`` is passed as ``impl``.
     """
+    impl = resolve_method("prefill", impl, method)
     _check_chunk(q, k, v, cache)
     B, T = q.shape[:2]
     if isinstance(cache, RingKVCache):
-        if method not in ("auto", "direct") or num_splits is not None:
-            raise ValueError(f"method: a RingKVCache attends directly over its {cache.capacity} slots; "
-                             f"got method={method!r}, num_splits={num_splits!r}")
+        if impl not in ("auto", "direct") or num_splits is not None:
+            raise ValueError(f"impl: a RingKVCache attends directly over its {cache.capacity} slots; "
+                             f"got impl={impl!r}, num_splits={num_splits!r}")
         return _ring_prefill(q, k, v, cache, n_new, window=window, mask=mask, bias=bias, scale=scale,
                              softcap=softcap, sinks=sinks, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                             impl=impl)
+                             attention_impl=attention_impl)
     n = new_token_counts(n_new, B, T)
     before = cache.lengths
     two_part = mask is None and dropout_rate == 0 and (bias is None or isinstance(bias, StructuredBias))
     if isinstance(cache, PagedKVCache):
-        two_part = two_part and method in ("auto", "paged")
+        two_part = two_part and impl in ("auto", "paged")
     if two_part:
         o = _prefill_two_part(q, k, v, cache, before, n, window=window, bias=bias, scale=scale, softcap=softcap,
-                              sinks=sinks, method=method, num_splits=num_splits, pages_per_split=pages_per_split,
-                              impl=impl)
+                              sinks=sinks, impl=impl, num_splits=num_splits, pages_per_split=pages_per_split,
+                              attention_impl=attention_impl)
         o = jnp.where((jnp.arange(T)[None, :] < n[:, None])[:, :, None, None], o, 0).astype(o.dtype)
         return o, cache.append(k, v, n)
     new = cache.append(k, v, n)
     if isinstance(cache, PagedKVCache):
-        if method in ("auto", "paged"):
+        if impl in ("auto", "paged"):
             if mask is not None or dropout_rate > 0:
-                raise ValueError("mask/dropout_rate: not supported by the paged method; use method='gather'")
+                raise ValueError("mask/dropout_rate: not supported by the paged method; use impl='gather'")
             o = paged_attention(q, new, offset=before, pages_per_split=pages_per_split, window=window, bias=bias,
-                                scale=scale, softcap=softcap, sinks=sinks, impl=impl)
-        elif method == "gather":
+                                scale=scale, softcap=softcap, sinks=sinks, attention_impl=attention_impl)
+        elif impl == "gather":
             kk, vv = new.gather()
             o = decode_attention(q, kk, vv, lengths=new.lengths, offset=before, window=window, mask=mask, bias=bias,
                                  scale=scale, softcap=softcap, sinks=sinks, dropout_rate=dropout_rate,
-                                 dropout_rng=dropout_rng, method="direct", impl=impl)
+                                 dropout_rng=dropout_rng, impl="direct", attention_impl=attention_impl)
         else:
-            raise ValueError(f"method: expected 'auto', 'paged' or 'gather' for a PagedKVCache, got {method!r}")
+            raise ValueError(f"impl: expected 'auto', 'paged' or 'gather' for a PagedKVCache, got {impl!r}")
     else:
         o = decode_attention(q, new.k, new.v, lengths=new.lengths, offset=before, window=window, mask=mask,
                              bias=bias, scale=scale, softcap=softcap, sinks=sinks, dropout_rate=dropout_rate,
-                             dropout_rng=dropout_rng, method=method, num_splits=num_splits, impl=impl)
+                             dropout_rng=dropout_rng, impl=impl, num_splits=num_splits,
+                             attention_impl=attention_impl)
     if n_new is not None:
         o = jnp.where((jnp.arange(T)[None, :] < n[:, None])[:, :, None, None], o, 0).astype(o.dtype)
     return o, new

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ from attn_jax.core import masks
 from attn_jax.core import validation as V
 from attn_jax.core.bias import StructuredBias
 
-__all__ = ["DecodeProblem", "decode_problem"]
+__all__ = ["DecodeProblem", "decode_problem", "resolve_method"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class DecodeProblem:
     has_sinks: bool
     dropout_rate: float
     return_lse: bool
-    impl: Any                   # passed to attn_jax.attention
+    attention_impl: Any         # passed to attn_jax.attention as its impl
     causal: bool = True
 
 
@@ -65,7 +66,8 @@ def _check_splits(num_splits, S):
 
 
 def decode_problem(q, k, v, lengths, offset, *, num_splits, window, mask, bias, scale, softcap, sinks, dropout_rate,
-             dropout_rng, return_lse, impl, causal=True):
+                   dropout_rng, return_lse, attention_impl, causal=True):
+    """Validate a decode call at trace time; returns ``(DecodeProblem, lengths int32[B], offset int32[B])``."""
     dims = V.check_qkv(q, k, v)
     lengths = _int_rows("lengths", lengths, dims.B)
     offset = lengths - dims.T if offset is None else _int_rows("offset", offset, dims.B)
@@ -80,5 +82,18 @@ def decode_problem(q, k, v, lengths, offset, *, num_splits, window, mask, bias, 
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
     p = DecodeProblem(dims, q.dtype, _check_splits(num_splits, dims.S), _check_window(window), mask, _bias_kind(bias),
-                      scale, softcap, sinks is not None, float(dropout_rate), return_lse, impl, bool(causal))
+                      scale, softcap, sinks is not None, float(dropout_rate), return_lse, attention_impl,
+                      bool(causal))
     return p, lengths, offset
+
+
+def resolve_method(fn: str, impl, method):
+    """``impl`` chooses the decode strategy; ``method=`` is its deprecated old name."""
+    if method is None:
+        return impl
+    if impl != "auto":
+        raise ValueError(f"{fn}: got both impl={impl!r} and the deprecated method={method!r}; pass impl= only "
+                         "(the implementation of attn_jax.attention inside it is attention_impl=)")
+    warnings.warn(f"{fn}(method=...) is deprecated: pass impl= (and attention_impl= for the attention "
+                  "implementation inside it)", DeprecationWarning, stacklevel=3)
+    return method
