@@ -120,3 +120,41 @@ def test_compiles_once_no_per_token_retrace(model):
     generate(model, prompts, rng=jax.random.key(0), **{**kw, "max_new_tokens": 17})
     assert gen_module.TRACE_COUNTS["decode_step"] == before["decode_step"] + 1
     assert gen_module.TRACE_COUNTS["generate"] == before["generate"] + 1
+
+
+def test_max_len_too_small_for_prompt_and_new_tokens_raises(model):
+    prompts = _prompts()[:, :4]
+    with pytest.raises(ValueError, match=r"max_len: .*max_len >= prompt length P \+ max_new_tokens - 1 = "
+                                         r"4 \+ 8 - 1 = 11; got max_len=6"):
+        generate(model, prompts, max_new_tokens=8, max_len=6)
+    for bad in (10, 11.0, "12"):
+        with pytest.raises(ValueError, match=r"max_len: .* = 11; got max_len="):
+            generate(model, prompts, max_new_tokens=8, max_len=bad)
+
+
+def test_smallest_allowed_max_len_matches_the_default(model):
+    # The last generated token is never fed back, so P + N - 1 cache slots suffice.
+    prompts = _prompts()
+    a = generate(model, prompts, prompt_lengths=LENGTHS, max_new_tokens=N)
+    b = generate(model, prompts, prompt_lengths=LENGTHS, max_new_tokens=N, max_len=P + N - 1)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+
+
+def test_prefill_past_the_cache_capacity_raises_and_decode_past_it_is_checked(model):
+    import attn_jax as aj
+    prompts = jnp.asarray(_prompts())
+    with pytest.raises(ValueError, match=r"k: chunk of T_new=6 tokens exceeds the cache capacity max_len=4"):
+        jax.eval_shape(lambda t: model(t, cache=model.init_cache(2, 4)), prompts)
+
+    def prefill_and_decode(state, tokens, steps: int):
+        m = nnx.merge(*state)
+        logits, cache = m(tokens[:, :3], cache=m.init_cache(2, 4))
+        for i in range(steps):
+            logits, cache = m(tokens[:, 3 + i:4 + i], cache=cache)
+        return logits
+
+    # Unchecked, the 5th token would be dropped silently (tests/core/test_checks.py covers that side).
+    state = nnx.split(model)
+    with pytest.raises(ValueError, match=r"k_new: appending past the cache capacity max_len=4: a row holding 4 "
+                                         r"tokens receives 1 more"):
+        aj.checked(prefill_and_decode, jit=True, static_argnums=2, compiler_options=tk.FAST_COMPILE)(state, prompts, 2)
