@@ -22,6 +22,7 @@ from attn_jax.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attn_jax.softmax.kv_cache import KVCache
 
 B, T, H, D = 2, 8, 2, 8
+REF = {"softmax": {"impl": "reference"}}      # the cheapest attention to compile
 
 
 def _normal(seed, shape):
@@ -109,7 +110,8 @@ def test_positive_log_alpha_and_decode_step_gates_raise():
 # ----------------------------------------------------------------------------- token ids
 
 def test_out_of_range_token_ids_raise_in_the_decoder():
-    model = DecoderLM(DecoderConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2), rngs=nnx.Rngs(0))
+    model = DecoderLM(DecoderConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, mixer_kwargs=REF),
+                      rngs=nnx.Rngs(0))
     graph, state = nnx.split(model)
     f = lambda s, t, seg: nnx.merge(graph, s)(t, segment_ids=seg)[0]
     fwd, chk = tk.fast_jit(f), _checked(f)
@@ -125,15 +127,15 @@ def test_out_of_range_token_ids_raise_in_the_decoder():
 
 
 def test_out_of_range_token_ids_raise_in_encoder_and_seq2seq():
-    enc = EncoderClassifier(EncoderConfig(vocab_size=7, num_classes=3, d_model=16, num_layers=1, num_heads=2),
-                            rngs=nnx.Rngs(0))
+    enc = EncoderClassifier(EncoderConfig(vocab_size=7, num_classes=3, d_model=16, num_layers=1, num_heads=2,
+                                          mixer_kwargs=REF), rngs=nnx.Rngs(0))
     tokens = jnp.array([[1, 2, 9]], jnp.int32)
     run = _checked(lambda t, m: enc(t, padding_mask=m))
     run(tokens, jnp.array([[True, True, False]]))                         # id 9 sits in padding
     with pytest.raises(ValueError, match=r"tokens: token ids must lie in \[0, vocab_size=7\)"):
         run(tokens, jnp.array([[True, True, True]]))
     s2s = Seq2Seq(Seq2SeqConfig(src_vocab_size=7, tgt_vocab_size=5, d_model=16, num_encoder_layers=1,
-                                num_decoder_layers=1, num_heads=2), rngs=nnx.Rngs(0))
+                                num_decoder_layers=1, num_heads=2, mixer_kwargs=REF), rngs=nnx.Rngs(0))
     run = _checked(lambda src, tgt: s2s(src, tgt))
     with pytest.raises(ValueError, match=r"src: token ids must lie in \[0, vocab_size=7\)"):
         run(jnp.array([[1, 7]]), jnp.array([[1, 2]]))
@@ -148,7 +150,7 @@ def test_nan_in_attention_inputs_raises_only_where_the_mask_uses_it(T_):
     q, k, v = (_normal(i, (B, T_, 4, D)) for i in range(3))
     k, v = k[:, :, :2], v[:, :, :2]                                   # GQA: 4 query heads, 2 kv heads
     seg = jnp.ones((B, T_), jnp.int32).at[1, T_ - 2:].set(0)          # row 1 ends in 2 padding tokens
-    f = lambda q, k, v, seg: aj.attention(q, k, v, mask=masks.causal() & masks.segments(seg))
+    f = lambda q, k, v, seg: aj.attention(q, k, v, mask=masks.causal() & masks.segments(seg), impl="reference")
     att, chk = tk.fast_jit(f), _checked(f)
     ref = att(q, k, v, seg)
     _assert_same(ref, chk(q, k, v, seg))
