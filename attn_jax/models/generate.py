@@ -43,8 +43,13 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 @dataclasses.dataclass(frozen=True)
 class GenerationOutput:
+    """A pytree (usable as a ``jit`` / ``checkify`` output)."""
+
     tokens: jax.Array   # int32 [B, max_new_tokens]
     lengths: jax.Array  # int32 [B]
+
+
+jax.tree_util.register_dataclass(GenerationOutput, data_fields=["tokens", "lengths"], meta_fields=[])
 
 
 def sample_logits(logits, rng, *, temperature=0.0, top_k=None, top_p=None):
