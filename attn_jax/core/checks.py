@@ -25,15 +25,17 @@ library marks each of them with :func:`check`, a ``jax.experimental.checkify.deb
 
 What is checked (each ignores padding, where any value is allowed):
 
-* ``log_g`` / ``log_alpha``: log forget gates ``<= 0`` in the gated linear engine
-  (:func:`attn_jax.linear.gated_linear_attention` and every mechanism built on it) and the gated
-  delta rule, outside padding (``segment_ids == 0``).
+* ``log_g`` / ``log_a`` / ``log_alpha``: log forget gates ``<= 0`` in the gated linear engine
+  (:func:`attn_jax.linear.gated_linear_attention` and every mechanism built on it, named by the
+  mechanism's gate argument) and the gated delta rule, outside padding (``segment_ids == 0``);
+  ``g_t`` / ``log_alpha_t`` in the decode steps.
 * ``tokens`` (``src`` / ``tgt``): token ids in ``[0, vocab_size)`` in the models' embeddings,
   outside padding (``segment_ids == 0`` or ``padding_mask == False``).
 * ``q`` / ``k`` / ``v`` of :func:`attn_jax.attention`: no NaN at a position the mask uses — a
   query row that sees at least one key, a key seen by at least one query.  Fully masked rows and
   keys (padding) may hold NaN: by design their values never reach an output.  Visibility is
-  decided by the mask alone (a ``-inf`` bias does not hide a NaN).
+  decided by the mask alone (a ``-inf`` bias does not hide a NaN); with checks on, the mask
+  predicate is evaluated ``256`` query rows at a time (``T x S`` work, ``256 x S`` memory).
 * ``k_new`` of a cache append (:class:`attn_jax.softmax.kv_cache.KVCache`,
   :class:`~attn_jax.softmax.kv_cache.PagedKVCache`): ``lengths + n_new <= max_len`` and, for a
   paged cache, every written position on an allocated page; otherwise the tokens would be
@@ -48,6 +50,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
+from jaxtyping import Array, Bool, Float, Int
 
 __all__ = ["ERRORS", "check", "checked", "check_log_gates", "check_token_ids", "check_attention_inputs",
            "check_capacity"]
@@ -103,7 +106,8 @@ def _valid_mask(segment_ids, shape):
     return valid.reshape(valid.shape + (1,) * (len(shape) - valid.ndim))
 
 
-def check_log_gates(name: str, log_g, segment_ids=None) -> None:
+def check_log_gates(name: str, log_g: Float[Array, "B T ..."] | None,
+                    segment_ids: Int[Array, "B T"] | None = None) -> None:
     """``log_g <= 0`` (a gate ``exp(log_g) > 1`` makes the state grow without bound: inf outputs),
     ignoring padding (``segment_ids == 0``; ``log_g: [B, T, ...]``).  NaN gates fail too."""
     if log_g is None:
@@ -118,7 +122,8 @@ def check_log_gates(name: str, log_g, segment_ids=None) -> None:
               f"positions with {name} > 0 or NaN (largest {{}})", jnp.sum(~ok), worst)
 
 
-def check_token_ids(name: str, tokens, vocab_size: int, valid=None) -> None:
+def check_token_ids(name: str, tokens: Int[Array, "*batch"], vocab_size: int,
+                    valid: Bool[Array, "*batch"] | None = None) -> None:
     """Token ids in ``[0, vocab_size)`` where ``valid`` (bool, broadcastable; default everywhere)."""
     t = jnp.asarray(tokens)
     ok = (t >= 0) & (t < vocab_size)
@@ -156,7 +161,8 @@ def _mask_visibility(mask, T: int, S: int):
     return rows.reshape(rows.shape[:2] + (n_blocks * bq,))[..., :T], cols
 
 
-def check_attention_inputs(q, k, v, mask=None) -> None:
+def check_attention_inputs(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"],
+                           mask=None) -> None:
     """No NaN in ``q [B, T, H, D]`` at a query that sees a key, nor in ``k`` / ``v [B, S, K, D]`` at
     a key some query sees (``mask``: an :class:`attn_jax.core.masks.Mask` or None = all visible)."""
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
@@ -164,10 +170,10 @@ def check_attention_inputs(q, k, v, mask=None) -> None:
         return
     T, H, S = q.shape[1], q.shape[2], k.shape[1]
     q_nan = jnp.isnan(q).any(axis=-1)                                 # [B, T, H]
-    k_nan = jnp.isnan(k).any(axis=-1) | jnp.isnan(v).any(axis=-1)     # [B, S, K]
+    k_nan, v_nan = jnp.isnan(k).any(axis=-1), jnp.isnan(v).any(axis=-1)   # [B, S, K]
     what = "(NaN is allowed only where the mask hides the position: padding, fully masked rows)"
     if mask is None:
-        bad_q, bad_k = q_nan, k_nan
+        bad_q, bad_k, bad_v = q_nan, k_nan, v_nan
     else:
         rows, cols = _mask_visibility(mask, T, S)
         rows = jnp.broadcast_to(jnp.swapaxes(rows, 1, 2), rows.shape[:1] + (T, rows.shape[1]))   # [B|1, T, H|1]
@@ -177,13 +183,14 @@ def check_attention_inputs(q, k, v, mask=None) -> None:
             seen = cols[:, 0, :, None]                                # [B|1, S, 1]
         else:                                                         # kv head kh serves query heads of group kh
             seen = jnp.swapaxes(cols.reshape(cols.shape[0], K, H // K, S).any(axis=2), 1, 2)   # [B|1, S, K]
-        bad_k = k_nan & seen
+        bad_k, bad_v = k_nan & seen, v_nan & seen
     check(~bad_q, f"q: NaN at {{}} (batch, query, head) positions that attend to keys {what}", jnp.sum(bad_q))
-    check(~bad_k, f"k/v: NaN at {{}} (batch, key, kv head) positions that some query attends to {what}",
-          jnp.sum(bad_k))
+    for name, bad in (("k", bad_k), ("v", bad_v)):
+        check(~bad, f"{name}: NaN at {{}} (batch, key, kv head) positions that some query attends to {what}",
+              jnp.sum(bad))
 
 
-def check_capacity(name: str, lengths, n_new, capacity: int) -> None:
+def check_capacity(name: str, lengths: Int[Array, "B"], n_new: Int[Array, "B"], capacity: int) -> None:
     """``lengths + n_new <= capacity`` per row: appending past a cache's ``max_len`` drops tokens."""
     lengths, n_new = jnp.broadcast_arrays(jnp.asarray(lengths, jnp.int32), jnp.asarray(n_new, jnp.int32))
     total = lengths + n_new
