@@ -5,10 +5,11 @@
     o = aj.attention(q, k, v, mask=masks.causal())
 """
 
-from attn_jax.core import masks
+from attn_jax.core import checks, masks
+from attn_jax.core.checks import checked
 from attn_jax.softmax import attention, explain, merge_attention
 from attn_jax import linear, mixers, models, nn, positional  # noqa: E402  (nn/models build on the ops above)
 
 __version__ = "0.1.0"
 __all__ = ["attention", "explain", "merge_attention", "linear", "masks", "mixers", "models", "nn", "positional",
-           "__version__"]
+           "checked", "checks", "__version__"]

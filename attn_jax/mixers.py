@@ -78,7 +78,11 @@ def get(name: str) -> Callable:
     registered names and the closest match."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.0)
+    # Case-insensitive match first ("GLA" -> 'gla'), then the closest spelling, compared in lower case.
+    lower = {n.lower(): n for n in _REGISTRY}
+    key = str(name).lower()
+    close = [lower[key]] if key in lower else [
+        lower[c] for c in difflib.get_close_matches(key, list(lower), n=1, cutoff=0.0)]
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"mixer: unknown mixer {name!r}; registered mixers: {', '.join(names())}{hint}")
 

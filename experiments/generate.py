@@ -5,7 +5,8 @@
 
 ``bytes_lm``: the prompt's UTF-8 bytes are continued and the text printed.  Other "lm" tasks:
 rows of valid batch 0 are cut before their first scored position; the model's continuation is
-printed against the target tokens (``--rows``).
+printed against the target tokens (``--rows``).  The workdir is only read (nothing in it is
+created, moved or deleted).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from absl import app
 
 from attn_jax.models import generate as sample
-from experiments.common.cli import define, quiet_orbax
+from experiments.common.cli import adopt_key_flags, define, quiet_orbax
 from experiments.common.config import ConfigError
 
 __all__ = ["run"]
@@ -60,6 +61,7 @@ def cli():
         ("integer", "max_new_tokens", 200, "Tokens to generate."), ("float", "temperature", 0.8, "0 = greedy."),
         ("integer", "top_k", 0, "0 = off."), ("float", "top_p", 1.0, "1 = off."), ("integer", "seed", 0, "RNG seed."),
         ("integer", "rows", 2, "Valid rows shown (non-bytes tasks).")]}
+    adopt_key_flags()
 
     def main(argv):
         del argv

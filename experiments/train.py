@@ -35,9 +35,9 @@ from ml_collections import config_flags
 
 from experiments.common import losses
 from experiments.common.checkpoint import Checkpointer
-from experiments.common.cli import define, quiet_orbax
-from experiments.common.config import (ConfigError, apply_mixer_kwargs, check_cli_overrides, make_task,
-                                       split_mixer_kwargs, validate)
+from experiments.common.cli import adopt_key_flags, define, quiet_orbax
+from experiments.common.config import (ConfigError, apply_mixer_kwargs, check_cli_overrides, config_fields_help,
+                                       make_task, split_mixer_kwargs, validate)
 from experiments.common.metrics import MetricWriter, read_metrics
 from experiments.common.models import build_model, forward, param_count
 from experiments.common.optim import make_optimizer
@@ -230,7 +230,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def restore_trainer(workdir: str, overrides: dict | None = None) -> tuple[Trainer, int]:
-    """The Trainer of ``workdir/config.json`` with its newest good checkpoint (generate / evaluate)."""
+    """The Trainer of ``workdir/config.json`` with its newest good checkpoint (generate / evaluate).
+
+    Read-only: nothing in ``workdir`` is created, moved or deleted."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"workdir: no config.json in {workdir!r} (not a training workdir)")
@@ -240,7 +242,11 @@ def restore_trainer(workdir: str, overrides: dict | None = None) -> tuple[Traine
         section, key = k.split(".")
         config[section][key] = v
     trainer = Trainer(config)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"workdir: no checkpoint directory {directory!r}")
+    # Readers never change the workdir: bad checkpoints are skipped, not set aside (the trainer does that).
+    ckpt = Checkpointer(directory, config.train.keep_checkpoints, read_only=True)
     try:
         step, state = ckpt.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                        trainer.state))
@@ -253,11 +259,20 @@ def restore_trainer(workdir: str, overrides: dict | None = None) -> tuple[Traine
 
 
 # ----------------------------------------------------------------------------- command line
+CONFIG_HELP = ("Config file, experiments/configs/<task>.py[:arg] (each file documents its :arg). Override any "
+               "field with --config.<section>.<field>=value, mixer arguments with "
+               "--config.model.mixer_kwargs.<mixer>.<kwarg>=value. Fields: {fields}. --print_config prints "
+               "the resolved config and exits.")
+
+
 def _define_flags():
     if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "Config file, path/to/cfg.py[:arg].",
+        config_flags.DEFINE_config_file("config", None, CONFIG_HELP.format(fields=config_fields_help()),
                                         lock_config=False)
-    define("string", "workdir", None, "Directory of checkpoints, metrics and summary.")
+    define("string", "workdir", None, "Directory of checkpoints, metrics and summary (created if needed; "
+                                      "a run resumes from its newest good checkpoint).")
+    define("bool", "print_config", False, "Print the resolved config (--config plus overrides) and exit.")
+    adopt_key_flags()
 
 
 _MIXER_KWARGS: dict = {}      # --config.model.mixer_kwargs.<mixer>.<kwarg>=v, applied in main
@@ -304,9 +319,14 @@ def run_cli(config: ml_collections.ConfigDict, workdir: str) -> int:
 def main(argv):
     del argv
     quiet_orbax()
-    if flags.FLAGS.config is None or not flags.FLAGS.workdir:
-        raise app.UsageError("--config and --workdir are required")
+    if flags.FLAGS.config is None:
+        raise app.UsageError("--config is required (--helpshort lists the flags and the config fields)")
     apply_mixer_kwargs(flags.FLAGS.config, _MIXER_KWARGS)
+    if flags.FLAGS.print_config:
+        print(flags.FLAGS.config)
+        sys.exit(0)
+    if not flags.FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
     sys.exit(run_cli(flags.FLAGS.config, flags.FLAGS.workdir))
 
 

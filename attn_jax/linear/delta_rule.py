@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from attn_jax.core import checks
 from attn_jax.core.dispatch import Registry
 from attn_jax.core.validation import check_float_array, shape_str
 from attn_jax.linear.common import (RecurrentCall, compute_dtype, default_scale, expand_kv_heads, finish, init_state,
@@ -129,6 +130,7 @@ def delta_rule_step(q_t: Float[Array, "B H Dk"], k_t: Float[Array, "B K Dk"], v_
     b = beta_t.astype(dt)[..., None]
     s = state.astype(dt)
     if log_alpha_t is not None:
+        checks.check_log_gates("log_alpha_t", log_alpha_t)
         s = s * jnp.exp(log_alpha_t.astype(dt))[..., None, None]
     u = b * (v_t - jnp.einsum("bhk,bhkv->bhv", k_t, s))                      # rank-one delta write
     s = s + k_t[..., :, None] * u[..., None, :]
@@ -377,6 +379,7 @@ def gated_delta_rule(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v
     call = _make_call("gated_delta_rule", q, k, v, beta, log_alpha, scale=scale, initial_state=initial_state,
                       return_final_state=return_final_state, segment_ids=segment_ids, causal=causal,
                       chunk_size=chunk_size)
+    checks.check_log_gates("log_alpha", log_alpha, segment_ids)
     return DELTA.call(impl, call, q, k, v, beta, log_alpha, initial_state, segment_ids)
 
 

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attn_jax.core import checks
 from attn_jax.core.dispatch import Registry
 from attn_jax.linear.common import (RecurrentCall, compute_dtype, default_scale, expand_kv_heads, finish, init_state,
                                     segment_layout, validate)
@@ -94,6 +95,7 @@ def recurrent_step(q_t, k_t, v_t, g_t, state, *, scale: float | None = None):
     v_t = jnp.repeat(v_t, rep, axis=1).astype(dt)
     s = state.astype(dt)
     if g_t is not None:
+        checks.check_log_gates("g_t", g_t)
         s = s * _decay(g_t.astype(dt))
     s = s + k_t[..., :, None] * v_t[..., None, :]
     o = scale * jnp.einsum("bhk,bhkv->bhv", q_t.astype(dt), s)
@@ -367,6 +369,7 @@ def gated_linear_attention(q, k, v, log_g=None, *, scale=None, initial_state=Non
     call = _make_call(mechanism, q, k, v, log_g, gate_name=gate_name, allow_vector_gate=allow_vector_gate,
                       scale=scale, initial_state=initial_state, return_final_state=return_final_state,
                       segment_ids=segment_ids, causal=causal, chunk_size=chunk_size)
+    checks.check_log_gates(gate_name, log_g, segment_ids)
     return GATED.call(impl, call, q, k, v, log_g, initial_state, segment_ids)
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from attn_jax import mixers
+from attn_jax.core import checks
 from attn_jax.nn.layers import Embed, check_positive_int, default_kernel_init, make_mlp, make_norm, param
 
 __all__ = ["TransformerConfig", "StackConfig", "DecoderConfig", "DecoderBlock", "TransformerBlock", "DecoderLM", "build_mixer", "freeze_kwargs",
@@ -215,7 +216,9 @@ DecoderBlock = TransformerBlock
 class DecoderLM(nnx.Module):
     """Decoder-only LM; ``logits, cache = model(tokens, positions=, segment_ids=, cache=, deterministic=)``.
 
-    ``tokens: int [B, T]``; ``logits: float32 [B, T, vocab]``.
+    ``tokens: int [B, T]``; ``logits: float32 [B, T, vocab]``.  Ids outside ``[0, vocab_size)``
+    (except at padding, ``segment_ids == 0``) give meaningless logits; :func:`attn_jax.checked`
+    reports them (:mod:`attn_jax.core.checks`).
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
@@ -240,6 +243,8 @@ class DecoderLM(nnx.Module):
             raise ValueError(f"tokens: expected int [B, T], got shape {tokens.shape}")
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache: expected {len(self.blocks)} layer caches (from init_cache), got {len(cache)}")
+        checks.check_token_ids("tokens", tokens, self.config.vocab_size,
+                               valid=None if segment_ids is None else jnp.asarray(segment_ids) != 0)
         x = self.embed(tokens)
         new_cache = []
         for i, block in enumerate(self.blocks):

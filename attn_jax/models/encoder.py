@@ -19,6 +19,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from attn_jax.core import checks
 from attn_jax.nn.layers import Embed, check_positive_int, default_kernel_init, make_norm, param
 from attn_jax.models.decoder_lm import StackConfig, TransformerBlock, validate_common
 
@@ -91,6 +92,7 @@ class EncoderClassifier(nnx.Module):
         valid = jnp.ones((B, T), bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
         if valid.shape != (B, T):
             raise ValueError(f"padding_mask: expected shape [B, T]=({B}, {T}), got {valid.shape}")
+        checks.check_token_ids("tokens", tokens, self.config.vocab_size, valid=valid)
         x = self.embed(tokens)
         if self.cls_token is not None:
             cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (B, 1, x.shape[-1]))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +43,13 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 @dataclasses.dataclass(frozen=True)
 class GenerationOutput:
+    """A pytree (usable as a ``jit`` / ``checkify`` output)."""
+
     tokens: jax.Array   # int32 [B, max_new_tokens]
     lengths: jax.Array  # int32 [B]
+
+
+jax.tree_util.register_dataclass(GenerationOutput, data_fields=["tokens", "lengths"], meta_fields=[])
 
 
 def sample_logits(logits, rng, *, temperature=0.0, top_k=None, top_p=None):
@@ -148,7 +154,8 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, prompt_lengths=
         padded on the ``padding`` side (``"right"`` or ``"left"``).
       stop_tokens: token ids that end a row (the stop token is emitted and counted).
       rng: PRNG key (required unless greedy).
-      max_len: cache capacity per row, default ``P + max_new_tokens``.
+      max_len: cache capacity per row, default ``P + max_new_tokens``; at least
+        ``P + max_new_tokens - 1`` (the last token is never fed back), else ``ValueError``.
     """
     prompts = jnp.asarray(prompts)
     if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
@@ -168,7 +175,14 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, prompt_lengths=
         raise ValueError(f"prompt_lengths: expected shape [{B}], got {lengths.shape}")
     if not isinstance(lengths, jax.core.Tracer) and (int(lengths.min()) < 1 or int(lengths.max()) > P):
         raise ValueError(f"prompt_lengths: expected values in [1, {P}], got {lengths.tolist()}")
-    max_len = P + max_new_tokens if max_len is None else max_len
+    # The cache receives the prompt and every generated token but the last (which is never fed back).
+    need = P + max_new_tokens - 1
+    if max_len is None:
+        max_len = P + max_new_tokens
+    elif isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < need:
+        raise ValueError(f"max_len: the cache must hold the prompt and the generated tokens, max_len >= "
+                         f"prompt length P + max_new_tokens - 1 = {P} + {max_new_tokens} - 1 = {need}; got "
+                         f"max_len={max_len!r} (raise max_len or lower max_new_tokens)")
     # Stop tokens, pad id and padding side are traced: only their count shapes the executable.
     stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)
     graphdef, state = nnx.split(model)

@@ -19,6 +19,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from attn_jax.core import checks
 from attn_jax.nn.attention import MultiHeadAttention
 from attn_jax.nn.layers import Embed, check_positive_int, default_kernel_init, make_mlp, make_norm, param
 from attn_jax.models.decoder_lm import TransformerConfig, build_mixer, parse_mixer_pattern, validate_common
@@ -120,6 +121,7 @@ class Seq2Seq(nnx.Module):
         """Memory ``[B, S, d]`` of the source tokens (padding keys masked when a mask is given)."""
         src = jnp.asarray(src)
         seg = self._segments(src_padding_mask, src.shape)
+        checks.check_token_ids("src", src, self.config.src_vocab_size, valid=None if seg is None else seg != 0)
         return self.encoder(self.src_embed(src), segment_ids=seg, deterministic=deterministic)
 
     def init_cache(self, memory, src_padding_mask=None, max_len: int = 64, dtype=jnp.float32) -> dict:
@@ -136,6 +138,8 @@ class Seq2Seq(nnx.Module):
         if (memory is None) == (cache is None):
             raise ValueError("memory: pass exactly one of memory (full forward) or cache (incremental decoding)")
         mem_seg = None if memory is None else self._segments(src_padding_mask, memory.shape[:2])
+        checks.check_token_ids("tgt", tgt, self.config.target_vocab,
+                               valid=None if segment_ids is None else jnp.asarray(segment_ids) != 0)
         x = self.tgt_embed(tgt)
         new_self = []
         for i, block in enumerate(self.blocks):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from attn_jax.core import checks
 from attn_jax.core.bias import StructuredBias
 from attn_jax.core.dispatch import Decision, Registry, explain_call, register_explainer
 from attn_jax.softmax.problem import AttentionProblem, attention_problem
@@ -43,6 +44,7 @@ def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float
       ``o: [B, T, H, Dv]`` in the dtype of ``q`` (and ``lse`` when requested).
     """
     problem = attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
+    checks.check_attention_inputs(q, k, v, problem.mask)   # NaN where the mask uses it; only under aj.checked
     bias_arr = bias if (bias is None or isinstance(bias, StructuredBias)) else jnp.asarray(bias)
 
     return ATTENTION.call(impl, problem, q, k, v, bias_arr, sinks, dropout_rng)

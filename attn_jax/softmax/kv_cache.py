@@ -21,7 +21,8 @@ lands at absolute position ``p = lengths[b] + t`` (only for ``t < n_new[b]``):
   chunk is longer than ``S_max``; tokens that would land at ``p >= S_max`` (only
   detectable at run time) are dropped and ``lengths`` saturates at ``S_max`` —
   outputs for such tokens are not meaningful; size the cache for the longest
-  sequence.
+  sequence.  Under :func:`attn_jax.checked` such an append raises instead
+  (:mod:`attn_jax.core.checks`; so does a paged write to an unallocated page).
 * :class:`RingKVCache` — sliding-window attention only ever needs the last
   ``window`` keys, so a ring of ``capacity = W`` slots (default ``window + 1``)
   stores position ``p`` at slot ``p % W`` and records it in ``positions[b, slot]``
@@ -53,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from attn_jax.core import checks
 from attn_jax.core import validation as V
 
 __all__ = ["KVCache", "RingKVCache", "PagedKVCache", "PageAllocator"]
@@ -202,6 +204,7 @@ class KVCache(_BufferProperties):
         if T > S:
             raise ValueError(f"k_new: chunk of T_new={T} tokens exceeds the cache capacity max_len={S}")
         n = new_token_counts(n_new, B, T)
+        checks.check_capacity("k_new", self.lengths, n, S)
         # Window [start, start + T) inside the buffer; positions >= S fall outside it (dropped).
         starts = jnp.clip(self.lengths, 0, S - T)
         k = _write_windows(self.k, k_new, starts, self.lengths, n)
@@ -361,6 +364,11 @@ class PagedKVCache:
         t = jnp.arange(T, dtype=jnp.int32)[None, :]
         pos = self.lengths[:, None] + t
         page, slot = self._locate(pos)
+        checks.check_capacity("k_new", self.lengths, n, self.max_len)
+        checks.check((page < self.num_pages) | (t >= n[:, None]) | (pos >= self.max_len),
+                     "k_new: {} new tokens land on unallocated pages (page_table == -1) and would be dropped; "
+                     "reserve pages first (PageAllocator.reserve)", jnp.sum((page >= self.num_pages) & (t < n[:, None])
+                                                                            & (pos < self.max_len)))
         if T == 1:  # the decode step: in-place row writes (see _write_windows)
             ok = (page[:, 0] < self.num_pages)
             page0 = jnp.clip(page[:, 0], 0, self.num_pages - 1)

@@ -6,9 +6,15 @@
 
 from experiments.configs.base import with_task
 
+#: The ``:arg`` of ``--config=experiments/configs/mqar.py:<arg>`` (optional; default ``64x4``).
+ARG = "<seq_len>x<num_kv_pairs>, e.g. :64x4 (the default) or :128x8"
+
 
 def get_config(arg=None):
-    seq_len, pairs = (int(x) for x in (arg or "64x4").lower().split("x"))
+    parts = (arg or "64x4").lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"config: mqar.py takes <seq_len>x<num_kv_pairs> (two positive ints), got {arg!r}")
+    seq_len, pairs = (int(p) for p in parts)
     c = with_task("mqar", vocab_size=8192, seq_len=seq_len, num_kv_pairs=pairs, power_a=0.01)
     c.model.update(d_model=64, num_layers=2, num_heads=2)
     c.optim.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)

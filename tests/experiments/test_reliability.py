@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -173,3 +174,37 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert run_cli(config, work) == 1
     assert "non-finite loss or gradient at step 5" in capsys.readouterr().err
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
+
+
+def _tree(root: str) -> dict:
+    """Every file and directory under ``root``: relative path -> (mtime_ns, size)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.stat(os.path.join(d, name))
+            out[os.path.relpath(os.path.join(d, name), root)] = (st.st_mtime_ns, st.st_size if name in files else 0)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # orbax/tensorstore cleanup
+def test_readers_never_change_the_workdir(trained, tmp_path):
+    from experiments import evaluate, generate
+    work = str(tmp_path / "run")
+    shutil.copytree(trained, work)
+    ckpts = os.path.join(work, "checkpoints")
+    _damage(os.path.join(ckpts, "6"), "truncated")                                    # a bad checkpoint
+    shutil.copytree(os.path.join(ckpts, "3"), os.path.join(ckpts, "9.orbax-checkpoint-tmp-42"))  # an in-flight save
+    shutil.copytree(os.path.join(ckpts, "3"), os.path.join(ckpts, "8"))
+    os.remove(os.path.join(ckpts, "8", "commit_success.txt"))                        # never finalised
+    before = _tree(work)
+    with pytest.warns(RuntimeWarning) as evaluate_warnings:
+        ev = evaluate.run(work, batches=1)
+    with pytest.warns(RuntimeWarning) as generate_warnings:
+        text = generate.run(work, max_new_tokens=2, rows=1)
+    for record in (evaluate_warnings, generate_warnings):
+        said = " ".join(str(w.message) for w in record)
+        assert re.search(r"checkpoint step 6 .*could not be restored.*skipped \(read-only: left in place\)", said)
+        assert re.search(r"checkpoint step 8 .*never finalised.*skipped \(read-only: left in place\)", said)
+    assert ev["step"] == 3 and "[step 3]" in text            # fell back past the bad and unfinalised steps
+    assert _tree(work) == before                             # nothing created, moved, deleted or touched
+    assert not os.path.exists(os.path.join(work, "bad_checkpoints"))

@@ -172,8 +172,9 @@ def test_generate_and_evaluate_on_a_trained_workdir(tmp_path):
     train_and_evaluate(tiny_config("tiny_copy"), work)
     text = generate.run(work, max_new_tokens=5, temperature=0.8, top_k=4, rows=2)
     assert "continuation" in text and "target" in text and "[step 6]" in text
-    ev = evaluate.run(work, batches=2)
-    assert json.loads((tmp_path / "run" / "eval.json").read_text()) == ev
+    ev = evaluate.run(work, batches=2, output=str(tmp_path / "eval.json"))
+    assert json.loads((tmp_path / "eval.json").read_text()) == ev
+    assert not os.path.exists(os.path.join(work, "eval.json"))          # readers never write the workdir
     assert ev["step"] == 6 and ev["batches"] == 2 and np.isfinite(ev["loss"]) and 0 <= ev["accuracy"] <= 1
     # Same weights and batches as the run's last evaluation.
     last_valid = json.loads((tmp_path / "run" / "summary.json").read_text())["final_valid"]

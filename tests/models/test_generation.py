@@ -120,3 +120,28 @@ def test_compiles_once_no_per_token_retrace(model):
     generate(model, prompts, rng=jax.random.key(0), **{**kw, "max_new_tokens": 17})
     assert gen_module.TRACE_COUNTS["decode_step"] == before["decode_step"] + 1
     assert gen_module.TRACE_COUNTS["generate"] == before["generate"] + 1
+
+
+def test_max_len_too_small_for_prompt_and_new_tokens_raises(model):
+    prompts = _prompts()[:, :4]
+    with pytest.raises(ValueError, match=r"max_len: .*max_len >= prompt length P \+ max_new_tokens - 1 = "
+                                         r"4 \+ 8 - 1 = 11; got max_len=6"):
+        generate(model, prompts, max_new_tokens=8, max_len=6)
+    for bad in (10, 11.0, "12"):
+        with pytest.raises(ValueError, match=r"max_len: .* = 11; got max_len="):
+            generate(model, prompts, max_new_tokens=8, max_len=bad)
+
+
+def test_prefill_past_the_cache_capacity_raises_and_the_smallest_max_len_suffices():
+    import attn_jax as aj
+    cfg = DecoderConfig(vocab_size=V, d_model=16, num_layers=1, num_heads=2, mixer_kwargs={"softmax": {"impl": "reference"}})
+    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    prompts = jnp.asarray(_prompts())
+    with pytest.raises(ValueError, match=r"k: chunk of T_new=6 tokens exceeds the cache capacity max_len=4"):
+        jax.eval_shape(lambda t: model(t, cache=model.init_cache(2, 4)), prompts)
+    # The last generated token is never fed back, so P + N - 1 cache slots suffice: with value checks
+    # on, any append past the cache capacity would raise (tests/core/test_checks.py).
+    out = aj.checked(generate)(model, prompts, prompt_lengths=LENGTHS, max_new_tokens=N, max_len=P + N - 1)
+    assert out.tokens.shape == (2, N)
+    with pytest.raises(ValueError, match=r"max_len: .* = 11; got max_len=10"):
+        generate(model, prompts, max_new_tokens=N, max_len=P + N - 2)

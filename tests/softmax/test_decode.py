@@ -434,3 +434,23 @@ def test_write_first_path_with_dense_bias_and_mask():
     o, c = _jit(D.prefill, mask=masks.causal(offset=np.zeros(B, np.int32)))(q, k, v, cache, bias=dense)
     assert_close(o, _full(q, k, v, bias=bias))
     np.testing.assert_array_equal(c.lengths, [T, T])
+
+
+def test_checked_append_past_capacity_or_onto_unallocated_pages_raises():
+    # The two silent-drop cases above (row 1 overflows; page 1 of the row is unallocated), with
+    # value checks enabled (attn_jax.checked): errors naming k_new instead of dropped tokens.
+    cache = KVCache.init(2, 4, 1, 2).replace(lengths=np.array([1, 3], np.int32))
+    kn = np.ones((2, 3, 1, 2), np.float32)
+    checked_append = aj.checked(lambda c, k, v, n=None: c.append(k, v, n), jit=True,
+                                compiler_options=testing.FAST_COMPILE)
+    with pytest.raises(ValueError, match=r"k_new: appending past the cache capacity max_len=4: a row holding 3 "
+                                         r"tokens receives 3 more"):
+        checked_append(cache, kn, kn)
+    new = checked_append(cache, kn, kn, np.array([3, 1], np.int32))       # fills both rows exactly
+    np.testing.assert_array_equal(new.lengths, [4, 4])
+    paged = PagedKVCache.init(1, 4, 2, 3, 1, 2, page_table=jnp.array([[2, -1, 0]], jnp.int32))
+    kp = np.ones((1, 4, 1, 2), np.float32)
+    with pytest.raises(ValueError, match=r"k_new: 2 new tokens land on unallocated pages"):
+        checked_append(paged, kp, kp)
+    new = checked_append(paged, kp, kp, np.array([2], np.int32))          # only the allocated first page
+    np.testing.assert_array_equal(new.lengths, [2])
