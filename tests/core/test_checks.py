@@ -34,9 +34,11 @@ def _checked(fn, **kw):
     return aj.checked(fn, jit=True, compiler_options=tk.FAST_COMPILE, **kw)
 
 
-def _both(fn, *args):
-    """``(unchecked, checked)`` results of ``fn`` (the checked one raises when a check fails)."""
-    return tk.fast_jit(fn)(*args), _checked(fn)(*args)
+def _build(make):
+    """``(graphdef, state)`` of the module ``make()`` builds, initialised in one compiled program
+    (eager initialisation compiles every initialiser op separately: several times slower)."""
+    graph, _ = nnx.split(nnx.eval_shape(make))
+    return graph, tk.fast_jit(lambda: nnx.split(make())[1])()
 
 
 def _assert_same(a, b):
@@ -76,16 +78,16 @@ def _gla_inputs():
 def test_positive_log_gates_raise_naming_the_gate():
     q, k, v, log_g, seg = _gla_inputs()
     gla = lambda q, k, v, g, s: gated_linear_attention(q, k, v, g, segment_ids=s)[0]
-    good, checked_good = _both(gla, q, k, v, log_g, seg)
-    _assert_same(good, checked_good)                                # enabled, valid input: same result
+    plain, chk = tk.fast_jit(gla), _checked(gla)                    # one program each
+    good = plain(q, k, v, log_g, seg)
+    _assert_same(good, chk(q, k, v, log_g, seg))                    # enabled, valid input: same result
     # A positive gate at padding (segment id 0) is allowed: padding is transparent.
     padded = log_g.at[0, 7].set(3.0)
-    _assert_same(*_both(gla, q, k, v, padded, seg))
+    _assert_same(plain(q, k, v, padded, seg), chk(q, k, v, padded, seg))
     bad = log_g.at[1, 2, 0, 0].set(2.0)
-    plain = tk.fast_jit(gla)(q, k, v, bad, seg)                     # disabled: no error (a wrong answer)
-    assert plain.shape == good.shape
+    assert plain(q, k, v, bad, seg).shape == good.shape             # disabled: no error (a wrong answer)
     with pytest.raises(ValueError, match=r"log_g: log gates must be <= 0 .*got 1 positions .*largest 2\.0"):
-        _checked(gla)(q, k, v, bad, seg)
+        chk(q, k, v, bad, seg)
 
 
 def test_positive_log_alpha_and_decode_step_gates_raise():
@@ -94,25 +96,23 @@ def test_positive_log_alpha_and_decode_step_gates_raise():
     beta = jax.nn.sigmoid(_normal(5, (B, T, H)))
     log_a = (-jax.nn.softplus(_normal(6, (B, T, H)))).at[0, 3, 1].set(0.5)
     f = lambda q, k, v, b, a, s: gated_delta_rule(q, k, v, b, a, segment_ids=s)[0]
-    tk.fast_jit(f)(q, k, v, beta, log_a, seg)
+    tk.fast_jit(f)(q, k, v, beta, log_a, seg)                       # disabled: no error
     with pytest.raises(ValueError, match=r"log_alpha: log gates must be <= 0"):
         _checked(f)(q, k, v, beta, log_a, seg)
     state = jnp.zeros((B, H, D, D))
     g_t = jnp.full((B, H, D), -0.1).at[1, 0, 0].set(0.1)
+    tk.fast_jit(recurrent_step)(q[:, 0], k[:, 0], v[:, 0], g_t, state)   # disabled: no error
     with pytest.raises(ValueError, match=r"g_t: log gates must be <= 0"):
         _checked(recurrent_step)(q[:, 0], k[:, 0], v[:, 0], g_t, state)
     with pytest.raises(ValueError, match=r"log_alpha_t: log gates must be <= 0"):
         _checked(delta_rule_step)(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, log_alpha_t=log_a[:, 3])
-    _assert_same(recurrent_step(q[:, 0], k[:, 0], v[:, 0], g_t, state),     # disabled: runs, same as eager
-                 jax.jit(recurrent_step)(q[:, 0], k[:, 0], v[:, 0], g_t, state))
 
 
 # ----------------------------------------------------------------------------- token ids
 
 def test_out_of_range_token_ids_raise_in_the_decoder():
-    model = DecoderLM(DecoderConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, mixer_kwargs=REF),
-                      rngs=nnx.Rngs(0))
-    graph, state = nnx.split(model)
+    cfg = DecoderConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, mixer_kwargs=REF)
+    graph, state = _build(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
     f = lambda s, t, seg: nnx.merge(graph, s)(t, segment_ids=seg)[0]
     fwd, chk = tk.fast_jit(f), _checked(f)
     tokens = jnp.array([[1, 2, 3, 4], [5, 6, 7, 0]], jnp.int32)
@@ -127,15 +127,16 @@ def test_out_of_range_token_ids_raise_in_the_decoder():
 
 
 def test_out_of_range_token_ids_raise_in_encoder_and_seq2seq():
-    enc = EncoderClassifier(EncoderConfig(vocab_size=7, num_classes=3, d_model=16, num_layers=1, num_heads=2,
-                                          mixer_kwargs=REF), rngs=nnx.Rngs(0))
+    cfg = EncoderConfig(vocab_size=7, num_classes=3, d_model=16, num_layers=1, num_heads=2, mixer_kwargs=REF)
+    enc = nnx.merge(*_build(lambda: EncoderClassifier(cfg, rngs=nnx.Rngs(0))))
     tokens = jnp.array([[1, 2, 9]], jnp.int32)
     run = _checked(lambda t, m: enc(t, padding_mask=m))
     run(tokens, jnp.array([[True, True, False]]))                         # id 9 sits in padding
     with pytest.raises(ValueError, match=r"tokens: token ids must lie in \[0, vocab_size=7\)"):
         run(tokens, jnp.array([[True, True, True]]))
-    s2s = Seq2Seq(Seq2SeqConfig(src_vocab_size=7, tgt_vocab_size=5, d_model=16, num_encoder_layers=1,
-                                num_decoder_layers=1, num_heads=2, mixer_kwargs=REF), rngs=nnx.Rngs(0))
+    cfg = Seq2SeqConfig(src_vocab_size=7, tgt_vocab_size=5, d_model=16, num_encoder_layers=1, num_decoder_layers=1,
+                        num_heads=2, mixer_kwargs=REF)
+    s2s = nnx.merge(*_build(lambda: Seq2Seq(cfg, rngs=nnx.Rngs(0))))
     run = _checked(lambda src, tgt: s2s(src, tgt))
     with pytest.raises(ValueError, match=r"src: token ids must lie in \[0, vocab_size=7\)"):
         run(jnp.array([[1, 7]]), jnp.array([[1, 2]]))
