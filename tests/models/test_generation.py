@@ -135,7 +135,8 @@ def test_max_len_too_small_for_prompt_and_new_tokens_raises(model):
 def test_prefill_past_the_cache_capacity_raises_and_the_smallest_max_len_suffices():
     import attn_jax as aj
     cfg = DecoderConfig(vocab_size=V, d_model=16, num_layers=1, num_heads=2, mixer_kwargs={"softmax": {"impl": "reference"}})
-    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    make = lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))        # initialised in one compiled program (cheaper than eager)
+    model = nnx.merge(nnx.split(nnx.eval_shape(make))[0], tk.fast_jit(lambda: nnx.split(make())[1])())
     prompts = jnp.asarray(_prompts())
     with pytest.raises(ValueError, match=r"k: chunk of T_new=6 tokens exceeds the cache capacity max_len=4"):
         jax.eval_shape(lambda t: model(t, cache=model.init_cache(2, 4)), prompts)
