@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from attn_jax.core import layout as L
 from attn_jax.core import validation as V
 from attn_jax.core.bias import StructuredBias
 from attn_jax.core.dispatch import Decision, Registry
@@ -48,8 +49,12 @@ def _validate(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_
     if mask is not None:
         mask.check(dims.B, dims.H, dims.T, dims.S)
     if bias is not None and not isinstance(bias, StructuredBias):
+        if getattr(bias, "dtype", None) == jnp.bool_:
+            raise TypeError("bias: got a boolean array; bias holds additive float logits, boolean masks go to mask=")
         V.check_float_array("bias", bias)
-        V.check_broadcastable("bias", bias, (dims.B, dims.H, dims.T, dims.S), "[B|1, H|1, T, S]")
+        V.check_broadcastable("bias", bias, (dims.B, dims.H, dims.T, dims.S),
+                              "[B|1, H|1, T|1, S|1] (rank 3 [H|1, T|1, S|1] and [batch..., H|1, T|1, S|1] are folded "
+                              "to it)")
     if isinstance(bias, StructuredBias) and bias.num_heads not in (None, dims.H):
         raise ValueError(f"bias: structured bias is defined for {bias.num_heads} heads, q has H={dims.H}")
     V.check_positive_scalar("scale", scale)
@@ -62,20 +67,32 @@ def _validate(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_
                             return_lse)
 
 
-def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"], *,
-              mask=None, bias=None, scale: float | None = None, softcap: float | None = None,
+_ATTENTION_KWARGS = ("bias", "mask", "scale", "softcap", "sinks", "dropout_rate", "dropout_rng", "return_lse",
+                     "impl")
+
+
+def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"],
+              bias=None, mask=None, *, scale: float | None = None, softcap: float | None = None,
               sinks: Float[Array, "H"] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
-              return_lse: bool = False, impl="auto"):
+              return_lse: bool = False, impl="auto", **unexpected):
     """Exact softmax attention.
+
+    Layout: **``[B, T, H, D]``** (sequence on axis 1, heads on axis 2), as ``jax.nn``
+    and Flax.  ``bias`` and ``mask`` may be passed positionally in ``jax.nn``'s order
+    ``(q, k, v, bias, mask)``; everything else is keyword-only.
 
     Args:
       q, k, v: ``[B, T, H, Dk]``, ``[B, S, K, Dk]``, ``[B, S, K, Dv]``; ``H % K == 0``
-        (GQA/MQA by grouping).  float32, bfloat16 or float16.
+        (GQA/MQA by grouping).  float32, bfloat16 or float16.  Also accepted: rank 3
+        ``[T, H, D]`` (no batch axis) and ``[batch..., T, H, D]`` (extra batch axes are
+        folded into ``B`` and restored on the output); any array-like (NumPy included).
+      bias: additive logits, a float array broadcastable to ``[B, H, T, S]`` (rank 3
+        ``[H|1, T|1, S|1]`` or rank 4; ``[batch..., H, T, S]`` for extra batch axes) or
+        a structured bias such as ``attn_jax.positional.ALiBi``.
       mask: an :mod:`attn_jax.masks` object (``causal()``, ``sliding_window(...)``,
-        ``segments(...)``, combinations with ``&``/``|``) or a boolean array
-        ``[B|1, H|1, T, S]``; True = attend.
-      bias: additive logits, a float array broadcastable to ``[B, H, T, S]`` or a
-        structured bias such as ``attn_jax.positional.ALiBi``.
+        ``segments(...)``, combinations with ``&``/``|``; they see the folded ``B``) or
+        an array broadcastable to ``[B, H, T, S]`` (rank 3 or 4, each axis its size or
+        1), boolean or numeric: nonzero = attend.
       scale: logit scale, default ``Dk ** -0.5``.
       softcap: ``c`` in ``c * tanh(s / c)`` (applied before the bias).
       sinks: learned per-head sink logits ``[H]``, added to the softmax denominator.
@@ -85,12 +102,14 @@ def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float
         sequence tried in order, decided by the lowering platform.
 
     Returns:
-      ``o: [B, T, H, Dv]`` in the dtype of ``q`` (and ``lse`` when requested).
+      ``o: [B, T, H, Dv]`` in the dtype of ``q`` (and ``lse: [B, T, H]`` when requested),
+      with q's batch axes: ``[T, H, Dv]`` for rank-3 q, ``[batch..., T, H, Dv]`` for extra axes.
     """
+    V.check_no_unexpected_kwargs("attention", unexpected, _ATTENTION_KWARGS)
+    q, k, v, bias, mask, sinks, layout = L.normalize_call(q, k, v, bias, mask, sinks)
     problem = _validate(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
-    bias_arr = bias if (bias is None or isinstance(bias, StructuredBias)) else jnp.asarray(bias)
-
-    return ATTENTION.call(impl, problem, q, k, v, bias_arr, sinks, dropout_rng)
+    out = ATTENTION.call(impl, problem, q, k, v, bias, sinks, dropout_rng)
+    return jax.tree.map(layout.unfold, out)
 
 
 def explain(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, sinks=None, dropout_rate=0.0,
@@ -101,6 +120,7 @@ def explain(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, sinks=No
     """
     if dropout_rate > 0 and dropout_rng is None:
         dropout_rng = jax.random.key(0)  # explain never draws; only the presence matters
+    q, k, v, bias, mask, sinks, _ = L.normalize_call(q, k, v, bias, mask, sinks)
     problem = _validate(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
     return ATTENTION.explain(impl, problem, platform)
 
