@@ -6,9 +6,9 @@
 """
 
 from attn_jax.core import masks
-from attn_jax.softmax import attention, explain, merge_attention
+from attn_jax.softmax import attention, dot_product_attention, explain, merge_attention
 from attn_jax import linear, mixers, models, nn, positional  # noqa: E402  (nn/models build on the ops above)
 
 __version__ = "0.1.0"
-__all__ = ["attention", "explain", "merge_attention", "linear", "masks", "mixers", "models", "nn", "positional",
+__all__ = ["attention", "dot_product_attention", "explain", "merge_attention", "linear", "masks", "mixers", "models", "nn", "positional",
            "__version__"]
