@@ -82,3 +82,36 @@ def test_implementation_names():
         aj.dot_product_attention(q, k, v, implementation="cudnn")
     with pytest.raises(TypeError, match="query_seq_lengths: expected an integer array"):
         aj.dot_product_attention(q, k, v, query_seq_lengths=jnp.ones((2,)))
+
+
+def test_attention_accepts_the_shapes_jax_nn_and_flax_accept():
+    """aj.attention itself: rank-3 inputs, extra batch axes, rank-3 bias, [B, H, T, 1] / [B, 1, 1, S]
+    and float masks, against jax.nn (values; rows hidden whole are compared as zeros)."""
+    q, k, v = _inputs(T=5, S=7)                                            # [2, 5|7, 4, 8]
+    rng = np.random.default_rng(1)
+    cols = rng.random((2, 1, 1, 7)) < 0.6
+    cols[..., 0] = True
+    rows = np.ones((2, 4, 5, 1), bool)
+    rows[1, 2, 3] = False                                                  # one query row hidden whole
+    bias3 = jax.random.normal(jax.random.key(9), (4, 5, 7))
+    ext = lambda x: x.reshape((1, 2) + x.shape[1:])                         # [1, 2, T, H, D]
+
+    def both():
+        return (
+            (aj.attention(q, k, v, bias3, cols), jax.nn.dot_product_attention(q, k, v, bias3[None], cols)),
+            (aj.attention(ext(q), ext(k), ext(v), mask=cols[None].astype(np.float32)),
+             jax.nn.dot_product_attention(q, k, v, mask=cols)),
+            (aj.attention(q[0], k[0], v[0], bias3, cols[0].astype(np.int32)),
+             jax.nn.dot_product_attention(q[0], k[0], v[0], bias3, cols[0])),
+            (aj.attention(q, k, v, mask=rows), jax.nn.dot_product_attention(q, k, v, mask=rows)),
+        )
+
+    (a, a_ref), (b, b_ref), (c, c_ref), (d, d_ref) = tk.compiled(both)
+    tk.assert_close(a, a_ref, name="rank-3 bias, [B, 1, 1, S] mask")
+    assert b.shape == (1, 2, 5, 4, 8)
+    tk.assert_close(b.reshape(a.shape), b_ref, name="extra batch axes, float mask")
+    assert c.shape == (5, 4, 8)
+    tk.assert_close(c, c_ref, name="rank-3 q/k/v, int mask")
+    d_ref = np.asarray(d_ref).copy()
+    d_ref[1, 3, 2] = 0.0                                                   # jax.nn: mean(V); attn_jax: zeros
+    tk.assert_close(d, d_ref, name="[B, H, T, 1] mask")
