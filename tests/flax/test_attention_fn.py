@@ -168,3 +168,21 @@ def test_linen_mixer_in_a_linen_model(name):
     assert any(np.abs(l).sum() > 0 for l in mixer_grads)
     with pytest.raises(ValueError, match="registered mixers"):
         aj.flax.linen_mixer("GLAA", F, HEADS)
+
+
+def test_linen_decode_matches_flax_decode():
+    B, T = 2, 4
+    x = jax.random.normal(jax.random.key(9), (B, T, F))
+    ref = linen.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=F, decode=True)
+    ours = linen.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=F, decode=True,
+                                              attention_fn=aj.flax.attention_fn())
+    variables = ref.init(jax.random.key(0), x, x)   # sizes the cache for T tokens
+
+    def run(mod):
+        def step(cache, xt):
+            y, upd = mod.apply({"params": variables["params"], "cache": cache}, xt, xt, mutable=["cache"])
+            return upd["cache"], y[:, 0]
+        return jax.lax.scan(step, variables["cache"], jnp.swapaxes(x, 0, 1)[:, :, None])[1]
+
+    y_ref, y_our = tk.compiled(lambda: (run(ref), run(ours)))
+    tk.assert_close(y_our, y_ref, name="linen decode")
