@@ -155,9 +155,12 @@ def test_linen_mixer_in_a_linen_model(name):
     x2 = x.at[:, 4:].set(0.0)  # causal mixers: outputs before position 4 unchanged
 
     def run(v):
-        y, y2 = model.apply(v, x), model.apply(v, x2)
-        g = jax.grad(lambda v: (model.apply(v, x) ** 2).sum())(v)
-        return y, y2, g
+        # one forward over both inputs (stacked on a new batch axis), inside the gradient's program
+        def loss(v):
+            ys = model.apply(v, jnp.concatenate([x, x2]))
+            return (ys[:B] ** 2).sum(), ys
+        g, ys = jax.grad(loss, has_aux=True)(v)
+        return ys[:B], ys[B:], g
 
     y, y2, g = tk.compiled(run, variables)
     assert y.shape == (B, T, 3) and np.isfinite(y).all()
