@@ -395,15 +395,18 @@ class DenseMask(Mask):
 
     def check(self, B, H, T, S):
         m = self.m
-        if m.ndim != 4 or m.shape[0] not in (1, B) or m.shape[1] not in (1, H) or m.shape[2:] != (T, S):
-            raise ValueError(f"mask: expected a boolean array broadcastable as [B|1, H|1, T, S] = "
-                             f"[{B}|1, {H}|1, {T}, {S}], got shape {tuple(m.shape)}")
+        if m.ndim != 4 or any(d not in (1, n) for d, n in zip(m.shape, (B, H, T, S))):
+            raise ValueError(f"mask: expected an array broadcastable as [B|1, H|1, T|1, S|1] = "
+                             f"[{B}|1, {H}|1, {T}|1, {S}|1], got shape {tuple(m.shape)}")
 
     def arrays(self):
         return (self.m,)
 
+    def _full(self, T, S):
+        return jnp.broadcast_to(self.m, self.m.shape[:2] + (T, S))
+
     def materialize(self, T, S):
-        return self.m
+        return self._full(T, S)
 
     def predicate(self, q_idx, k_idx, T, S):
         rows = jnp.take(self.m, q_idx, axis=2, mode="clip")
@@ -412,7 +415,7 @@ class DenseMask(Mask):
     def classify(self, T, S, bq, bk):
         _check_block_sizes(T, S, bq, bk)
         nq, nk = -(-T // bq), -(-S // bk)
-        m = self.m
+        m = self._full(T, S)
         a = jnp.pad(m, ((0, 0), (0, 0), (0, nq * bq - T), (0, nk * bk - S)), constant_values=False)
         a = a.reshape(m.shape[0], m.shape[1], nq, bq, nk, bk)
         valid = np.zeros((nq * bq, nk * bk), bool)
@@ -456,12 +459,24 @@ def key_padding(lengths) -> Mask:
 
 
 def dense(mask) -> Mask:
-    """An explicit boolean mask ``[B|1, H|1, T, S]`` (True = attend)."""
+    """An explicit mask broadcastable to ``[B, H, T, S]`` (True / nonzero = attend).
+
+    Rank 4 ``[B|1, H|1, T|1, S|1]`` or rank 3 ``[H|1, T|1, S|1]`` (a batch axis of 1 is
+    added), as ``jax.nn`` and Flax accept them.  Boolean, integer and float arrays are
+    accepted; numeric masks are converted with ``mask != 0`` (Flax's
+    ``make_causal_mask`` gives float32 ones and zeros).  An *additive* float mask
+    (0 / -inf) belongs in ``bias=``, not here.
+    """
     m = jnp.asarray(mask)
     if m.dtype != jnp.bool_:
-        raise TypeError(f"mask: expected a boolean array, got dtype {m.dtype}")
+        if not (jnp.issubdtype(m.dtype, jnp.integer) or jnp.issubdtype(m.dtype, jnp.floating)):
+            raise TypeError(f"mask: expected a boolean, integer or float array (nonzero = attend), got dtype {m.dtype}")
+        m = m != 0
+    if m.ndim == 3:
+        m = m[None]
     if m.ndim != 4:
-        raise ValueError(f"mask: expected rank 4 [B|1, H|1, T, S], got shape {tuple(m.shape)}")
+        raise ValueError(f"mask: expected rank 4 [B|1, H|1, T|1, S|1] or rank 3 [H|1, T|1, S|1], "
+                         f"got shape {tuple(m.shape)}")
     return DenseMask(m)
 
 
@@ -553,12 +568,12 @@ jax.tree_util.register_pytree_node(Combination, lambda m: (m.parts, m.op), _unfl
 
 
 def as_mask(mask: Any) -> Mask | None:
-    """None -> None; a Mask -> itself; a boolean array -> :func:`dense`."""
+    """None -> None; a Mask -> itself; an array (boolean or numeric, nonzero = attend) -> :func:`dense`."""
     if mask is None or isinstance(mask, Mask):
         return mask
     if isinstance(mask, (jax.Array, np.ndarray)):
         return dense(mask)
-    raise TypeError(f"mask: expected an attn_jax.masks.Mask, a boolean array or None, got {type(mask).__name__}")
+    raise TypeError(f"mask: expected an attn_jax.masks.Mask, an array (True / nonzero = attend) or None, got {type(mask).__name__}")
 
 
 def all_of(*parts: Mask) -> Mask | None:

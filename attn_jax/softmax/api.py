@@ -11,27 +11,40 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attn_jax.core import checks
-from attn_jax.core.bias import StructuredBias
+from attn_jax.core import layout as L
+from attn_jax.core import validation as V
 from attn_jax.core.dispatch import Decision, Registry, explain_call, register_explainer
 from attn_jax.softmax.problem import AttentionProblem, attention_problem
 
 ATTENTION = Registry("attention")
 
 
-def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"], *,
-              mask=None, bias=None, scale: float | None = None, softcap: float | None = None,
+_ATTENTION_KWARGS = ("bias", "mask", "scale", "softcap", "sinks", "dropout_rate", "dropout_rng", "return_lse",
+                     "impl")
+
+
+def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"],
+              bias=None, mask=None, *, scale: float | None = None, softcap: float | None = None,
               sinks: Float[Array, "H"] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
-              return_lse: bool = False, impl="auto"):
+              return_lse: bool = False, impl="auto", **unexpected):
     """Exact softmax attention.
+
+    Layout: **``[B, T, H, D]``** (sequence on axis 1, heads on axis 2), as ``jax.nn``
+    and Flax.  ``bias`` and ``mask`` may be passed positionally in ``jax.nn``'s order
+    ``(q, k, v, bias, mask)``; everything else is keyword-only.
 
     Args:
       q, k, v: ``[B, T, H, Dk]``, ``[B, S, K, Dk]``, ``[B, S, K, Dv]``; ``H % K == 0``
-        (GQA/MQA by grouping).  float32, bfloat16 or float16.
+        (GQA/MQA by grouping).  float32, bfloat16 or float16.  Also accepted: rank 3
+        ``[T, H, D]`` (no batch axis) and ``[batch..., T, H, D]`` (extra batch axes are
+        folded into ``B`` and restored on the output); any array-like (NumPy included).
+      bias: additive logits, a float array broadcastable to ``[B, H, T, S]`` (rank 3
+        ``[H|1, T|1, S|1]`` or rank 4; ``[batch..., H, T, S]`` for extra batch axes) or
+        a structured bias such as ``attn_jax.positional.ALiBi``.
       mask: an :mod:`attn_jax.masks` object (``causal()``, ``sliding_window(...)``,
-        ``segments(...)``, combinations with ``&``/``|``) or a boolean array
-        ``[B|1, H|1, T, S]``; True = attend.
-      bias: additive logits, a float array broadcastable to ``[B, H, T, S]`` or a
-        structured bias such as ``attn_jax.positional.ALiBi``.
+        ``segments(...)``, combinations with ``&``/``|``; they see the folded ``B``) or
+        an array broadcastable to ``[B, H, T, S]`` (rank 3 or 4, each axis its size or
+        1), boolean or numeric: nonzero = attend.
       scale: logit scale, default ``Dk ** -0.5``.
       softcap: ``c`` in ``c * tanh(s / c)`` (applied before the bias).
       sinks: learned per-head sink logits ``[H]``, added to the softmax denominator.
@@ -41,13 +54,15 @@ def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float
         sequence tried in order, decided by the lowering platform.
 
     Returns:
-      ``o: [B, T, H, Dv]`` in the dtype of ``q`` (and ``lse`` when requested).
+      ``o: [B, T, H, Dv]`` in the dtype of ``q`` (and ``lse: [B, T, H]`` when requested),
+      with q's batch axes: ``[T, H, Dv]`` for rank-3 q, ``[batch..., T, H, Dv]`` for extra axes.
     """
+    V.check_no_unexpected_kwargs("attention", unexpected, _ATTENTION_KWARGS)
+    q, k, v, bias, mask, sinks, layout = L.normalize_call(q, k, v, bias, mask, sinks)
     problem = attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
     checks.check_attention_inputs(q, k, v, problem.mask)   # NaN where the mask uses it; only under aj.checked
-    bias_arr = bias if (bias is None or isinstance(bias, StructuredBias)) else jnp.asarray(bias)
-
-    return ATTENTION.call(impl, problem, q, k, v, bias_arr, sinks, dropout_rng)
+    out = ATTENTION.call(impl, problem, q, k, v, bias, sinks, dropout_rng)
+    return jax.tree.map(layout.unfold, out)
 
 
 def explain(*args, platform: str | None = None, **kwargs) -> Decision:
@@ -69,6 +84,7 @@ def _explain_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=Non
                        dropout_rng=None, return_lse=False, impl="auto", platform: str | None = None) -> Decision:
     if dropout_rate > 0 and dropout_rng is None:
         dropout_rng = jax.random.key(0)  # explain never draws; only the presence matters
+    q, k, v, bias, mask, sinks, _ = L.normalize_call(q, k, v, bias, mask, sinks)
     problem = attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
     return ATTENTION.explain(impl, problem, platform)
 

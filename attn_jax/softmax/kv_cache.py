@@ -137,7 +137,7 @@ def _write_windows(buf, new, starts, first, n, rows=None):
     buffer, and attention loops that read the result then force copies of the cache per step.
     """
     B, T = new.shape[:2]
-    new = new.astype(buf.dtype)
+    new = jnp.asarray(new).astype(buf.dtype)  # NumPy input: indexed with a traced row below
     rows = jnp.arange(B, dtype=jnp.int32) if rows is None else rows
     zeros = (0,) * (buf.ndim - 2)
 

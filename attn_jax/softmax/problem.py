@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import jax.numpy as jnp
+
 from attn_jax.core import validation as V
 from attn_jax.core.bias import StructuredBias
 from attn_jax.core.masks import Mask, as_mask
@@ -47,8 +49,12 @@ def attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, 
     if mask is not None:
         mask.check(dims.B, dims.H, dims.T, dims.S)
     if bias is not None and not isinstance(bias, StructuredBias):
+        if getattr(bias, "dtype", None) == jnp.bool_:
+            raise TypeError("bias: got a boolean array; bias holds additive float logits, boolean masks go to mask=")
         V.check_float_array("bias", bias)
-        V.check_broadcastable("bias", bias, (dims.B, dims.H, dims.T, dims.S), "[B|1, H|1, T, S]")
+        V.check_broadcastable("bias", bias, (dims.B, dims.H, dims.T, dims.S),
+                              "[B|1, H|1, T|1, S|1] (rank 3 [H|1, T|1, S|1] and [batch..., H|1, T|1, S|1] are folded "
+                              "to it)")
     if isinstance(bias, StructuredBias) and bias.num_heads not in (None, dims.H):
         raise ValueError(f"bias: structured bias is defined for {bias.num_heads} heads, q has H={dims.H}")
     V.check_positive_scalar("scale", scale)

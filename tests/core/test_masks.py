@@ -156,6 +156,27 @@ def test_key_padding_and_dense_exact(B, T, S, bq, bk, seed):
     check_predicate(kp, T, S, rng)
 
 
+def test_dense_broadcast_rank3_and_numeric_masks():
+    """[B, H, T, 1], [B, H, 1, S], rank-3 and float/int masks mean what NumPy broadcasting says."""
+    rng = np.random.default_rng(0)
+    B, H, T, S = 2, 3, 7, 16
+    rows = rng.random((B, H, T, 1)) < 0.6
+    cols = rng.random((B, 1, 1, S)) < 0.6
+    rank3 = rng.random((H, T, S)) < 0.5
+    cases = [(rows, rows), (cols, cols), (rank3, rank3[None]),
+             ((rng.random((1, H, T, S)) < 0.5).astype(np.float32) * 2.5, None),
+             (rng.integers(-1, 2, size=(B, 1, T, S)).astype(np.int32), None)]
+    for arr, want in cases:
+        m = masks.dense(arr)
+        m.check(B, H, T, S)
+        want = np.asarray(arr != 0) if want is None else want
+        vis = np.asarray(_lowerings(m)[0](T, S))
+        np.testing.assert_array_equal(vis, np.broadcast_to(want, vis.shape))
+        assert vis.shape[2:] == (T, S)
+        check_exact(m, T, S, 3, 8)
+        check_predicate(m, T, S, rng)
+
+
 def test_per_row_offset_causal():
     offs = jnp.array([0, 3, 5], jnp.int32)
     m = masks.causal(offset=offs)
@@ -216,8 +237,12 @@ def test_mask_errors_name_the_argument():
         masks.segments(jnp.zeros((2, 4), jnp.float32))
     with pytest.raises(ValueError, match="q_segment_ids"):
         masks.segments(jnp.zeros((4,), jnp.int32))
-    with pytest.raises(TypeError, match="mask"):
-        masks.dense(jnp.zeros((1, 1, 4, 4), jnp.float32))
+    with pytest.raises(TypeError, match="mask: expected a boolean, integer or float"):
+        masks.dense(jnp.zeros((1, 1, 4, 4), jnp.complex64))
+    with pytest.raises(ValueError, match=r"mask: expected rank 4 .* or rank 3"):
+        masks.dense(jnp.zeros((4, 4), bool))
+    with pytest.raises(ValueError, match=r"mask: expected an array broadcastable as \[B\|1, H\|1, T\|1, S\|1\]"):
+        masks.dense(jnp.zeros((1, 1, 3, 4), bool)).check(1, 1, 4, 4)
     with pytest.raises(ValueError, match="size"):
         masks.chunked(0)
     with pytest.raises(ValueError, match="bq"):

@@ -20,14 +20,39 @@ def raises(exc, match, **kw):
         aj.attention(q, k, v, impl="reference", **kw)
 
 
-def test_rank_other_than_4():
+def test_rank_mismatch_and_too_low():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"q: expected rank 4"):
+    with pytest.raises(ValueError, match=r"k: expected the rank of q \(3"):
         aj.attention(q[0], k, v)
-    with pytest.raises(ValueError, match=r"k: expected rank 4"):
+    with pytest.raises(ValueError, match=r"k: expected the rank of q \(4"):
         aj.attention(q, k[..., None], v)
-    with pytest.raises(ValueError, match=r"v: expected rank 4"):
+    with pytest.raises(ValueError, match=r"v: expected the rank of q"):
         aj.attention(q, k, v[0])
+    with pytest.raises(ValueError, match=r"q: expected rank 4 \[B, T, H, Dk\] \(or rank 3"):
+        aj.attention(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match=r"batch size mismatch.*batch axes \[2, 1\]"):
+        aj.attention(q[:, None], k[:1, None], v[:1, None])
+
+
+def test_bhtd_layout_mixup_names_the_layout():
+    """q/k/v passed as [B, H, T, D]: the first error states [B, T, H, D] and the likely swap."""
+    q, k, v = qkv(T=8, S=6)
+    sw = lambda x: jnp.swapaxes(x, 1, 2)
+    with pytest.raises(ValueError, match=r"fit the \[B, H, T, D\] layout.*laid out \[B, T, H, D\]"):
+        aj.attention(sw(q), sw(k), sw(v))
+    # Shapes that do not fit a swap still state the expected layout.
+    with pytest.raises(ValueError, match=r"sequence length mismatch.*laid out \[B, T, H, D\]"):
+        aj.attention(q, k, v[:, :5])
+
+
+def test_jax_nn_keywords_point_to_the_attn_jax_spelling():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"'is_causal'.*masks\.causal\(\).*dot_product_attention"):
+        aj.attention(q, k, v, is_causal=True)
+    with pytest.raises(TypeError, match=r"'implementation'.*impl="):
+        aj.attention(q, k, v, implementation="xla")
+    with pytest.raises(TypeError, match=r"'softcapp'.*valid keyword arguments: bias, mask, scale, softcap"):
+        aj.attention(q, k, v, softcapp=1.0)
 
 
 def test_batch_length_head_dim_mismatch():
@@ -48,12 +73,18 @@ def test_mask_not_broadcastable():
     raises(ValueError, r"mask: expected", mask=jnp.ones((1, 1, T, T + 1), bool))
     raises(ValueError, r"mask: expected", mask=jnp.ones((3, 1, T, T), bool))
     raises(TypeError, r"mask", mask="causal")
+    raises(ValueError, r"mask: expected rank 3 .*got rank 2", mask=jnp.ones((T, T), bool))
+    raises(TypeError, r"mask: expected a boolean, integer or float", mask=jnp.ones((1, 1, T, T), jnp.complex64))
 
 
 def test_bias_of_wrong_shape():
-    raises(ValueError, r"bias: expected shape broadcastable", bias=jnp.zeros((1, 3, T, T)))
-    raises(ValueError, r"bias: expected shape broadcastable", bias=jnp.zeros((T, T)))
+    raises(ValueError, r"bias: expected shape broadcastable to \[B\|1, H\|1, T\|1, S\|1\]",
+           bias=jnp.zeros((1, 3, T, T)))
+    raises(ValueError, r"bias: expected shape broadcastable", bias=jnp.zeros((3, T, T)))  # rank 3: [H, T, S]
+    raises(ValueError, r"bias: expected rank 3 \[H\|1, T, S\] .*got rank 2", bias=jnp.zeros((T, T)))
+    raises(ValueError, r"bias: expected rank 3 .*got rank 5", bias=jnp.zeros((1, 1, 1, T, T)))
     raises(TypeError, r"bias", bias=jnp.zeros((1, 1, T, T), jnp.int32))
+    raises(TypeError, r"bias: got a boolean array.*mask=", bias=jnp.ones((1, 1, T, T), bool))
 
 
 def test_segment_ids_wrong_length_or_dtype():
