@@ -158,8 +158,8 @@ def _run(p, q, k, v, bias, sinks, seed, *, platform: str, interpret=False, block
     slopes = dense = None
     if isinstance(bias, StructuredBias):
         slopes = bias.slopes
-    elif bias is not None:
-        dense = bias
+    elif bias is not None:  # the kernels read [B|1, H|1, T, S]; a bias broadcast over T or S is expanded
+        dense = jnp.broadcast_to(bias, (*bias.shape[:2], T, S))
     o, lse = fa.flash_attention(
         q, k, v, bias=dense, alibi_slopes=slopes, sinks=sinks, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
         mask_terms=terms, tile_nonempty=tile_nonempty, tile_nonempty_static=static, scale=p.scale,
