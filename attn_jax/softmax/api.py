@@ -13,12 +13,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from attn_jax.core.array_types import ArrayLike
+
 from attn_jax.core import validation as V
 from attn_jax.core.bias import StructuredBias
 from attn_jax.core.dispatch import Decision, Registry
 from attn_jax.core.masks import Mask, as_mask
 
 ATTENTION = Registry("attention")
+#: ``o`` or ``(o, lse)``: ``o`` in the dtype of ``q``, ``lse`` float32.
+AttentionOutput = Float[Array, "*batch T H Dv"] | tuple[Float[Array, "*batch T H Dv"], Float[Array, "*batch T H"]]
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,10 @@ def _validate(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_
                             return_lse)
 
 
-def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"], *,
-              mask=None, bias=None, scale: float | None = None, softcap: float | None = None,
-              sinks: Float[Array, "H"] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
-              return_lse: bool = False, impl="auto"):
+def attention(q: Float[ArrayLike, "*batch T H Dk"], k: Float[ArrayLike, "*batch S K Dk"],
+              v: Float[ArrayLike, "*batch S K Dv"], *, mask=None, bias=None, scale: float | None = None,
+              softcap: float | None = None, sinks: Float[ArrayLike, " H"] | None = None, dropout_rate: float = 0.0,
+              dropout_rng=None, return_lse: bool = False, impl="auto") -> AttentionOutput:
     """Exact softmax attention.
 
     Args:
@@ -105,7 +109,7 @@ def explain(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, sinks=No
     return ATTENTION.explain(impl, problem, platform)
 
 
-def merge_attention(parts, *, return_lse: bool = False):
+def merge_attention(parts, *, return_lse: bool = False) -> AttentionOutput:
     """Exactly combine attentions over disjoint key sets from their outputs and LSEs.
 
     ``parts``: a sequence of ``(o [B, T, H, Dv], lse [B, T, H])``.  A part whose lse
