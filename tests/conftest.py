@@ -17,3 +17,8 @@ if any(m == "attn_jax" or m.startswith("attn_jax.") for m in sys.modules):
 #: The families of pure ops (their public functions carry the shape annotations).
 CHECKED = ("attn_jax.softmax", "attn_jax.linear", "attn_jax.positional")
 _hook = install_import_hook(CHECKED, "tests.shapecheck.checker")
+
+
+def pytest_configure(config):
+    # beartype's notice about typing.Callable-style hints in annotated modules (not a check failure)
+    config.addinivalue_line("filterwarnings", "ignore::beartype.roar.BeartypeDecorHintPep585DeprecationWarning")

@@ -37,7 +37,7 @@ def lightning_decays(num_heads: int, layer_scale: float = 1.0) -> np.ndarray:
 
 def lightning_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"],
                         v: Float[ArrayLike, "B T K Dv"], *,
-                        decays: str | Float[ArrayLike, " H"] = "transnormer", scale: float | None = 1.0,
+                        decays: str | Float[ArrayLike, " H"] | None = "transnormer", scale: float | None = 1.0,
                         initial_state: InitialState = None, return_final_state: bool = False,
                         segment_ids: SegmentIds = None, impl="auto",
                         chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
