@@ -17,6 +17,8 @@ multiplied by the per-layer factor ``1 - l / (L - 1)`` (``layer_scale``).  No so
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import numpy as np
 
@@ -37,7 +39,7 @@ def lightning_decays(num_heads: int, layer_scale: float = 1.0) -> np.ndarray:
 
 def lightning_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"],
                         v: Float[ArrayLike, "B T K Dv"], *,
-                        decays: str | Float[ArrayLike, " H"] | None = "transnormer", scale: float | None = 1.0,
+                        decays: str | Float[ArrayLike, " H"] | Sequence[float] | None = "transnormer", scale: float | None = 1.0,
                         initial_state: InitialState = None, return_final_state: bool = False,
                         segment_ids: SegmentIds = None, impl="auto",
                         chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:

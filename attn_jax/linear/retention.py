@@ -11,6 +11,8 @@ and the GroupNorm / swish gate of the full layer live in the mixer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from attn_jax.core.array_types import ArrayLike, Float, InitialState, RecurrentOutput, SegmentIds
@@ -28,7 +30,7 @@ def retnet_decays(num_heads: int) -> np.ndarray:
 
 
 def retention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"], v: Float[ArrayLike, "B T K Dv"], *,
-              decays: Float[ArrayLike, " H"] | None = None, scale: float | None = None,
+              decays: Float[ArrayLike, " H"] | Sequence[float] | None = None, scale: float | None = None,
               initial_state: InitialState = None, return_final_state: bool = False, segment_ids: SegmentIds = None,
               impl="auto", chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
     """``o, state = retention(q, k, v)`` with per-head decays ``γ`` (default :func:`retnet_decays`).
