@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,18 +238,21 @@ def check_packed_equals_padded(fn_packed: Callable, fn_single: Callable, q, k, v
 
 
 def check_deterministic(fn: Callable, *args, runs: int = 2) -> None:
-    """Repeated calls give bitwise-identical results."""
+    """Repeated calls give bitwise-identical results (same tree, shapes, dtypes and bits; NaN == NaN)."""
     first = jax.tree.map(np.asarray, fn(*args))
     for _ in range(runs - 1):
         again = jax.tree.map(np.asarray, fn(*args))
-        for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
-            if not np.array_equal(a, b, equal_nan=True):
-                raise AssertionError("results differ between identical calls")
+        try:
+            chex.assert_trees_all_equal(first, again)
+        except AssertionError as e:
+            raise AssertionError(f"results differ between identical calls: {e}") from e
 
 
 def check_jit_matches_eager(fn: Callable, *args, dtype=None) -> None:
+    """``jax.jit(fn)`` returns the same tree, shapes and dtypes as ``fn``, with values within tolerance."""
     eager = fn(*args)
     jitted = jax.jit(fn)(*args)
+    chex.assert_trees_all_equal_shapes_and_dtypes(jitted, eager)  # also catches a differing tree structure
     for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
         assert_close(a, b, dtype=dtype, name="jit vs eager")
 

@@ -156,7 +156,7 @@ def segment_layout(segment_ids, B: int, T: int) -> SegmentLayout:
     if segment_ids is None:
         ones = jnp.ones((B, T), bool)
         return SegmentLayout(ones, jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32))
-    seg = segment_ids.astype(jnp.int32)
+    seg = jnp.asarray(segment_ids).astype(jnp.int32)
     valid = seg != 0
     idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     last_valid = lax.cummax(jnp.where(valid, idx, -1), axis=1)               # last valid index <= t

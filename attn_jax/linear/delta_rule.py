@@ -60,6 +60,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from attn_jax.core import checks
+from attn_jax.core.array_types import ArrayLike, InitialState, RecurrentOutput, SegmentIds
 from attn_jax.core.dispatch import Registry
 from attn_jax.core.validation import check_float_array, shape_str
 from attn_jax.linear.common import (RecurrentCall, compute_dtype, default_scale, expand_kv_heads, finish, init_state,
@@ -355,9 +356,10 @@ def _make_call(mechanism, q, k, v, beta, log_alpha, *, scale, initial_state, ret
     return DeltaCall(problem, default_scale(scale, problem.Dk), chunk_size, bool(return_final_state))
 
 
-def delta_rule(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v: Float[Array, "B T K Dv"],
-               beta: Float[Array, "B T H"], *, scale=None, initial_state=None, return_final_state=False,
-               segment_ids=None, causal=True, impl="auto", chunk_size=DEFAULT_CHUNK):
+def delta_rule(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"], v: Float[ArrayLike, "B T K Dv"],
+               beta: Float[ArrayLike, "B T H"], *, scale: float | None = None, initial_state: InitialState = None,
+               return_final_state: bool = False, segment_ids: SegmentIds = None, causal: bool = True, impl="auto",
+               chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
     """DeltaNet: ``o, final_state = delta_rule(q, k, v, beta)`` (see the module docstring).
 
     ``q: [B, T, H, Dk]``, ``k: [B, T, K, Dk]`` (L2-normalised by the caller), ``v: [B, T, K, Dv]``,
@@ -371,10 +373,11 @@ def delta_rule(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v: Floa
     return DELTA.call(impl, call, q, k, v, beta, None, initial_state, segment_ids)
 
 
-def gated_delta_rule(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v: Float[Array, "B T K Dv"],
-                     beta: Float[Array, "B T H"], log_alpha: Float[Array, "B T H"], *, scale=None,
-                     initial_state=None, return_final_state=False, segment_ids=None, causal=True, impl="auto",
-                     chunk_size=DEFAULT_CHUNK):
+def gated_delta_rule(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"], v: Float[ArrayLike, "B T K Dv"],
+                     beta: Float[ArrayLike, "B T H"], log_alpha: Float[ArrayLike, "B T H"], *,
+                     scale: float | None = None, initial_state: InitialState = None, return_final_state: bool = False,
+                     segment_ids: SegmentIds = None, causal: bool = True, impl="auto",
+                     chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
     """Gated DeltaNet: as :func:`delta_rule` with per-head log decays ``log_alpha: [B, T, H]`` (``<= 0``)."""
     call = _make_call("gated_delta_rule", q, k, v, beta, log_alpha, scale=scale, initial_state=initial_state,
                       return_final_state=return_final_state, segment_ids=segment_ids, causal=causal,

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from attn_jax.core.array_types import ArrayLike
 from attn_jax.core.validation import check_float_array, shape_str
 from attn_jax.linear.common import segment_layout
 
@@ -66,17 +67,17 @@ def _compute(x):
     return x.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
 
 
-def identity(x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+def identity(x: Float[ArrayLike, "... D"]) -> Float[Array, "... D"]:
     """``φ(x) = x``."""
     return _compute(x)
 
 
-def elu_plus_one(x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+def elu_plus_one(x: Float[ArrayLike, "... D"]) -> Float[Array, "... D"]:
     """``φ(x) = elu(x) + 1`` (Katharopoulos et al. 2020, arXiv:2006.16236, Eq. 7); always > 0."""
     return jax.nn.elu(_compute(x)) + 1.0
 
 
-def relu(x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+def relu(x: Float[ArrayLike, "... D"]) -> Float[Array, "... D"]:
     """``φ(x) = max(x, 0)``."""
     return jax.nn.relu(_compute(x))
 
@@ -86,7 +87,7 @@ def taylor_exp_dim(D: int) -> int:
     return 1 + D + D * D
 
 
-def taylor_exp(x: Float[Array, "... D"], *, input_scale: float | None = None) -> Float[Array, "... F"]:
+def taylor_exp(x: Float[ArrayLike, "... D"], *, input_scale: float | None = None) -> Float[Array, "... F"]:
     """BASED's 2nd-order Taylor map: ``[1, s x, s² vec(x xᵀ)/√2]``, ``s = input_scale``.
 
     Default ``s = D^{-1/4}`` (zoology/based ``TaylorExp``), so ``φ(q)·φ(k) = 1 + t + t²/2`` with
@@ -118,7 +119,7 @@ def _check_hedgehog_weights(x, W, b):
             raise ValueError(f"b: expected shape {list(W.shape[:-2] + W.shape[-1:])}, got {shape_str(b)}")
 
 
-def hedgehog(x: Float[Array, "... H D"], W, b=None) -> Float[Array, "... H F2"]:
+def hedgehog(x: Float[ArrayLike, "... H D"], W, b=None) -> Float[Array, "... H F2"]:
     """Hedgehog map ``[softmax(xW + b), softmax(−(xW + b))]`` over features (arXiv:2402.04347).
 
     ``W``: ``[D, F]`` (shared) or ``[H, D, F]`` (one layer per head; ``x`` is ``[..., H, D]``);
@@ -133,7 +134,7 @@ def hedgehog(x: Float[Array, "... H D"], W, b=None) -> Float[Array, "... H F2"]:
     return jnp.concatenate([jax.nn.softmax(z, axis=-1), jax.nn.softmax(-z, axis=-1)], axis=-1)
 
 
-def hedgehog_distillation_loss(q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], W_q, W_k, b_q=None,
+def hedgehog_distillation_loss(q: Float[ArrayLike, "B T H D"], k: Float[ArrayLike, "B T K D"], W_q, W_k, b_q=None,
                                b_k=None, *, causal: bool = True, scale: float | None = None,
                                stop_target_gradient: bool = True, segment_ids=None) -> Float[Array, ""]:
     """Hedgehog's attention-distillation loss (arXiv:2402.04347).
@@ -197,7 +198,7 @@ def orthogonal_random_projection(key, m: int, d: int, *, dtype=jnp.float32) -> F
     return (rows * norms[:, None]).astype(dtype)
 
 
-def performer_features(x: Float[Array, "... D"], projection: Float[Array, "m D"]) -> Float[Array, "... m"]:
+def performer_features(x: Float[ArrayLike, "... D"], projection: Float[ArrayLike, "m D"]) -> Float[Array, "... m"]:
     """FAVOR+ positive random features ``exp(W x − |x|²/2)/√m`` (arXiv:2009.14794)."""
     x = _compute(x)
     check_float_array("projection", projection)
@@ -208,7 +209,7 @@ def performer_features(x: Float[Array, "... D"], projection: Float[Array, "m D"]
     return jnp.exp(wx - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)) / math.sqrt(m)
 
 
-def dpfp(x: Float[Array, "... D"], *, nu: int = 1) -> Float[Array, "... F"]:
+def dpfp(x: Float[ArrayLike, "... D"], *, nu: int = 1) -> Float[Array, "... F"]:
     """DPFP-ν (arXiv:2102.11174): ``r_i r_{i+j}``, ``r = [relu(x), relu(−x)]``, ``D' = 2Dν``."""
     if isinstance(nu, bool) or not isinstance(nu, int) or nu < 1:
         raise ValueError(f"nu: expected a positive int, got {nu!r}")

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attn_jax.core import checks
+from attn_jax.core.array_types import ArrayLike, Float, InitialState, RecurrentOutput, SegmentIds
 from attn_jax.core.dispatch import Registry
 from attn_jax.linear.common import (RecurrentCall, compute_dtype, default_scale, expand_kv_heads, finish, init_state,
                                     segment_layout, validate)
@@ -356,9 +357,13 @@ def _make_call(mechanism, q, k, v, g, *, gate_name, allow_vector_gate, scale, in
     return GatedCall(problem, default_scale(scale, problem.Dk), chunk_size, bool(return_final_state))
 
 
-def gated_linear_attention(q, k, v, log_g=None, *, scale=None, initial_state=None, return_final_state=False,
-                           segment_ids=None, causal=True, impl="auto", chunk_size=DEFAULT_CHUNK,
-                           mechanism="gated", gate_name="log_g", allow_vector_gate=True):
+def gated_linear_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"],
+                           v: Float[ArrayLike, "B T K Dv"],
+                           log_g: Float[ArrayLike, "B T H *gate_dim"] | None = None, *, scale: float | None = None,
+                           initial_state: InitialState = None, return_final_state: bool = False,
+                           segment_ids: SegmentIds = None, causal: bool = True, impl="auto",
+                           chunk_size: int = DEFAULT_CHUNK, mechanism: str = "gated", gate_name: str = "log_g",
+                           allow_vector_gate: bool = True) -> RecurrentOutput:
     """``o, final_state = gated_linear_attention(q, k, v, log_g)`` (see the module docstring).
 
     ``q: [B, T, H, Dk]``, ``k: [B, T, K, Dk]``, ``v: [B, T, K, Dv]``; ``log_g``: ``None``,

@@ -17,13 +17,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attn_jax.core.array_types import ArrayLike, Float, InitialState, RecurrentOutput, SegmentIds
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 
 __all__ = ["gla", "gla_log_gates"]
 
 
-def gla(q, k, v, log_g, *, scale=None, initial_state=None, return_final_state=False, segment_ids=None, impl="auto",
-        chunk_size=DEFAULT_CHUNK):
+def gla(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"], v: Float[ArrayLike, "B T K Dv"],
+        log_g: Float[ArrayLike, "B T H *gate_dim"], *, scale: float | None = None,
+        initial_state: InitialState = None, return_final_state: bool = False, segment_ids: SegmentIds = None,
+        impl="auto", chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
     """``o, state = gla(q, k, v, log_g)``; ``log_g: [B, T, H, Dk]`` (or ``[B, T, H]``) log forget gates.
 
     ``q: [B, T, H, Dk]``, ``k: [B, T, K, Dk]``, ``v: [B, T, K, Dv]``; state float32 ``[B, H, Dk, Dv]``.
@@ -35,7 +38,7 @@ def gla(q, k, v, log_g, *, scale=None, initial_state=None, return_final_state=Fa
                                   chunk_size=chunk_size, mechanism="gla")
 
 
-def gla_log_gates(gate_logits, *, temperature: float = 16.0):
+def gla_log_gates(gate_logits: Float[ArrayLike, "*shape"], *, temperature: float = 16.0) -> Float[jax.Array, "*shape"]:
     """The paper's gate ``α = sigmoid(logits)^{1/τ}`` in log space: ``log_sigmoid(logits) / τ`` (float32)."""
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")

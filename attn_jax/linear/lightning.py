@@ -17,9 +17,12 @@ multiplied by the per-layer factor ``1 - l / (L - 1)`` (``layer_scale``).  No so
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import numpy as np
 
+from attn_jax.core.array_types import ArrayLike, Float, InitialState, RecurrentOutput, SegmentIds
 from attn_jax.linear.common import fixed_decay_log_gates
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 from attn_jax.positional.alibi import alibi_slopes
@@ -34,8 +37,12 @@ def lightning_decays(num_heads: int, layer_scale: float = 1.0) -> np.ndarray:
     return np.exp(-slopes * float(layer_scale))
 
 
-def lightning_attention(q, k, v, *, decays="transnormer", scale=1.0, initial_state=None, return_final_state=False,
-                        segment_ids=None, impl="auto", chunk_size=DEFAULT_CHUNK):
+def lightning_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"],
+                        v: Float[ArrayLike, "B T K Dv"], *,
+                        decays: str | Float[ArrayLike, " H"] | Sequence[float] | None = "transnormer", scale: float | None = 1.0,
+                        initial_state: InitialState = None, return_final_state: bool = False,
+                        segment_ids: SegmentIds = None, impl="auto",
+                        chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
     """``o, state = lightning_attention(q, k, v)``.
 
     ``decays``: ``"transnormer"`` (default, :func:`lightning_decays`), ``None`` (Lightning-1: no

@@ -38,8 +38,9 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
+from attn_jax.core.array_types import ArrayLike, InitialState, RecurrentOutput, SegmentIds
 from attn_jax.core.validation import check_qkv, shape_str
 from attn_jax.linear.common import expand_kv_heads, segment_layout, validate
 from attn_jax.linear.feature_maps import resolve_feature_map
@@ -98,10 +99,11 @@ def _normalise(o, normalize, eps):
     return o[..., :-1] / jnp.where(den == 0, 1.0, den)
 
 
-def linear_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v: Float[Array, "B T K Dv"], *,
+def linear_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"],
+                     v: Float[ArrayLike, "B T K Dv"], *,
                      feature_map="elu", normalize: bool = True, eps: float = 1e-6, scale: float | None = None,
-                     causal: bool = True, initial_state=None, return_final_state: bool = False,
-                     segment_ids: Int[Array, "B T"] | None = None, impl="auto", chunk_size: int = DEFAULT_CHUNK):
+                     causal: bool = True, initial_state: InitialState = None, return_final_state: bool = False,
+                     segment_ids: SegmentIds = None, impl="auto", chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
     """Normalised kernel linear attention (see the module docstring); returns ``(o, state)``.
 
     ``feature_map``: a name (``"elu"``, ``"identity"``, ``"relu"``, ``"taylor"``, ``"dpfp"``),

@@ -11,8 +11,11 @@ and the GroupNorm / swish gate of the full layer live in the mixer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from attn_jax.core.array_types import ArrayLike, Float, InitialState, RecurrentOutput, SegmentIds
 from attn_jax.linear.common import fixed_decay_log_gates
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 
@@ -26,8 +29,10 @@ def retnet_decays(num_heads: int) -> np.ndarray:
     return 1.0 - 2.0 ** (-5.0 - np.arange(num_heads, dtype=np.float64))
 
 
-def retention(q, k, v, *, decays=None, scale=None, initial_state=None, return_final_state=False, segment_ids=None,
-              impl="auto", chunk_size=DEFAULT_CHUNK):
+def retention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"], v: Float[ArrayLike, "B T K Dv"], *,
+              decays: Float[ArrayLike, " H"] | Sequence[float] | None = None, scale: float | None = None,
+              initial_state: InitialState = None, return_final_state: bool = False, segment_ids: SegmentIds = None,
+              impl="auto", chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
     """``o, state = retention(q, k, v)`` with per-head decays ``γ`` (default :func:`retnet_decays`).
 
     ``decays``: ``[H]`` values in ``(0, 1]``.

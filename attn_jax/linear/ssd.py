@@ -16,12 +16,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attn_jax.core.array_types import ArrayLike, Float, InitialState, RecurrentOutput, SegmentIds
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 
 __all__ = ["ssd", "ssd_log_decay"]
 
 
-def ssd_log_decay(dt_logits, A_log, *, dt_bias=None):
+def ssd_log_decay(dt_logits: Float[ArrayLike, "B T H"], A_log: Float[ArrayLike, " H"], *,
+                  dt_bias: Float[ArrayLike, " H"] | None = None) -> Float[jax.Array, "B T H"]:
     """Mamba-2's ``log a_t = Δ_t A`` with ``Δ = softplus(dt_logits + dt_bias)``, ``A = -exp(A_log)``.
 
     ``dt_logits: [B, T, H]``, ``A_log: [H]``; returns float32 ``[B, T, H]`` (``<= 0``).
@@ -30,8 +32,10 @@ def ssd_log_decay(dt_logits, A_log, *, dt_bias=None):
     return jax.nn.softplus(dt) * -jnp.exp(A_log.astype(jnp.float32))
 
 
-def ssd(q, k, v, log_a, *, scale=1.0, initial_state=None, return_final_state=False, segment_ids=None, impl="auto",
-        chunk_size=DEFAULT_CHUNK):
+def ssd(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"], v: Float[ArrayLike, "B T K Dv"],
+        log_a: Float[ArrayLike, "B T H"], *, scale: float | None = 1.0, initial_state: InitialState = None,
+        return_final_state: bool = False, segment_ids: SegmentIds = None, impl="auto",
+        chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
     """``o, state = ssd(C, B, X, log_a)`` with ``log_a: [B, T, H]`` (one decay per head and token)."""
     if log_a is None:
         raise ValueError("log_a: SSD needs per-head log decays [B, T, H]")

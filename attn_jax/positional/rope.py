@@ -55,7 +55,9 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Real
+
+from attn_jax.core.array_types import ArrayLike
 
 __all__ = [
     "RopeScaling",
@@ -222,8 +224,8 @@ def positions_for(positions, batch: int, length: int) -> Float[Array, "#B T"]:
 
 
 def apply_rope(
-    x: Float[Array, "B T H D"],
-    positions: Int[Array, "B T"] | Int[Array, " T"] | None = None,
+    x: Float[ArrayLike, "B T H D"],
+    positions: Real[ArrayLike, "#B T"] | Real[ArrayLike, " T"] | None = None,
     *,
     base: float = 10000.0,
     rotary_fraction: float = 1.0,

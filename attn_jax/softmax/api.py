@@ -12,21 +12,24 @@ from jaxtyping import Array, Float
 
 from attn_jax.core import checks
 from attn_jax.core import layout as L
+from attn_jax.core.array_types import ArrayLike
 from attn_jax.core import validation as V
 from attn_jax.core.dispatch import Decision, Registry, explain_call, register_explainer
 from attn_jax.softmax.problem import AttentionProblem, attention_problem
 
 ATTENTION = Registry("attention")
+#: ``o`` or ``(o, lse)``: ``o`` in the dtype of ``q``, ``lse`` float32.
+AttentionOutput = Float[Array, "*batch T H Dv"] | tuple[Float[Array, "*batch T H Dv"], Float[Array, "*batch T H"]]
 
 
 _ATTENTION_KWARGS = ("bias", "mask", "scale", "softcap", "sinks", "dropout_rate", "dropout_rng", "return_lse",
                      "impl")
 
 
-def attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"],
-              bias=None, mask=None, *, scale: float | None = None, softcap: float | None = None,
-              sinks: Float[Array, "H"] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
-              return_lse: bool = False, impl="auto", **unexpected):
+def attention(q: Float[ArrayLike, "*batch T H Dk"], k: Float[ArrayLike, "*batch S K Dk"],
+              v: Float[ArrayLike, "*batch S K Dv"], bias=None, mask=None, *, scale: float | None = None,
+              softcap: float | None = None, sinks: Float[ArrayLike, " H"] | None = None, dropout_rate: float = 0.0,
+              dropout_rng=None, return_lse: bool = False, impl="auto", **unexpected) -> AttentionOutput:
     """Exact softmax attention.
 
     Layout: **``[B, T, H, D]``** (sequence on axis 1, heads on axis 2), as ``jax.nn``
@@ -89,7 +92,7 @@ def _explain_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=Non
     return ATTENTION.explain(impl, problem, platform)
 
 
-def merge_attention(parts, *, return_lse: bool = False):
+def merge_attention(parts, *, return_lse: bool = False) -> AttentionOutput:
     """Exactly combine attentions over disjoint key sets from their outputs and LSEs.
 
     ``parts``: a sequence of ``(o [B, T, H, Dv], lse [B, T, H])``.  A part whose lse

@@ -56,6 +56,7 @@ from jaxtyping import Array, Float, Int
 
 from attn_jax.core import checks
 from attn_jax.core import validation as V
+from attn_jax.core.array_types import ArrayLike
 
 __all__ = ["KVCache", "RingKVCache", "PagedKVCache", "PageAllocator"]
 
@@ -182,9 +183,9 @@ class _BufferProperties:
 class KVCache(_BufferProperties):
     """Contiguous per-row cache: position ``p`` of row ``b`` at ``k[b, p]`` (see module docstring)."""
 
-    k: Float[Array, "B S K Dk"]
-    v: Float[Array, "B S K Dv"]
-    lengths: Int[Array, "B"]
+    k: Float[ArrayLike, "B S K Dk"]
+    v: Float[ArrayLike, "B S K Dv"]
+    lengths: Int[ArrayLike, "B"]
 
     @classmethod
     def init(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
@@ -196,8 +197,8 @@ class KVCache(_BufferProperties):
     def max_len(self) -> int:
         return self.k.shape[1]
 
-    def append(self, k_new: Float[Array, "B T K Dk"], v_new: Float[Array, "B T K Dv"],
-               n_new: Int[Array, "B"] | None = None) -> "KVCache":
+    def append(self, k_new: Float[ArrayLike, "B T K Dk"], v_new: Float[ArrayLike, "B T K Dv"],
+               n_new: Int[ArrayLike, "B"] | None = None) -> "KVCache":
         """Write ``k_new[b, :n_new[b]]`` at positions ``lengths[b] ...``; return the new cache."""
         B, S, K, Dk = self.k.shape
         T = _check_new_kv(k_new, v_new, B, K, Dk, self.v.shape[3], f"cache {type(self).__name__}")
@@ -229,10 +230,10 @@ class RingKVCache(_BufferProperties):
     sees itself and the ``window`` keys before it.
     """
 
-    k: Float[Array, "B W K Dk"]
-    v: Float[Array, "B W K Dv"]
-    positions: Int[Array, "B W"]
-    lengths: Int[Array, "B"]
+    k: Float[ArrayLike, "B W K Dk"]
+    v: Float[ArrayLike, "B W K Dv"]
+    positions: Int[ArrayLike, "B W"]
+    lengths: Int[ArrayLike, "B"]
     window: int
 
     @classmethod
@@ -291,10 +292,10 @@ _register(RingKVCache, ("k", "v", "positions", "lengths"), ("window",))
 class PagedKVCache:
     """A page pool plus a per-row page table (see module docstring)."""
 
-    k_pages: Float[Array, "P page K Dk"]
-    v_pages: Float[Array, "P page K Dv"]
-    page_table: Int[Array, "B M"]
-    lengths: Int[Array, "B"]
+    k_pages: Float[ArrayLike, "P page K Dk"]
+    v_pages: Float[ArrayLike, "P page K Dv"]
+    page_table: Int[ArrayLike, "B M"]
+    lengths: Int[ArrayLike, "B"]
 
     @classmethod
     def init(cls, batch: int, num_pages: int, page_size: int, max_pages_per_seq: int, kv_heads: int,
@@ -428,7 +429,7 @@ class PageAllocator:
         self.table = np.full((_check_int("batch", batch), _check_int("max_pages_per_seq", max_pages_per_seq)), -1,
                              np.int32)
 
-    def reserve(self, row: int, num_tokens: int) -> None:
+    def reserve(self, row: int | np.integer, num_tokens: int | np.integer) -> None:
         need = -(-int(num_tokens) // self.page_size)
         if need > self.table.shape[1]:
             raise ValueError(f"num_tokens: {num_tokens} tokens need {need} pages, more than "
@@ -439,7 +440,7 @@ class PageAllocator:
                 raise ValueError(f"out of pages: row {row} needs {need} pages, the pool of {self.num_pages} is empty")
             self.table[row, i] = self._free.pop()
 
-    def release(self, row: int) -> None:
+    def release(self, row: int | np.integer) -> None:
         for p in self.table[row][self.table[row] >= 0][::-1]:
             self._free.append(int(p))
         self.table[row] = -1

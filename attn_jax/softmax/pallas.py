@@ -31,7 +31,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from jaxtyping import Array
+
 from attn_jax.core import masks as M
+from attn_jax.core.array_types import ArrayLike, Float
 from attn_jax.core import random as aj_random
 from attn_jax.core.bias import StructuredBias
 from attn_jax.softmax.problem import attention_problem
@@ -143,8 +146,8 @@ def _run(p, q, k, v, bias, sinks, seed, *, platform: str, interpret=False, block
     slopes = dense = None
     if isinstance(bias, StructuredBias):
         slopes = bias.slopes
-    elif bias is not None:
-        dense = bias
+    elif bias is not None:  # the kernels read [B|1, H|1, T, S]; a bias broadcast over T or S is expanded
+        dense = jnp.broadcast_to(bias, (*bias.shape[:2], T, S))
     o, lse = fa.flash_attention(
         q, k, v, bias=dense, alibi_slopes=slopes, sinks=sinks, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
         mask_terms=terms, tile_nonempty=tile_nonempty, tile_nonempty_static=static, scale=p.scale,
@@ -164,9 +167,13 @@ def attention_pallas(p, q, k, v, bias, sinks, dropout_rng):
     return lax.platform_dependent(q, k, v, bias, sinks, seed, cuda=branch("gpu"), tpu=branch("tpu"))
 
 
-def flash_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, sinks=None, dropout_rate=0.0,
-                    dropout_rng=None, return_lse=False, platform: str = "tpu", interpret=False, block_q=None,
-                    block_k=None, num_warps=None, num_stages=None):
+def flash_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"],
+                    v: Float[ArrayLike, "B S K Dv"], *, mask=None, bias=None, scale: float | None = None,
+                    softcap: float | None = None, sinks: Float[ArrayLike, " H"] | None = None,
+                    dropout_rate: float = 0.0, dropout_rng=None, return_lse: bool = False, platform: str = "tpu",
+                    interpret=False, block_q: int | None = None, block_k: int | None = None,
+                    num_warps: int | None = None, num_stages: int | None = None
+                    ) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
     """``aj.attention(..., impl="pallas")`` with an explicit kernel ``platform`` ("tpu" | "gpu").
 
     ``interpret=True`` runs the kernel on CPU (TPU kernels with race detection and NaN-filled

@@ -30,7 +30,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from jaxtyping import Array
+
 from attn_jax.core import random as aj_random
+from attn_jax.core.array_types import ArrayLike, Float
 from attn_jax.core.bias import StructuredBias
 from attn_jax.core.masks import Mask
 
@@ -47,8 +50,12 @@ def dense_bias(bias, T: int, S: int):
     return bias
 
 
-def attention_reference(q, k, v, *, mask: Mask | None = None, bias=None, scale=None, softcap=None,
-                        sinks=None, dropout_rate: float = 0.0, dropout_rng=None, return_lse: bool = False):
+def attention_reference(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"],
+                        v: Float[ArrayLike, "B S K Dv"], *, mask: Mask | None = None, bias=None,
+                        scale: float | None = None, softcap: float | None = None,
+                        sinks: Float[ArrayLike, " H"] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
+                        return_lse: bool = False) -> (Float[Array, "B T H Dv"]
+                                                      | tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]):
     """Exact attention (see module docstring).  Inputs are assumed validated."""
     B, T, H, Dk = q.shape
     S, K, Dv = k.shape[1], k.shape[2], v.shape[3]

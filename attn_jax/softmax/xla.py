@@ -60,6 +60,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from attn_jax.core import masks as M
+from attn_jax.core.array_types import ArrayLike
 from attn_jax.core import random as aj_random
 from attn_jax.core.bias import StructuredBias
 
@@ -438,10 +439,12 @@ def _tiling(T: int, S: int, block_q: int | None, block_k: int | None) -> tuple[i
     return bq, bk, -(-T // bq), -(-S // bk)
 
 
-def attention_blockwise(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v: Float[Array, "B S K Dv"], *,
-                        mask=None, bias=None, scale: float | None = None, softcap: float | None = None,
-                        sinks: Float[Array, " H"] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
-                        return_lse: bool = False, block_q: int | None = None, block_k: int | None = None):
+def attention_blockwise(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"],
+                        v: Float[ArrayLike, "B S K Dv"], *, mask=None, bias=None, scale: float | None = None,
+                        softcap: float | None = None, sinks: Float[ArrayLike, " H"] | None = None,
+                        dropout_rate: float = 0.0, dropout_rng=None, return_lse: bool = False,
+                        block_q: int | None = None, block_k: int | None = None
+                        ) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
     """Tiled exact attention with the reference's signature plus ``block_q`` / ``block_k``.
 
     Inputs are assumed validated (use :func:`attn_jax.attention` with ``impl="xla"`` for the
