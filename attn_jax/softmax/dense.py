@@ -10,7 +10,8 @@ whole score block ``[B, K, G, T, S]`` is formed at once, in float32 (float64 for
     m   = max(rowmax(S), sink),  l = rowsum(exp(S - m)) + exp(sink - m)
     P   = exp(S - m) / l,        O = (P * Z) V,   lse = m + log l     (Z: dropout keep / (1 - rate))
 
-with a custom VJP that keeps ``P`` (no recomputation of ``Q K^T`` or ``exp``)::
+with a custom VJP that keeps ``exp(S - m)`` and ``1 / l`` (no recomputation of ``Q K^T`` or
+``exp``)::
 
     D     = rowsum(dO * O) - dlse
     dV    = (P * Z)^T dO,    dP = (dO V^T) * Z,    dS = P * (dP - D)   (= dbias)
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+import numpy as np
 from jaxtyping import Array, Float
 
 from attn_jax.core import masks as M
@@ -48,7 +49,7 @@ from attn_jax.core.bias import StructuredBias
 #: fwd+bwd, see BUILD.md "Benchmarks"): the dense block beats the tiled path while one score
 #: array stays within the L2 cache; at T = S = 512 (2 Mi elements, 8 MiB) the tiled path with
 #: causal tile skipping is already faster.
-DENSE_BUDGET = 1 << 19
+DENSE_BUDGET = 1 << 17
 
 #: Platforms for which the dense block was measured to beat the tiled path.
 DENSE_PLATFORMS = ("cpu",)
@@ -100,8 +101,9 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
     softcap = None if softcap is None else float(softcap)
     rate = float(dropout_rate)
     mask = M.as_mask(mask)
-    qidx = jnp.arange(T, dtype=jnp.int32)
-    kidx = jnp.arange(S, dtype=jnp.int32)
+
+    def idx():  # made inside each traced function: custom_vjp rules must not close over tracers
+        return jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32)
 
     bias_kind, bias_in, bias_const = "none", None, None
     if isinstance(bias, StructuredBias):
@@ -114,6 +116,7 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
         bias_kind, bias_in = "dense", jnp.asarray(bias)
 
     def bias5(b):
+        qidx, kidx = idx()
         if bias_kind == "dense":
             return _heads5(b, B, K, G).astype(cdt)
         if bias_kind == "structured":
@@ -127,16 +130,26 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
     treedef = jax.tree.structure(mask)
 
     def keep_mask(seed):
+        qidx, kidx = idx()
         return aj_random.keep_mask(seed, rate, jnp.arange(B, dtype=jnp.int32)[:, None, None, None, None],
                                    jnp.arange(H, dtype=jnp.int32).reshape(1, K, G, 1, 1),
                                    qidx[None, None, None, :, None], kidx[None, None, None, None, :])
 
+    # A static mask under which every query row and key column is used (causal with T <= S, ...)
+    # needs no NaN-safety zeroing: decided at trace time from the mask's NumPy classification.
+    all_used = False
+    if mask is not None and mask.is_static:
+        cls = np.asarray(mask.classify(T, S, 1, 1)) != M.EMPTY                    # [B|1, H|1, T, S]
+        all_used = bool(cls.any(axis=3).all()) and bool(cls.any(axis=2).all())
+
     def operands(q, k, v, mask_leaves):
         """Laid-out float operands (q5 [B,K,G,T,Dk], k4/v4 [B,K,S,D]) with unused rows zeroed."""
         vis = None
+        qidx, kidx = idx()
         if mask is not None:
             m = jax.tree.unflatten(treedef, mask_leaves)
             vis = _heads5(m.predicate(qidx, kidx, T, S), B, K, G)             # [B|1, K|1, G|1, T, S]
+        if vis is not None and not all_used:
             row_used = jnp.broadcast_to(vis.any(axis=4), (B, K, G, T))          # [B, K, G, T]
             col_used = jnp.broadcast_to(vis.any(axis=(2, 3)), (B, K, S))        # [B, K, S]
             q = jnp.where(row_used.transpose(0, 3, 1, 2)[..., None].reshape(B, T, H, 1), q, 0)
@@ -171,13 +184,17 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
             denom = denom + jnp.exp(sink - m)
         has_mass = denom > 0
         safe = jnp.where(has_mass, denom, 1.0)
-        p = e * (1.0 / safe)[..., None]
-        pz = p
+        inv = jnp.where(has_mass, 1.0 / safe, 0.0)                               # [B, K, G, T]
+        ez = e
         if rate > 0:
-            pz = jnp.where(keep_mask(seed), p * (1.0 / (1.0 - rate)), 0.0)
-        o5 = jnp.einsum("bkgts,bksd->bkgtd", pz, v4, preferred_element_type=cdt)
+            ez = jnp.where(keep_mask(seed), e, 0.0)
+            inv_o = inv * (1.0 / (1.0 - rate))
+        else:
+            inv_o = inv
+        # Normalise the [T, Dv] output rather than the [T, S] probabilities (one pass fewer).
+        o5 = jnp.einsum("bkgts,bksd->bkgtd", ez, v4, preferred_element_type=cdt) * inv_o[..., None]
         lse = jnp.where(has_mass, m + jnp.log(safe), -jnp.inf)                 # [B, K, G, T]
-        return o5, lse, p, t, (q5, k4, v4, vis)
+        return o5, lse, (e, inv), t, (q5, k4, v4, vis)
 
     def finish(o5, lse):
         o = o5.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dv).astype(dtype)
@@ -193,7 +210,8 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
         return finish(o5, lse), (q, k, v, b, sinks, seed, mask_leaves, o5, lse, p, t, ops)
 
     def core_bwd(res, cts):
-        q, k, v, b, sinks, seed, mask_leaves, o5, lse, p, t, (q5, k4, v4, vis) = res
+        q, k, v, b, sinks, seed, mask_leaves, o5, lse, (e, inv), t, (q5, k4, v4, vis) = res
+        p = e * inv[..., None]                      # fused into its consumers by XLA
         do, dlse = cts
         do5 = do.astype(cdt).reshape(B, T, K, G, Dv).transpose(0, 2, 3, 1, 4)   # [B, K, G, T, Dv]
         delta = (do5 * o5).sum(axis=-1) - dlse.astype(cdt).reshape(B, T, K, G).transpose(0, 2, 3, 1)
@@ -212,6 +230,7 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
             g = g.reshape(g.shape[0], g.shape[1] * g.shape[2], T, S)
             db = _sum_to(g, b4.shape).reshape(b.shape).astype(b.dtype)
         elif bias_kind == "structured":
+            qidx, kidx = idx()
             out, pull = jax.vjp(lambda bo: _heads5(bo.tile(qidx, kidx, T, S), B, K, G).astype(cdt), b)
             (gb,) = pull(_sum_to(ds, out.shape))
             db = jax.tree.map(lambda g, x: g.astype(x.dtype), gb, b)
