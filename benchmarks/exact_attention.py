@@ -184,7 +184,8 @@ def main(argv=None):
     print()
     print(table)
     payload = {
-        "benchmark": "exact_attention", "config": {"B": B, "H": H, "D": D, "mask": "causal", "repeats": repeats, "rounds": args.rounds,
+        "benchmark": "exact_attention", "config": {"B": B, "H": H, "D": D, "mask": "causal", "repeats": repeats,
+                                                   "rounds": args.rounds,
                                                    "seq_lens": plan, "impls": wanted,
                                                    "xla_default_block_table": aj_xla.DEFAULT_BLOCK_TABLE,
                                                    "dense_budget": aj_dense.DENSE_BUDGET},
