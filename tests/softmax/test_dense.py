@@ -29,7 +29,7 @@ def check_parity(q, k, v, *, bias=None, sinks=None, mask=None, **kw):
         lambda *p: [tk.vjp_with_random_cotangent(f, p, key) for f in (fd, fr)], q, k, v, bias, sinks)
     dtype = q.dtype
     tk.assert_close(out_d[0], out_r[0], dtype=dtype, name="o")
-    assert out_d[0].dtype == dtype and out_d[1].dtype == jnp.float32
+    assert out_d[0].dtype == dtype and out_d[1].dtype == out_r[1].dtype == jnp.float32
     tk.assert_close(out_d[1], out_r[1], dtype="float32", name="lse")
     for name, gd, gr in zip(["dq", "dk", "dv", "dbias", "dsinks"], g_d, g_r):
         if gr is None:
@@ -89,12 +89,6 @@ def test_nan_in_padding_does_not_leak():
     (o, lse), grads = check_parity(q, k, v, mask=masks.segments(ids) & masks.causal())
     for x in (o, *grads[:3]):
         assert not np.isnan(np.asarray(x)).any()
-
-
-def test_float64_tight():
-    with tk.float64():
-        q, k, v = tk.random_qkv(jax.random.key(1), B=1, T=9, S=11, H=2, Dk=8, dtype=jnp.float64)
-        check_parity(q, k, v, mask=masks.causal(), softcap=2.0, sinks=jnp.array([0.5, -0.5]))
 
 
 def test_auto_picks_dense_on_cpu_within_budget_and_tiled_above():
