@@ -110,6 +110,7 @@ def main(argv=None):
         "float32": parse(args.seq_lens), "bfloat16": parse(args.bf16_seq_lens)}
     repeats = 3 if args.quick else args.repeats
     wanted = args.impls.split(",")
+    env = common.environment()  # load average at the start
 
     torch = common.torch_or_none() if "torch" in wanted else None
     if "torch" in wanted and torch is None:
@@ -189,7 +190,7 @@ def main(argv=None):
                                                    "seq_lens": plan, "impls": wanted,
                                                    "xla_default_block_table": aj_xla.DEFAULT_BLOCK_TABLE,
                                                    "dense_budget": aj_dense.DENSE_BUDGET},
-        "environment": {**common.environment(), "load_average_at_end": os.getloadavg()},
+        "environment": {**env, "load_average_at_end": os.getloadavg()},
         "rows": rows, "summary": summary,
         "xla_fwd_1x16k": {"median_s": dec_t["median_s"], "times_s": dec_t["times_s"], **dec_mem,
                           "shape": {"B": B, "T": 1, "S": S, "H": H, "D": D}},
