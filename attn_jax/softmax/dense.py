@@ -45,10 +45,11 @@ from attn_jax.core import random as aj_random
 from attn_jax.core.bias import StructuredBias
 
 #: Largest ``B * H * T * S`` served by the dense path (elements of one score array; float32:
-#: 4 bytes each).  Measured on a shared 2-core CPU (B=1, H=8, D=64, causal fp32, fwd and
-#: fwd+bwd, see BUILD.md "Benchmarks"): the dense block beats the tiled path while one score
-#: array stays within the L2 cache; at T = S = 512 (2 Mi elements, 8 MiB) the tiled path with
-#: causal tile skipping is already faster.
+#: 4 bytes each, so 512 KiB).  Measured on a shared 2-core CPU (B=1, H=8, D=64, causal fp32, fwd
+#: and fwd+bwd, peers in one process; see BUILD.md "Benchmarks"): at T = S = 128 the dense block
+#: is as fast as the single-tile tiled path or faster (fwd+bwd 2.2 vs 3.0 ms best-of-10); from
+#: T = 256 the tiled path with 64 x 64 causal tile skipping is faster (fwd+bwd 7.6 vs 6.3 ms,
+#: T = 512: 58 vs 27 ms), and a ``[8, 1024, 1024]`` score matmul is already memory-bound.
 DENSE_BUDGET = 1 << 17
 
 #: Platforms for which the dense block was measured to beat the tiled path.
