@@ -1,5 +1,6 @@
 """Timing and memory helpers shared by the benchmarks (BUILD.md, "Benchmarks").
 
+* :func:`time_peers` -- :func:`time_call` for peers in alternating rounds (ratios share the load).
 * :func:`time_call` -- median wall time of ``fn(*args)`` over ``repeats`` runs after warm-up,
   synchronised with ``jax.block_until_ready`` (or any ``sync`` callable for other frameworks).
 * :func:`compiled_memory` -- XLA's compiled memory analysis of ``jax.jit(fn)`` for abstract
@@ -31,6 +32,23 @@ def time_call(fn: Callable, *args, repeats: int = 5, warmup: int = 1, sync: Call
         sync(fn(*args))
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def time_peers(fns: dict[str, tuple[Callable, tuple, Callable | None]], *, repeats: int = 5,
+               rounds: int = 2) -> dict[str, dict]:
+    """:func:`time_call` for several peers in ``rounds`` alternating rounds, pooled per peer.
+
+    ``fns``: name -> ``(fn, args, sync)`` (``sync`` None: ``jax.block_until_ready``).  Each
+    round times every peer in turn (one warm-up, then ``repeats`` runs back to back: XLA's and
+    torch's thread pools keep spinning briefly after a call, so strict one-run round-robin would
+    charge each framework for the other's spinning).  Alternating rounds spreads a load change on
+    a shared machine over all peers; median and min are over the ``rounds * repeats`` pooled runs.
+    """
+    times: dict[str, list] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, (fn, args, sync) in fns.items():
+            times[n] += time_call(fn, *args, repeats=repeats, warmup=1, sync=sync)["times_s"]
+    return {n: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for n, t in times.items()}
 
 
 def abstract(*arrays) -> list:

@@ -27,6 +27,8 @@ import jax
 import optax
 from flax import nnx
 
+import attn_jax as aj
+from attn_jax import masks
 from attn_jax.models import DecoderConfig, DecoderLM, generate
 from attn_jax.positional import apply_rope
 
@@ -134,13 +136,20 @@ def bench_training(seq_len: int, tokens_per_step: int, steps: int) -> dict:
             t0 = time.perf_counter()
             losses[name] = _run_step(s)
             times[name].append(time.perf_counter() - t0)
-    out = {"seq_len": seq_len, "batch": batch, "tokens_per_step": batch * seq_len, "timed_steps": steps}
+    out = {"seq_len": seq_len, "batch": batch, "tokens_per_step": batch * seq_len, "timed_steps": steps,
+           "attention_auto_cpu": _auto_choice(batch, seq_len)}
     for name in times:
         med = statistics.median(times[name])
         out[name] = {"median_step_s": med, "tokens_per_s": batch * seq_len / med, "step_times_s": times[name],
                      "compile_and_first_step_s": compile_s[name], "last_loss": losses[name]}
     out["speedup_vs_baseline"] = out["baseline"]["median_step_s"] / out["attn_jax"]["median_step_s"]
     return out
+
+
+def _auto_choice(batch: int, seq_len: int) -> str | None:
+    """The implementation ``aj.attention(impl="auto")`` picks on CPU for one layer's attention."""
+    qs = jax.ShapeDtypeStruct((batch, seq_len, HEADS, D_MODEL // HEADS), jax.numpy.float32)
+    return aj.explain(qs, qs, qs, mask=masks.causal(), platform="cpu").chosen["cpu"]
 
 
 def bench_generation(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
@@ -187,12 +196,13 @@ def main(argv=None):
         r = bench_training(T, tokens_per_step, args.steps)
         result["training"].append(r)
         print(f"{T:>6} {r['batch']:>5} {r['attn_jax']['tokens_per_s']:>15.0f} {r['baseline']['tokens_per_s']:>15.0f} "
-              f"{r['speedup_vs_baseline']:>6.2f}x", flush=True)
+              f"{r['speedup_vs_baseline']:>6.2f}x  (auto on cpu -> {r['attention_auto_cpu']})", flush=True)
     print(f"\n{'gen batch':>9} {'tokens/s':>10} {'median s':>9}", flush=True)
     for b in [int(x) for x in args.gen_batches.split(",")]:
         g = bench_generation(b, 16 if args.quick else 64, 16 if args.quick else 128, args.gen_repeats)
         result["generation"].append(g)
         print(f"{b:>9} {g['tokens_per_s']:>10.1f} {g['median_s']:>9.3f}", flush=True)
+    result["environment"]["load_average_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

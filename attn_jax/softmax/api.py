@@ -121,6 +121,7 @@ def merge_attention(parts, *, return_lse: bool = False) -> AttentionOutput:
 # ----------------------------------------------------------------------------- registration
 # Registration order is the "auto" priority order.
 from attn_jax.softmax import cudnn as _cudnn  # noqa: E402
+from attn_jax.softmax import dense as _dense  # noqa: E402
 from attn_jax.softmax import pallas as _pallas  # noqa: E402
 from attn_jax.softmax import xla as _xla  # noqa: E402
 from attn_jax.softmax.reference import attention_reference as _attention_reference  # noqa: E402
@@ -137,6 +138,8 @@ def _reference_unsupported(platform, p):
 
 ATTENTION.register("pallas", _pallas.attention_pallas, _pallas.unsupported)
 ATTENTION.register("cudnn", _cudnn.attention_cudnn, _cudnn.unsupported)
+# One dense block on CPU while B*H*T*S is within a fixed budget (bounded memory), else tiled.
+ATTENTION.register("dense", _dense.attention_dense_impl, _dense.unsupported)
 ATTENTION.register("xla", _xla.attention_xla, _xla.unsupported)
 # The reference materialises T x S: never chosen by "auto", only when asked for by name.
 ATTENTION.register("reference", _reference_impl, _reference_unsupported, auto=False)

@@ -66,12 +66,23 @@ from attn_jax.core.bias import StructuredBias
 
 EMPTY, PARTIAL, FULL = M.EMPTY, M.PARTIAL, M.FULL
 
-#: Default (block_q, block_k), clipped to the sequence lengths.  Measured on a shared 2-core CPU
-#: (B=1, H=8, D=64, causal fp32, T=4096/8192, fwd and fwd+bwd): 256 and 512 are within noise of
-#: each other; 1024 is ~2x slower in fwd+bwd (8 MiB score tiles per step fall out of cache, more
-#: causal-diagonal waste), 64/128 pay per-iteration loop overhead.  512 also suits decode
-#: (1 query over 16k keys: bk=512 ~20 ms vs 50-90 ms for bk >= 2048).
-DEFAULT_BLOCK_SIZES = {"block_q": 512, "block_k": 512}
+#: Default block size per axis by sequence length: ``(longest length, block)`` rows, first match;
+#: ``block_q`` follows ``T`` and ``block_k`` follows ``S``.  Measured on a shared 2-core CPU
+#: (B=1, H=8, D=64, causal fp32, fwd and fwd+bwd, T in 128..4096, block sizes 32..512, peers in the
+#: same process): 512 x 512 tiles (8 MiB of scores per step for 8 heads) fall out of the 2 MiB
+#: per-core L2 and were ~2x slower than 256 x 256 from T = 1024 to 4096; at 128 < T <= 512 the
+#: causal-diagonal waste of big tiles dominates and 64 x 64 was fastest (128 at T = 1024); below 64
+#: the per-iteration loop overhead wins, and T <= 128 is one tile.  Decode (1 query over 16k keys)
+#: uses ``bk = 256``.
+DEFAULT_BLOCK_TABLE = ((128, 128), (512, 64), (1024, 128), (None, 256))
+
+
+def default_block(n: int) -> int:
+    """The default block size for a sequence axis of length ``n`` (before clipping to ``n``)."""
+    for longest, b in DEFAULT_BLOCK_TABLE:
+        if longest is None or n <= longest:
+            return b
+    raise AssertionError("DEFAULT_BLOCK_TABLE must end with a catch-all row")
 
 
 def unsupported(platform: str, p) -> list[str]:
@@ -433,9 +444,9 @@ def _choose_block(n: int, b: int) -> int:
 
 
 def _tiling(T: int, S: int, block_q: int | None, block_k: int | None) -> tuple[int, int, int, int]:
-    """Block sizes (defaults from :data:`DEFAULT_BLOCK_SIZES`, clipped to the lengths) and counts."""
-    bq = _choose_block(T, DEFAULT_BLOCK_SIZES["block_q"] if block_q is None else int(block_q))
-    bk = _choose_block(S, DEFAULT_BLOCK_SIZES["block_k"] if block_k is None else int(block_k))
+    """Block sizes (defaults from :func:`default_block`, clipped to the lengths) and counts."""
+    bq = _choose_block(T, default_block(T) if block_q is None else int(block_q))
+    bk = _choose_block(S, default_block(S) if block_k is None else int(block_k))
     return bq, bk, -(-T // bq), -(-S // bk)
 
 
@@ -448,7 +459,7 @@ def attention_blockwise(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B 
     """Tiled exact attention with the reference's signature plus ``block_q`` / ``block_k``.
 
     Inputs are assumed validated (use :func:`attn_jax.attention` with ``impl="xla"`` for the
-    validated entry point).  Block sizes default to :data:`DEFAULT_BLOCK_SIZES`, clipped to
+    validated entry point).  Block sizes default to :func:`default_block` of each length, clipped to
     the sequence lengths; ``T`` and ``S`` need not be multiples of them.
     """
     B, T, H, Dk = q.shape

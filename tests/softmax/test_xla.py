@@ -29,7 +29,8 @@ def test_through_public_api():
             aj.attention(q, k, v, mask=masks.causal(), impl="reference", return_lse=return_lse)), q, k, v)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             tk.assert_close(x, y)
-    assert "xla" in str(aj.explain(q, k, v, impl="auto", platform="cpu")).split("->")[1]
+    # auto on CPU: the dense block within its fixed budget (this small problem), else the tiled path.
+    assert aj.explain(q, k, v, impl="auto", platform="cpu").chosen["cpu"] in ("dense", "xla")
 
 
 # ----------------------------------------------------------------------------- memory and skipping
