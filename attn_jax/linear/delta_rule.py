@@ -388,3 +388,36 @@ def explain_delta_rule(q, k, v, beta, log_alpha=None, *, impl="auto", platform=N
                       scale=scale, initial_state=initial_state, return_final_state=return_final_state,
                       segment_ids=segment_ids, causal=causal, chunk_size=chunk_size)
     return DELTA.explain(impl, call, platform)
+
+
+# ----------------------------------------------------------------------------- declarations
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import gated_call  # noqa: E402
+
+_SCHLAG = Paper("Linear Transformers Are Secretly Fast Weight Programmers", 2021, "2102.11174", "Schlag et al.")
+_DELTANET_PROJECTIONS = recipe.Projections(qk_activation="silu", v_activation="silu", qk_l2=True, short_conv=True)
+
+DELTANET = declare(Declaration(
+    name="deltanet", family="linear", title="DeltaNet (delta rule, WY/UT chunking)",
+    papers=(_SCHLAG, Paper("Parallelizing Linear Transformers with the Delta Rule over Sequence Length", 2024,
+                           "2406.06484", "Yang et al.")),
+    summary="S_t = S_{t-1} (I - β_t k_tᵀ k_t) + β_t k_tᵀ v_t, o_t = scale q_t S_t; layer: q, k through ShortConv + "
+            "SiLU + L2, β = sigmoid(x W_β), y = (RMSNorm_head(o) ⊙ swish(x W_g)) W_O",
+    op=delta_rule, forms=("chunk", "parallel", "recurrent"), directions=("causal",),
+    parity=Parity(gated_call(delta_rule, "beta", normalize_keys=True), notes="keys L2-normalised by the caller"),
+    layer=recipe.LinearLayer(recipe.DeltaRule(), _DELTANET_PROJECTIONS, write_strength=recipe.WriteStrength(),
+                             output_gate=recipe.OutputGate("swish"), output_norm=recipe.OutputNorm("rms_head")),
+    notes="the Gated DeltaNet block's output gate (fla's DeltaNet has none: output_gate=False)"))
+
+GATED_DELTANET = declare(Declaration(
+    name="gated_deltanet", family="linear", title="Gated DeltaNet",
+    papers=(Paper("Gated Delta Networks: Improving Mamba2 with Delta Rule", 2024, "2412.06464",
+                  "Yang, Kautz, Hatamizadeh"),),
+    summary="S_t = α_t S_{t-1} (I - β_t k_tᵀ k_t) + β_t k_tᵀ v_t with Mamba-2's decay "
+            "log α = -exp(A_log) softplus(x W_a + dt_bias); layer as DeltaNet",
+    op=gated_delta_rule, forms=("chunk", "parallel", "recurrent"), directions=("causal",),
+    parity=Parity(gated_call(gated_delta_rule, "beta", "log_g_scalar", normalize_keys=True)),
+    layer=recipe.LinearLayer(recipe.DeltaRule(), _DELTANET_PROJECTIONS, decay=recipe.DeltaGate(),
+                             write_strength=recipe.WriteStrength(), output_gate=recipe.OutputGate("swish"),
+                             output_norm=recipe.OutputNorm("rms_head"))))

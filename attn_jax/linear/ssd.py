@@ -38,3 +38,24 @@ def ssd(q, k, v, log_a, *, scale=1.0, initial_state=None, return_final_state=Fal
     return gated_linear_attention(q, k, v, log_a, scale=scale, initial_state=initial_state,
                                   return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
                                   chunk_size=chunk_size, mechanism="ssd", gate_name="log_a", allow_vector_gate=False)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import gated_call  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="ssd", family="linear", title="Scalar data-dependent decay (Mamba-2 SSD)",
+    papers=(Paper("Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State "
+                  "Space Duality", 2024, "2405.21060", "Dao & Gu"),),
+    summary="S_t = a_t S_{t-1} + B_tᵀ x_t, y_t = C_t S_t with log a_t = Δ_t A per head; layer: C, B, x through "
+            "ShortConv + SiLU, Δ = softplus(x W_Δ + dt_bias), value Δ x, D skip, y = RMSNorm(o ⊙ SiLU(x W_z)) W_O",
+    op=ssd, forms=("chunk", "parallel", "recurrent"), directions=("causal",),
+    parity=Parity(gated_call(ssd, "log_g_scalar"), kernel_gate="scalar"),
+    layer=recipe.LinearLayer(recipe.GatedRule(),
+                             recipe.Projections(qk_activation="silu", v_activation="silu", scale="one",
+                                                short_conv=True),
+                             decay=recipe.DeltaGate(scale_values=True), output_gate=recipe.OutputGate("swish"),
+                             output_norm=recipe.OutputNorm("rms_all", gated=True)),
+    notes="not the full Mamba block: no expansion/MLP; q/k have heads instead of shared B/C groups"))

@@ -221,33 +221,40 @@ class Mechanism:
     key_dim: int | None = None      # a fixed Dk (BASED's feature dim d' = 16) unless head_dim is given
 
 
-def _normalized(name, **kw):
-    return Mechanism(name, rule="normalized", qk_act="identity", v_act="identity", scale="one", **kw)
+def _spec(d) -> Mechanism:
+    """The layer spec of declaration ``d`` (its :class:`attn_jax.core.recipe.LinearLayer`)."""
+    from attn_jax.core import recipe as r
+    L = d.layer
+    P = L.projections
+    rule = {r.GatedRule: "additive", r.NormalizedRule: "normalized", r.DeltaRule: "delta", r.FlowRule: "flow",
+            r.EfficientRule: "efficient", r.AgentRule: "agent"}[type(L.rule)]
+    decay = None
+    if isinstance(L.decay, r.FixedDecay):
+        decay = d.name
+    elif isinstance(L.decay, r.LowRankGate):
+        decay = "gla"
+    elif isinstance(L.decay, r.DeltaGate):
+        decay = "mamba"
+    feats = {r.RandomFeatureMap: "performer", r.DPFPMap: "dpfp", r.HedgehogMap: "hedgehog",
+             r.CosformerMap: "cosformer", r.LogNormalMap: "lln", type(None): None}[type(L.features)]
+    return Mechanism(d.name, rule=rule, decay=decay, qk_act=P.qk_activation, v_act=P.v_activation,
+                     feature_map=L.rule.feature_map if rule == "normalized" else "identity", features=feats,
+                     qk_l2=P.qk_l2, beta=L.write_strength is not None, scale=P.scale, short_conv=P.short_conv,
+                     expand_k=P.expand_k, expand_v=P.expand_v,
+                     out_norm=None if L.output_norm is None else L.output_norm.kind,
+                     out_gate=None if L.output_gate is None else L.output_gate.activation,
+                     gate_before_norm=L.output_norm is not None and L.output_norm.gated,
+                     value_dt=isinstance(L.decay, r.DeltaGate) and L.decay.scale_values, key_dim=P.key_dim)
 
 
-MECHANISMS = {
-    "linear": _normalized("linear", feature_map="elu"),
-    "retnet": Mechanism("retnet", decay="retnet", out_norm="group", out_gate="swish"),
-    "lightning": Mechanism("lightning", decay="lightning", qk_act="silu", scale="one", out_norm="srms_all",
-                           out_gate="linear"),
-    "gla": Mechanism("gla", decay="gla", expand_k=0.5, out_norm="rms_head", out_gate="swish"),
-    "ssd": Mechanism("ssd", decay="mamba", qk_act="silu", v_act="silu", scale="one", short_conv=True,
-                     out_norm="rms_all", out_gate="swish", gate_before_norm=True, value_dt=True),
-    "based": _normalized("based", feature_map="taylor", key_dim=16),
-    "deltanet": Mechanism("deltanet", rule="delta", qk_act="silu", v_act="silu", qk_l2=True, beta=True,
-                          short_conv=True, out_norm="rms_head", out_gate="swish"),
-    "gated_deltanet": Mechanism("gated_deltanet", rule="delta", decay="mamba", qk_act="silu", v_act="silu",
-                                qk_l2=True, beta=True, short_conv=True, out_norm="rms_head", out_gate="swish"),
-    "performer": _normalized("performer", features="performer"),
-    "dpfp": _normalized("dpfp", features="dpfp"),
-    "hedgehog": _normalized("hedgehog", features="hedgehog"),
-    "cosformer": _normalized("cosformer", features="cosformer"),
-    "lln": _normalized("lln", features="lln"),
-    # encoder-only (non-causal) mechanisms
-    "efficient": Mechanism("efficient", rule="efficient", qk_act="identity", v_act="identity", scale="one"),
-    "flow": Mechanism("flow", rule="flow", qk_act="identity", v_act="identity", scale="one"),
-    "agent": Mechanism("agent", rule="agent", qk_act="identity", v_act="identity"),
-}
+def _mechanisms():
+    from attn_jax.core import declaration
+    from attn_jax.core.recipe import LinearLayer
+    declaration.load("attn_jax.linear")
+    return {d.name: _spec(d) for d in declaration.declarations() if isinstance(d.layer, LinearLayer)}
+
+
+MECHANISMS = _mechanisms()
 
 GLA_GATE_RANK = 16
 GLA_TEMPERATURE = 16.0
