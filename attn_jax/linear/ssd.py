@@ -7,7 +7,7 @@ State Space Duality", 2024, arXiv:2405.21060.  With a scalar ``A`` per head (§3
 
 i.e. masked attention ``Y = (C B^T ⊙ L) X`` with the 1-semiseparable mask
 ``L_ts = a_{s+1} ... a_t``.  In attention notation ``C -> q``, ``B -> k``, ``x -> v`` (Mamba-2
-feeds ``Δ_t x_t`` as the value; the layer does that) and ``log_a = Δ A`` is the ``[B, T, H]``
+feeds ``Δ_t x_t`` as the value; the layer does that) and ``log_g = Δ A`` is the ``[B, T, H]``
 log decay.  No softmax scale (``scale=1``).  Forms and dispatch: :mod:`attn_jax.linear.gated`.
 """
 
@@ -30,14 +30,14 @@ def ssd_log_decay(dt_logits, A_log, *, dt_bias=None):
     return jax.nn.softplus(dt) * -jnp.exp(A_log.astype(jnp.float32))
 
 
-def ssd(q, k, v, log_a, *, scale=1.0, initial_state=None, return_final_state=False, segment_ids=None, impl="auto",
+def ssd(q, k, v, log_g, *, scale=1.0, initial_state=None, return_final_state=False, segment_ids=None, impl="auto",
         chunk_size=DEFAULT_CHUNK):
-    """``o, state = ssd(C, B, X, log_a)`` with ``log_a: [B, T, H]`` (one decay per head and token)."""
-    if log_a is None:
-        raise ValueError("log_a: SSD needs per-head log decays [B, T, H]")
-    return gated_linear_attention(q, k, v, log_a, scale=scale, initial_state=initial_state,
+    """``o, state = ssd(C, B, X, log_g)`` with ``log_g: [B, T, H]`` (one decay per head and token)."""
+    if log_g is None:
+        raise ValueError("log_g: SSD needs per-head log decays [B, T, H]")
+    return gated_linear_attention(q, k, v, log_g, scale=scale, initial_state=initial_state,
                                   return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
-                                  chunk_size=chunk_size, mechanism="ssd", gate_name="log_a", allow_vector_gate=False)
+                                  chunk_size=chunk_size, mechanism="ssd", gate_name="log_g", allow_vector_gate=False)
 
 
 # ----------------------------------------------------------------------------- declaration

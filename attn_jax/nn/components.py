@@ -377,7 +377,7 @@ class DeltaOp(_Op):
     def __call__(self, q, k, v, log_g, beta, state, segment_ids, decode):
         if decode:
             g_t = None if log_g is None else log_g[:, 0]
-            o_t, s = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, log_alpha_t=g_t, scale=self.scale)
+            o_t, s = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, log_g_t=g_t, scale=self.scale)
             return _masked_step(o_t, s, state, segment_ids)
         kw = self._kw(state, segment_ids, decode)
         if log_g is None:
