@@ -135,7 +135,7 @@ def _mixer_serves(feature: str) -> bool:
     return feature in getattr(cls, "SUPPORTED_FEATURES", frozenset())
 
 
-def _positional_rows() -> list[tuple[str, str, Callable[[], bool]]]:
+def positional_rows() -> list[tuple[str, str, Callable[[], bool]]]:
     """(row title, feature key, check) for every positional declaration that is not already an
     attention row (ALiBi and T5 are biases: rows of the attention matrix)."""
     from attn_jax.core import declaration
@@ -158,7 +158,7 @@ def rows() -> list[tuple[str, dict[str, str]]]:
             "mixer": _mixer_serves(feature),
         }
         out.append((name, {c: YES if v else NO for c, v in cells.items()}))
-    for name, feature, check in _positional_rows():
+    for name, feature, check in positional_rows():
         ok = YES if check() else NO
         # Rotary / absolute schemes are elementwise functions applied to q, k or embeddings:
         # they run wherever XLA runs and need no kernel of their own.
