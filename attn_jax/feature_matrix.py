@@ -1,4 +1,4 @@
-"""The README feature matrix, computed from the dispatch registries so it cannot drift.
+"""The README feature matrices, computed from the declarations and dispatch registries so they cannot drift.
 
 Each row is a feature posed as a concrete problem; each column asks a registry
 whether an implementation serves it:
@@ -9,6 +9,10 @@ whether an implementation serves it:
   lowered for ``cuda`` / ``tpu``;
 * ``decode``: the decode path serves it (a one-token query over a KV cache);
 * ``mixer``: a registered Flax mixer exposes it.
+
+The positional rows are the positional declarations (:mod:`attn_jax.core.declaration`), the
+linear matrix is the catalogue (:mod:`attn_jax.linear.catalog`, itself a view of the linear
+declarations); ``--list`` prints every declaration.
 
 ``python -m attn_jax.feature_matrix`` prints the table; ``--write README.md``
 replaces the block between the ``feature-matrix`` markers.  A test checks the
@@ -131,19 +135,15 @@ def _mixer_serves(feature: str) -> bool:
     return feature in getattr(cls, "SUPPORTED_FEATURES", frozenset())
 
 
-def _positional_rows() -> list[tuple[str, str, Callable[[], bool]]]:
-    def has(*names):
-        def check():
-            mod = importlib.import_module("attn_jax.positional")
-            return all(hasattr(mod, n) for n in names)
-        return check
+def positional_rows() -> list[tuple[str, str, Callable[[], bool]]]:
+    """(row title, feature key, check) for every positional declaration that is not already an
+    attention row (ALiBi and T5 are biases: rows of the attention matrix)."""
+    from attn_jax.core import declaration
 
-    return [
-        ("RoPE (half-split / interleaved, partial, linear / NTK / YaRN)", "rope", has("apply_rope", "RopeScaling")),
-        ("xPos", "xpos", has("apply_xpos")),
-        ("Sinusoidal and learned absolute embeddings", "absolute",
-         has("sinusoidal_embedding", "learned_absolute_embedding")),
-    ]
+    declaration.load("attn_jax.positional")
+    attention_keys = {feature for _, feature, _ in _attention_rows()}
+    return [(d.title, d.name, lambda d=d: callable(d.op))
+            for d in declaration.declarations("positional") if d.name not in attention_keys]
 
 
 def rows() -> list[tuple[str, dict[str, str]]]:
@@ -158,7 +158,7 @@ def rows() -> list[tuple[str, dict[str, str]]]:
             "mixer": _mixer_serves(feature),
         }
         out.append((name, {c: YES if v else NO for c, v in cells.items()}))
-    for name, feature, check in _positional_rows():
+    for name, feature, check in positional_rows():
         ok = YES if check() else NO
         # Rotary / absolute schemes are elementwise functions applied to q, k or embeddings:
         # they run wherever XLA runs and need no kernel of their own.
@@ -193,6 +193,21 @@ def linear_markdown() -> str:
     return "\n".join(lines)
 
 
+def listing() -> str:
+    """One line per declared mechanism (``python -m attn_jax.feature_matrix --list``): name,
+    family, forms, directions, mixer, papers."""
+    from attn_jax import mixers
+    from attn_jax.core import declaration
+
+    registered = set(mixers.names())
+    lines = []
+    for d in sorted(declaration.declarations(), key=lambda d: (d.family, d.name)):
+        forms = ",".join(("reference",) + d.forms) if d.forms else "-"
+        mixer = d.name if d.name in registered else "-"
+        lines.append(f"{d.name:16} {d.family:10} {forms:34} {'/'.join(d.directions):20} mixer={mixer:15} {d.cite()}")
+    return "\n".join(lines)
+
+
 def replace_block(text: str, table: str, begin: str = BEGIN, end: str = END) -> str:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
@@ -203,7 +218,11 @@ def replace_block(text: str, table: str, begin: str = BEGIN, end: str = END) -> 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", metavar="README", help="rewrite the feature-matrix block of this file")
+    ap.add_argument("--list", action="store_true", help="print one line per declared mechanism instead")
     args = ap.parse_args(argv)
+    if args.list:
+        print(listing())
+        return
     table, linear_table = markdown(), linear_markdown()
     if args.write:
         with open(args.write) as f:

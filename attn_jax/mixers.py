@@ -16,7 +16,9 @@ nnx.Module`` and builds a module following the protocol of :mod:`attn_jax.nn.mix
 ``"bidirectional"`` but not ``"causal"``, and their factories raise ``ValueError`` when built
 without ``causal=False`` (so a decoder naming one fails at construction, naming the mixer).
 
-A new family adds one ``register(...)`` line; the registry-wide tests
+Every mechanism declaration (:mod:`attn_jax.core.declaration`) with a ``layer`` is registered
+under its name when this module is imported (nothing to add here); ``register`` remains for
+mixers defined outside the library.  The registry-wide tests
 (``tests/nn/test_mixer_registry.py`` over ``names(causal=True)``,
 ``tests/nn/test_encoder_mixers.py`` over ``names(causal=False)``, and ``tests/models/``) then
 run every invariant over it.
@@ -88,30 +90,26 @@ def get(name: str) -> Callable:
 
 
 # ----------------------------------------------------------------------------- built-in entries
-from attn_jax.nn.attention import MultiHeadAttention, sliding_window_attention  # noqa: E402
-
-register("softmax", MultiHeadAttention)
-register("sliding_window", sliding_window_attention)
-from attn_jax.nn.mega import MegaMixer  # noqa: E402
-register("mega", MegaMixer)   # causal only (no bidirectional EMA)
-
-# Linear / recurrent attention (attn_jax.nn.linear_mixers): one generic layer, one spec per mechanism.
+# Derived from the mechanism declarations (attn_jax.core.declaration): every declaration with a
+# layer is a mixer under its name.  No list here: a new mechanism file registers itself.
+from attn_jax.core import declaration as _declaration  # noqa: E402
+from attn_jax.core.recipe import LinearLayer as _LinearLayer  # noqa: E402
 from attn_jax.nn.linear_mixers import make_factory as _linear_factory  # noqa: E402
 
-register("linear", _linear_factory("linear"))
-register("retnet", _linear_factory("retnet"))
-register("lightning", _linear_factory("lightning"))
-register("gla", _linear_factory("gla"))
-register("ssd", _linear_factory("ssd"))
-register("based", _linear_factory("based"))
-register("deltanet", _linear_factory("deltanet"))
-register("gated_deltanet", _linear_factory("gated_deltanet"))
-register("performer", _linear_factory("performer"))
-register("dpfp", _linear_factory("dpfp"))
-register("hedgehog", _linear_factory("hedgehog"))
-register("cosformer", _linear_factory("cosformer"))
-register("lln", _linear_factory("lln"))
-register("flow", _linear_factory("flow"))
-# Encoder-only (non-causal) mixers: build them with causal=False (attn_jax.models.Encoder does).
-register("efficient", _linear_factory("efficient"))
-register("agent", _linear_factory("agent"))
+_declaration.load("attn_jax.linear", "attn_jax.positional", "attn_jax.nn")
+
+
+def _factory(d: _declaration.Declaration) -> Callable:
+    """The registry factory of declaration ``d``: a typed recipe becomes a
+    :class:`~attn_jax.nn.linear_mixers.LinearAttentionMixer` factory, a ``"module:attr"``
+    reference is resolved, a callable is the factory itself."""
+    if isinstance(d.layer, _LinearLayer):
+        return _linear_factory(d.name)
+    if isinstance(d.layer, str):
+        return _declaration.resolve(d.layer)
+    return d.layer
+
+
+for _d in _declaration.declarations():
+    if _d.layer is not None:
+        register(_d.name, _factory(_d))

@@ -25,10 +25,10 @@ library marks each of them with :func:`check`, a ``jax.experimental.checkify.deb
 
 What is checked (each ignores padding, where any value is allowed):
 
-* ``log_g`` / ``log_a`` / ``log_alpha``: log forget gates ``<= 0`` in the gated linear engine
+* ``log_g``: log forget gates ``<= 0`` in the gated linear engine
   (:func:`attn_jax.linear.gated_linear_attention` and every mechanism built on it, named by the
   mechanism's gate argument) and the gated delta rule, outside padding (``segment_ids == 0``);
-  ``g_t`` / ``log_alpha_t`` in the decode steps.
+  ``g_t`` / ``log_g_t`` in the decode steps.
 * ``tokens`` (``src`` / ``tgt``): token ids in ``[0, vocab_size)`` in the models' embeddings,
   outside padding (``segment_ids == 0`` or ``padding_mask == False``).
 * ``q`` / ``k`` / ``v`` of :func:`attn_jax.attention`: no NaN at a position the mask uses — a

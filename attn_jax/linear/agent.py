@@ -261,3 +261,31 @@ def agent_attention_reference(q, k, v, *, agents=None, num_agents=None, scale=No
     if lengths is not None:
         o = jnp.where((jnp.arange(dims.T)[None, :] < lengths[:, None])[:, :, None, None], o, 0.0)
     return o.astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import first  # noqa: E402
+
+
+def _parity(impl, x, *, causal=False, segment_ids=None, initial_state=None):
+    kw = dict(num_agents=5)
+    if segment_ids is not None:
+        kw.update(segment_ids=segment_ids, max_segments=3)
+    if impl == "reference":
+        return first(agent_attention_reference(x["q"], x["k"], x["v"], **kw))
+    return first(agent_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
+
+
+DECLARATION = declare(Declaration(
+    name="agent", family="linear", title="Agent attention",
+    papers=(Paper("Agent Attention: On the Integration of Softmax and Linear Attention", 2024, "2312.08874",
+                  "Han et al."),),
+    summary="A = pool(q) (n agents), V_A = softmax(A kᵀ/sqrt(Dk)) v, o = softmax(q Aᵀ/sqrt(Dk)) V_A",
+    op=agent_attention, forms=("auto",), directions=("bidirectional",),
+    parity=Parity(_parity, initial_state=False,
+                  notes="packed documents via segment_ids + static max_segments (more documents: NaN row)"),
+    layer=recipe.LinearLayer(recipe.AgentRule(),
+                             recipe.Projections(qk_activation="identity", v_activation="identity")),
+    notes="encoder-only; no agent bias and no DWC(v) term"))

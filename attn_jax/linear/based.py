@@ -148,3 +148,32 @@ def based_prefill(q_feat, k_feat, q, k, v, cache: BasedCache, *, eps: float = DE
                                           return_final_state=True, impl=impl)
     o_win, ring = _ring_prefill(q, k, v, cache.ring, scale=scale, attention_impl=window_impl)
     return (o_lin, o_win), BasedCache(state, ring)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+
+
+def _parity(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    qf, kf = x["q"][..., :6], x["k"][..., :6]   # the small feature dim d' of the linear part
+    if impl == "reference":
+        o = based_attention_reference(qf, kf, x["q"], x["k"], x["v"], window=8, segment_ids=segment_ids)
+    else:
+        o = based_attention(qf, kf, x["q"], x["k"], x["v"], window=8, segment_ids=segment_ids, impl=impl)
+    return o[0] + o[1]
+
+
+DECLARATION = declare(Declaration(
+    name="based", family="linear", title="BASED (Taylor-2 linear + sliding-window softmax)",
+    papers=(Paper("Simple linear attention language models balance the recall-throughput tradeoff", 2024,
+                  "2402.18668", "Arora et al."),),
+    summary="o_i = φ(q_i) Σ_{j≤i} φ(k_j)ᵀ v_j / (φ(q_i)·Σ_{j≤i} φ(k_j) + eps) with φ(q)·φ(k) = 1 + t + t²/2, "
+            "t = q·k/sqrt(d'), on d' = 16 features; plus sliding-window softmax attention",
+    op=based_attention, forms=("chunk", "parallel", "recurrent"), directions=("causal", "bidirectional"),
+    parity=Parity(_parity, directions=("causal",), initial_state=False),
+    layer=recipe.LinearLayer(recipe.NormalizedRule("taylor"),
+                             recipe.Projections(qk_activation="identity", v_activation="identity", scale="one",
+                                                key_dim=16)),
+    notes="the mixer is BASED's linear-attention layer; the paper's window layers are the 'sliding_window' mixer "
+          "(mixer_pattern='based,sliding_window')"))

@@ -12,7 +12,7 @@ row-vector convention of :mod:`attn_jax.linear.gated` (``k_t`` a row ``[1, Dk]``
         = alpha_t S_{t-1} + k_t^T u_t,     u_t = beta_t (v_t - alpha_t k_t S_{t-1})
     o_t = scale * q_t S_t
 
-``beta: [B, T, H]`` in ``(0, 1)``; ``log_alpha: [B, T, H]`` (``<= 0``, ``alpha = exp(log_alpha)``;
+``beta: [B, T, H]`` in ``(0, 1)``; ``log_g: [B, T, H]`` (``<= 0``, ``alpha = exp(log_g)``;
 DeltaNet is ``alpha = 1``).  Keys are expected **L2-normalised by the caller** (the papers
 normalise them; with ``|k_t| = 1`` and ``beta_t <= 1``, ``I - beta_t k_t^T k_t`` is a
 contraction); this module does not normalise.  Gates are per query head; with GQA the ``K``
@@ -54,7 +54,6 @@ incoming state is seen / the chunk's state written / carried exactly as in the g
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
@@ -78,7 +77,7 @@ DeltaCall = RecurrentCall
 
 
 # ----------------------------------------------------------------------------- shared preparation
-def _prepare(call: DeltaCall, q, k, v, beta, log_alpha, segment_ids):
+def _prepare(call: DeltaCall, q, k, v, beta, log_g, segment_ids):
     """Expand GQA heads, cast to the compute dtype and make padding transparent.
 
     ``jnp.where`` (not a multiply) so NaN/Inf held by padding tokens cannot leak into values or
@@ -92,9 +91,9 @@ def _prepare(call: DeltaCall, q, k, v, beta, log_alpha, segment_ids):
     k = jnp.where(m4, expand_kv_heads(k, p.H).astype(dt), 0.0)
     v = jnp.where(m4, expand_kv_heads(v, p.H).astype(dt), 0.0)
     beta = jnp.where(m3, beta.astype(dt), 0.0)
-    if log_alpha is not None:
-        log_alpha = jnp.where(m3, log_alpha.astype(dt), 0.0)
-    return q, k, v, beta, log_alpha, lay
+    if log_g is not None:
+        log_g = jnp.where(m3, log_g.astype(dt), 0.0)
+    return q, k, v, beta, log_g, lay
 
 
 def _time_major(x):
@@ -104,7 +103,7 @@ def _time_major(x):
 # ----------------------------------------------------------------------------- decode step
 def delta_rule_step(q_t: Float[Array, "B H Dk"], k_t: Float[Array, "B K Dk"], v_t: Float[Array, "B K Dv"],
                     beta_t: Float[Array, "B H"], state: Float[Array, "B H Dk Dv"], *,
-                    log_alpha_t: Float[Array, "B H"] | None = None, scale: float | None = None):
+                    log_g_t: Float[Array, "B H"] | None = None, scale: float | None = None):
     """One decode step: ``S = alpha S + beta k^T (v - alpha k S)``, ``o = scale q S``.
 
     Returns ``(o_t [B, H, Dv]`` in q's dtype, ``new_state [B, H, Dk, Dv])`` (float32; float64
@@ -117,8 +116,8 @@ def delta_rule_step(q_t: Float[Array, "B H Dk"], k_t: Float[Array, "B K Dk"], v_
         raise ValueError(f"state: expected shape [B, H, Dk, Dv] = {[B, H, Dk, Dv]}, got {shape_str(state)}")
     if beta_t.shape != (B, H):
         raise ValueError(f"beta_t: expected shape [B, H] = {[B, H]}, got {shape_str(beta_t)}")
-    if log_alpha_t is not None and log_alpha_t.shape != (B, H):
-        raise ValueError(f"log_alpha_t: expected shape [B, H] = {[B, H]}, got {shape_str(log_alpha_t)}")
+    if log_g_t is not None and log_g_t.shape != (B, H):
+        raise ValueError(f"log_g_t: expected shape [B, H] = {[B, H]}, got {shape_str(log_g_t)}")
     if k_t.ndim != 3 or k_t.shape[0] != B or k_t.shape[2] != Dk or H % k_t.shape[1]:
         raise ValueError(f"k_t: expected shape [B, K, Dk] with H % K == 0 (B={B}, H={H}, Dk={Dk}), "
                          f"got {shape_str(k_t)}")
@@ -130,9 +129,9 @@ def delta_rule_step(q_t: Float[Array, "B H Dk"], k_t: Float[Array, "B K Dk"], v_
     v_t = jnp.repeat(v_t, rep, axis=1).astype(dt)
     b = beta_t.astype(dt)[..., None]
     s = state.astype(dt)
-    if log_alpha_t is not None:
-        checks.check_log_gates("log_alpha_t", log_alpha_t)
-        s = s * jnp.exp(log_alpha_t.astype(dt))[..., None, None]
+    if log_g_t is not None:
+        checks.check_log_gates("log_g_t", log_g_t)
+        s = s * jnp.exp(log_g_t.astype(dt))[..., None, None]
     u = b * (v_t - jnp.einsum("bhk,bhkv->bhv", k_t, s))                      # rank-one delta write
     s = s + k_t[..., :, None] * u[..., None, :]
     o = scale * jnp.einsum("bhk,bhkv->bhv", q_t.astype(dt), s)
@@ -140,8 +139,8 @@ def delta_rule_step(q_t: Float[Array, "B H Dk"], k_t: Float[Array, "B K Dk"], v_
 
 
 # ----------------------------------------------------------------------------- reference
-def _reference(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
-    q, k, v, beta, log_alpha, lay = _prepare(call, q, k, v, beta, log_alpha, segment_ids)
+def _reference(call: DeltaCall, q, k, v, beta, log_g, h0, segment_ids):
+    q, k, v, beta, log_g, lay = _prepare(call, q, k, v, beta, log_g, segment_ids)
     eye = jnp.eye(call.problem.Dk, dtype=q.dtype)
 
     def step(s, xs):
@@ -154,21 +153,21 @@ def _reference(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
         s = s + b_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :]
         return s, call.scale * jnp.einsum("bhk,bhkv->bhv", q_t, s)
 
-    xs = tuple(_time_major(x) for x in (q, k, v, beta, log_alpha, lay.reset))
+    xs = tuple(_time_major(x) for x in (q, k, v, beta, log_g, lay.reset))
     s, o = lax.scan(step, init_state(call, h0), xs)
     return finish(call, jnp.moveaxis(o, 0, 1), lay, s)
 
 
-def _recurrent(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
+def _recurrent(call: DeltaCall, q, k, v, beta, log_g, h0, segment_ids):
     """The public decode step scanned over the sequence (tests the decode path end to end)."""
-    q, k, v, beta, log_alpha, lay = _prepare(call, q, k, v, beta, log_alpha, segment_ids)
+    q, k, v, beta, log_g, lay = _prepare(call, q, k, v, beta, log_g, segment_ids)
 
     def step(s, xs):
         q_t, k_t, v_t, b_t, la_t, reset_t = xs
         s = jnp.where(reset_t[:, None, None, None], 0.0, s)
-        return tuple(reversed(delta_rule_step(q_t, k_t, v_t, b_t, s, log_alpha_t=la_t, scale=call.scale)))
+        return tuple(reversed(delta_rule_step(q_t, k_t, v_t, b_t, s, log_g_t=la_t, scale=call.scale)))
 
-    xs = tuple(_time_major(x) for x in (q, k, v, beta, log_alpha, lay.reset))
+    xs = tuple(_time_major(x) for x in (q, k, v, beta, log_g, lay.reset))
     s, o = lax.scan(step, init_state(call, h0), xs)
     return finish(call, jnp.moveaxis(o, 0, 1), lay, s)
 
@@ -239,13 +238,13 @@ def _ut_block(q, k, v, beta, G, same, scale: float):
 
 
 # ----------------------------------------------------------------------------- parallel
-def _parallel(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
+def _parallel(call: DeltaCall, q, k, v, beta, log_g, h0, segment_ids):
     """The whole sequence as one UT block (``T x T``): no chunking, no scan."""
-    q, k, v, beta, log_alpha, lay = _prepare(call, q, k, v, beta, log_alpha, segment_ids)
+    q, k, v, beta, log_g, lay = _prepare(call, q, k, v, beta, log_g, segment_ids)
     T = call.problem.T
     bh = lambda x: jnp.moveaxis(x, 2, 1)                                      # [B, T, H, ...] -> [B, H, T, ...]
     qh, kh, vh, bth = bh(q), bh(k), bh(v), bh(beta)
-    G = None if log_alpha is None else jnp.cumsum(bh(log_alpha), axis=-1)      # [B, H, T]
+    G = None if log_g is None else jnp.cumsum(bh(log_g), axis=-1)      # [B, H, T]
     tril = jnp.tril(jnp.ones((T, T), bool))
     same = ((lay.doc[:, :, None] == lay.doc[:, None, :]) & tril)[:, None]      # [B, 1, T, T]
     u, w, p, gamma = _ut_block(qh, kh, vh, bth, G, same, call.scale)
@@ -280,21 +279,21 @@ def _chunk_len(T: int, chunk_size: int) -> int:
     return min(chunk_size, max(16, 1 << (T - 1).bit_length()))
 
 
-def _chunk(call: DeltaCall, q, k, v, beta, log_alpha, h0, segment_ids):
-    q, k, v, beta, log_alpha, lay = _prepare(call, q, k, v, beta, log_alpha, segment_ids)
+def _chunk(call: DeltaCall, q, k, v, beta, log_g, h0, segment_ids):
+    q, k, v, beta, log_g, lay = _prepare(call, q, k, v, beta, log_g, segment_ids)
     B, T, H = q.shape[:3]
     C = _chunk_len(T, call.chunk_size)
     N = -(-T // C)
     pad = N * C - T
     doc = lay.doc
     if pad:
-        # zeros are transparent padding: k = v = 0, beta = 0, log_alpha = 0 (alpha = 1)
+        # zeros are transparent padding: k = v = 0, beta = 0, log_g = 0 (alpha = 1)
         padt = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        q, k, v, beta, log_alpha = padt(q), padt(k), padt(v), padt(beta), padt(log_alpha)
+        q, k, v, beta, log_g = padt(q), padt(k), padt(v), padt(beta), padt(log_g)
         doc = jnp.concatenate([doc, jnp.repeat(doc[:, -1:], pad, axis=1)], axis=1)
     qc, kc, vc = _to_chunks(q, N, C), _to_chunks(k, N, C), _to_chunks(v, N, C)    # [B, H, N, C, D]
     bc = _to_chunks(beta, N, C)                                                     # [B, H, N, C]
-    G = None if log_alpha is None else jnp.cumsum(_to_chunks(log_alpha, N, C), axis=-1)
+    G = None if log_g is None else jnp.cumsum(_to_chunks(log_g, N, C), axis=-1)
 
     docc = doc.reshape(B, 1, N, C)
     doc_last = docc[..., -1]                                                        # [B, 1, N]
@@ -339,12 +338,12 @@ DELTA.register("reference", _reference, _always, auto=False)
 
 
 # ----------------------------------------------------------------------------- public entry
-def _make_call(mechanism, q, k, v, beta, log_alpha, *, scale, initial_state, return_final_state, segment_ids,
+def _make_call(mechanism, q, k, v, beta, log_g, *, scale, initial_state, return_final_state, segment_ids,
                causal, chunk_size) -> DeltaCall:
     if not isinstance(causal, bool) or not causal:
         raise ValueError(f"causal: the delta rule is a causal recurrence (a state update needs an order); "
                          f"expected causal=True, got {causal!r}")
-    problem = validate(mechanism, q, k, v, log_alpha, gate_name="log_alpha", allow_vector_gate=False,
+    problem = validate(mechanism, q, k, v, log_g, gate_name="log_g", allow_vector_gate=False,
                        initial_state=initial_state, segment_ids=segment_ids, causal=True)
     check_float_array("beta", beta)
     if beta.shape != (problem.B, problem.T, problem.H):
@@ -374,23 +373,56 @@ def delta_rule(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"],
 
 
 def gated_delta_rule(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"], v: Float[ArrayLike, "B T K Dv"],
-                     beta: Float[ArrayLike, "B T H"], log_alpha: Float[ArrayLike, "B T H"], *,
+                     beta: Float[ArrayLike, "B T H"], log_g: Float[ArrayLike, "B T H"], *,
                      scale: float | None = None, initial_state: InitialState = None, return_final_state: bool = False,
                      segment_ids: SegmentIds = None, causal: bool = True, impl="auto",
                      chunk_size: int = DEFAULT_CHUNK) -> RecurrentOutput:
-    """Gated DeltaNet: as :func:`delta_rule` with per-head log decays ``log_alpha: [B, T, H]`` (``<= 0``)."""
-    call = _make_call("gated_delta_rule", q, k, v, beta, log_alpha, scale=scale, initial_state=initial_state,
+    """Gated DeltaNet: as :func:`delta_rule` with per-head log decays ``log_g: [B, T, H]`` (``<= 0``)."""
+    call = _make_call("gated_delta_rule", q, k, v, beta, log_g, scale=scale, initial_state=initial_state,
                       return_final_state=return_final_state, segment_ids=segment_ids, causal=causal,
                       chunk_size=chunk_size)
-    checks.check_log_gates("log_alpha", log_alpha, segment_ids)
-    return DELTA.call(impl, call, q, k, v, beta, log_alpha, initial_state, segment_ids)
+    checks.check_log_gates("log_g", log_g, segment_ids)
+    return DELTA.call(impl, call, q, k, v, beta, log_g, initial_state, segment_ids)
 
 
-def explain_delta_rule(q, k, v, beta, log_alpha=None, *, impl="auto", platform=None, scale=None,
+def explain_delta_rule(q, k, v, beta, log_g=None, *, impl="auto", platform=None, scale=None,
                        initial_state=None, return_final_state=False, segment_ids=None, causal=True,
                        chunk_size=DEFAULT_CHUNK):
     """The dispatch decision (and every reason) for a :func:`delta_rule` / :func:`gated_delta_rule` call."""
-    call = _make_call("delta_rule" if log_alpha is None else "gated_delta_rule", q, k, v, beta, log_alpha,
+    call = _make_call("delta_rule" if log_g is None else "gated_delta_rule", q, k, v, beta, log_g,
                       scale=scale, initial_state=initial_state, return_final_state=return_final_state,
                       segment_ids=segment_ids, causal=causal, chunk_size=chunk_size)
     return DELTA.explain(impl, call, platform)
+
+
+# ----------------------------------------------------------------------------- declarations
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import gated_call  # noqa: E402
+
+_SCHLAG = Paper("Linear Transformers Are Secretly Fast Weight Programmers", 2021, "2102.11174", "Schlag et al.")
+_DELTANET_PROJECTIONS = recipe.Projections(qk_activation="silu", v_activation="silu", qk_l2=True, short_conv=True)
+
+DELTANET = declare(Declaration(
+    name="deltanet", family="linear", title="DeltaNet (delta rule, WY/UT chunking)",
+    papers=(_SCHLAG, Paper("Parallelizing Linear Transformers with the Delta Rule over Sequence Length", 2024,
+                           "2406.06484", "Yang et al.")),
+    summary="S_t = S_{t-1} (I - β_t k_tᵀ k_t) + β_t k_tᵀ v_t, o_t = scale q_t S_t; layer: q, k through ShortConv + "
+            "SiLU + L2, β = sigmoid(x W_β), y = (RMSNorm_head(o) ⊙ swish(x W_g)) W_O",
+    op=delta_rule, forms=("chunk", "parallel", "recurrent"), directions=("causal",),
+    parity=Parity(gated_call(delta_rule, "beta", normalize_keys=True), notes="keys L2-normalised by the caller"),
+    layer=recipe.LinearLayer(recipe.DeltaRule(), _DELTANET_PROJECTIONS, write_strength=recipe.WriteStrength(),
+                             output_gate=recipe.OutputGate("swish"), output_norm=recipe.OutputNorm("rms_head")),
+    notes="the Gated DeltaNet block's output gate (fla's DeltaNet has none: output_gate=False)"))
+
+GATED_DELTANET = declare(Declaration(
+    name="gated_deltanet", family="linear", title="Gated DeltaNet",
+    papers=(Paper("Gated Delta Networks: Improving Mamba2 with Delta Rule", 2024, "2412.06464",
+                  "Yang, Kautz, Hatamizadeh"),),
+    summary="S_t = α_t S_{t-1} (I - β_t k_tᵀ k_t) + β_t k_tᵀ v_t with Mamba-2's decay "
+            "log α = -exp(A_log) softplus(x W_a + dt_bias); layer as DeltaNet",
+    op=gated_delta_rule, forms=("chunk", "parallel", "recurrent"), directions=("causal",),
+    parity=Parity(gated_call(gated_delta_rule, "beta", "log_g_scalar", normalize_keys=True)),
+    layer=recipe.LinearLayer(recipe.DeltaRule(), _DELTANET_PROJECTIONS, decay=recipe.DeltaGate(),
+                             write_strength=recipe.WriteStrength(), output_gate=recipe.OutputGate("swish"),
+                             output_norm=recipe.OutputNorm("rms_head"))))

@@ -116,3 +116,27 @@ def efficient_attention_reference(q, k, v, *, causal: bool = False, segment_ids=
     a = jnp.einsum("bihd,bijhd->bhij", rq, rk)
     o = jnp.einsum("bhij,bjhv->bihv", a, vv)
     return jnp.where(qvalid[:, :, None, None], o, 0.0).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import first  # noqa: E402
+
+
+def _parity(impl, x, *, causal=False, segment_ids=None, initial_state=None):
+    if impl == "reference":
+        return first(efficient_attention_reference(x["q"], x["k"], x["v"], segment_ids=segment_ids))
+    return first(efficient_attention(x["q"], x["k"], x["v"], segment_ids=segment_ids, impl=impl))
+
+
+DECLARATION = declare(Declaration(
+    name="efficient", family="linear", title="Efficient Attention (softmax over features / positions)",
+    papers=(Paper("Efficient Attention: Attention with Linear Complexities", 2021, "1812.01243", "Shen et al."),),
+    summary="o = ρ_q(q) (ρ_k(k)ᵀ v): ρ_q a softmax over each query's features, ρ_k a softmax over the positions "
+            "of each key channel (within each document)",
+    op=efficient_attention, forms=("chunk",), directions=("bidirectional",),
+    parity=Parity(_parity, initial_state=False),
+    layer=recipe.LinearLayer(recipe.EfficientRule(),
+                             recipe.Projections(qk_activation="identity", v_activation="identity", scale="one")),
+    notes="encoder-only (non-causal); no temperature"))

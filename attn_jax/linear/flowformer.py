@@ -395,3 +395,39 @@ def flow_attention_reference(q, k, v, *, causal: bool = False, eps: float = 1e-6
         count=jnp.sum(last, 1)[:, None] + carry * s0.count,
     )
     return o, state
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import first  # noqa: E402
+
+
+def _parity_state(h0):
+    """A :class:`FlowState` derived deterministically (and differentiably) from the standard
+    ``h0 [B, H, Dk, Dv]`` (``Dv >= 4``): positive prefix sums of a prefix of ``count`` tokens, the
+    value state ``h0`` itself."""
+    count = 4.0 + jnp.abs(h0[..., 0, 0])                                          # [B, H]
+    part = lambda c: count[..., None] * jax.nn.sigmoid(h0[..., c])               # noqa: E731  [B, H, Dk]
+    return FlowState(sum_q=part(0), sum_k=part(1), flow_k=part(2), flow_q=part(3),
+                     lse=jnp.log(count) + 0.3 * h0[..., 1, 0], kv=h0, count=count)
+
+
+def _parity(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    kw = dict(causal=causal, segment_ids=segment_ids,
+              initial_state=None if initial_state is None else _parity_state(initial_state))
+    if impl == "reference":
+        return first(flow_attention_reference(x["q"], x["k"], x["v"], **kw))
+    return first(flow_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
+
+
+DECLARATION = declare(Declaration(
+    name="flow", family="linear", title="Flowformer (flow conservation)",
+    papers=(Paper("Flowformer: Linearizing Transformers with Conservation Flows", 2022, "2202.06258", "Wu et al."),),
+    summary="Flow-Attention: sigmoid features, incoming/outgoing flows, competition over sources (softmax) and "
+            "allocation over sinks (sigmoid); the causal form rescales the flows by the prefix length",
+    op=flow_attention, forms=("chunk", "recurrent"), directions=("causal", "bidirectional"),
+    parity=Parity(_parity, notes="recurrent = scan of flow_attention_step; non-causal S != T without segments"),
+    layer=recipe.LinearLayer(recipe.FlowRule(),
+                             recipe.Projections(qk_activation="identity", v_activation="identity", scale="one")),
+    notes="decode state: a FlowState advanced by flow_attention_step"))

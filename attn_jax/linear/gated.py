@@ -388,3 +388,17 @@ def explain_gated(q, k, v, log_g=None, *, impl="auto", platform=None, **kw):
     if kw:
         raise TypeError(f"explain_gated: unexpected arguments {sorted(kw)}")
     return GATED.explain(impl, call, platform)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import gated_call  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="linear_identity", family="linear", title="Linear attention, identity map, unnormalised",
+    papers=(Paper("Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", 2020,
+                  "2006.16236", "Katharopoulos et al."),),
+    summary="S_t = diag(exp(log_g_t)) S_{t-1} + k_tᵀ v_t, o_t = scale q_t S_t (here without gates: S_t = Σ k_jᵀ v_j)",
+    op=gated_linear_attention, forms=("chunk", "parallel", "recurrent"), directions=("causal", "bidirectional"),
+    parity=Parity(gated_call(gated_linear_attention), kernel_gate="none"),
+    notes="the engine every decayed mechanism wraps (gates in log space); no mixer of its own"))

@@ -43,3 +43,22 @@ def gla_log_gates(gate_logits: Float[ArrayLike, "*shape"], *, temperature: float
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     return jax.nn.log_sigmoid(gate_logits.astype(jnp.float32)) / temperature
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import gated_call  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="gla", family="linear", title="GLA (vector gates, secondary chunking)",
+    papers=(Paper("Gated Linear Attention Transformers with Hardware-Efficient Training", 2023, "2312.06635",
+                  "Yang et al."),),
+    summary="S_t = diag(exp(log_g_t)) S_{t-1} + k_tᵀ v_t, o_t = scale q_t S_t; layer (§4.4): "
+            "log_g = log_sigmoid(x W_1 W_2 + b) / 16 (rank 16), Dk = d / 2H, y = (swish(x W_r) ⊙ RMSNorm_head(o)) W_O",
+    op=gla, forms=("chunk", "parallel", "recurrent"), directions=("causal",),
+    parity=Parity(gated_call(gla, "log_g"), kernel_gate="vector"),
+    layer=recipe.LinearLayer(recipe.GatedRule(), recipe.Projections(expand_k=0.5),
+                             decay=recipe.LowRankGate(rank=16, temperature=16.0),
+                             output_gate=recipe.OutputGate("swish"), output_norm=recipe.OutputNorm("rms_head")),
+    notes="fla's RMSNorm in place of the paper's LayerNorm"))

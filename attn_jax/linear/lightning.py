@@ -58,3 +58,23 @@ def lightning_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B 
     return gated_linear_attention(q, k, v, log_g, scale=scale, initial_state=initial_state,
                                   return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
                                   chunk_size=chunk_size, mechanism="lightning", gate_name="decays")
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import gated_call  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="lightning", family="linear", title="Lightning attention 1/2 (intra/inter-block tiling)",
+    papers=(Paper("Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language "
+                  "Models", 2024, "2401.04658", "Qin et al."),
+            Paper("TransNormerLLM: A Faster and Better Large Language Model with Improved TransNormer", 2023,
+                  "2307.14995", "Qin et al.")),
+    summary="S_t = λ_h S_{t-1} + k_tᵀ v_t, λ_h = exp(-slope_h) (ALiBi slopes), no scale; layer (TransNormerLLM "
+            "§3.2): q, k = SiLU(x W), y = (SRMSNorm(o) ⊙ x W_U) W_O",
+    op=lightning_attention, forms=("chunk", "parallel", "recurrent"), directions=("causal",),
+    parity=Parity(gated_call(lightning_attention), kernel_gate="scalar"),
+    layer=recipe.LinearLayer(recipe.GatedRule(), recipe.Projections(qk_activation="silu", scale="one"),
+                             decay=recipe.FixedDecay(lightning_decays), output_gate=recipe.OutputGate("linear"),
+                             output_norm=recipe.OutputNorm("srms_all"))))

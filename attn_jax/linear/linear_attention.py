@@ -236,3 +236,79 @@ def cosformer_attention_reference(q, k, v, *, causal: bool = True, max_len: int 
     den = jnp.moveaxis(a.sum(-1), 1, 2)[..., None] + eps
     o = num / jnp.where(den == 0, 1.0, den)
     return jnp.where(lay.valid[:, :, None, None], o, 0.0).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- declarations
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import feature_state, first, normalised_call  # noqa: E402
+
+_BOTH = ("causal", "bidirectional")
+_FORMS = ("chunk", "parallel", "recurrent")
+
+
+def _cosformer_dense(x, *, causal, segment_ids, initial_state, eps=1e-6):
+    """cosFormer written densely (``cos(π(i−j)/2M)`` weights, ``M = T``) with the initial state
+    added explicitly: ``S_0`` is a state of the cos/sin features in this call's position frame,
+    so a first-document query ``i`` reads ``[φq_i cos(πi/2M), φq_i sin(πi/2M)] · S_0``
+    (numerator columns and, last column, normaliser) — the definition of
+    :func:`cosformer_attention` with ``initial_state``."""
+    q, k, v = x["q"], x["k"], x["v"]
+    B, T, H = q.shape[:3]
+    fq, fk = jnp.maximum(q, 0.0), expand_kv_heads(jnp.maximum(k, 0.0), H)
+    lay = segment_layout(segment_ids, B, T)
+    vis = (lay.doc[:, :, None] == lay.doc[:, None, :]) & lay.valid[:, None, :] & lay.valid[:, :, None]
+    if causal:
+        vis = vis & jnp.tril(jnp.ones((T, T), bool))
+    pos = jnp.arange(T, dtype=q.dtype)
+    w = jnp.cos((math.pi / 2) * (pos[:, None] - pos[None, :]) / T)
+    a = jnp.where(vis[:, None], jnp.einsum("bihd,bjhd->bhij", fq, fk) * w, 0.0)
+    vv = jnp.where(lay.valid[:, :, None, None], expand_kv_heads(v, H), 0.0)
+    num = jnp.einsum("bhij,bjhv->bihv", a, vv)
+    den = jnp.moveaxis(a.sum(-1), 1, 2)
+    if initial_state is not None:
+        ang = (math.pi / 2) * pos / T
+        psi = jnp.concatenate([fq * jnp.cos(ang)[None, :, None, None], fq * jnp.sin(ang)[None, :, None, None]], -1)
+        r = jnp.where(((lay.doc == 0) & lay.valid)[:, :, None, None],
+                      jnp.einsum("bthf,bhfv->bthv", psi, initial_state), 0.0)
+        num, den = num + r[..., :-1], den + r[..., -1]
+    den = den[..., None] + eps
+    return jnp.where(lay.valid[:, :, None, None], num / jnp.where(den == 0, 1.0, den), 0.0)
+
+
+def _cosformer_parity(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    h0 = None if initial_state is None else feature_state(initial_state, 2 * x["q"].shape[-1])
+    if impl == "reference":
+        if h0 is None:
+            return first(cosformer_attention_reference(x["q"], x["k"], x["v"], causal=causal,
+                                                       segment_ids=segment_ids))
+        return _cosformer_dense(x, causal=causal, segment_ids=segment_ids, initial_state=h0)
+    return first(cosformer_attention(x["q"], x["k"], x["v"], causal=causal, segment_ids=segment_ids,
+                                     initial_state=h0, impl=impl))
+
+
+_TRANSFORMERS_ARE_RNNS = Paper("Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", 2020,
+                               "2006.16236", "Katharopoulos et al.")
+
+LINEAR = declare(Declaration(
+    name="linear", family="linear", title="Linear attention, elu+1 map, normalised",
+    papers=(_TRANSFORMERS_ARE_RNNS,),
+    summary="o_i = φ(q_i) S_i / (φ(q_i) z_i + eps), S_i = Σ_j φ(k_j)ᵀ v_j, z_i = Σ_j φ(k_j)ᵀ, φ = elu + 1 "
+            "(the state carries the normaliser as an extra value column)",
+    op=linear_attention, forms=_FORMS, directions=_BOTH,
+    parity=Parity(normalised_call("elu"), kernel_gate="none"),
+    layer=recipe.LinearLayer(recipe.NormalizedRule("elu"),
+                             recipe.Projections(qk_activation="identity", v_activation="identity", scale="one"))))
+
+COSFORMER = declare(Declaration(
+    name="cosformer", family="linear", title="cosFormer (ReLU + cos re-weighting)",
+    papers=(Paper("cosFormer: Rethinking Softmax in Attention", 2022, "2202.08791", "Qin et al."),),
+    summary="φ(x_t) = [relu(x_t) cos(πt/2M), relu(x_t) sin(πt/2M)], so φ(q_i)·φ(k_j) = relu(q_i)·relu(k_j) "
+            "cos(π(i-j)/2M); normalised linear attention",
+    op=cosformer_attention, forms=_FORMS, directions=_BOTH,
+    parity=Parity(_cosformer_parity,
+                  notes="initial_state is a state in the call's position frame (positions restart at 0)"),
+    layer=recipe.LinearLayer(recipe.NormalizedRule(),
+                             recipe.Projections(qk_activation="identity", v_activation="identity", scale="one"),
+                             features=recipe.CosformerMap()),
+    notes="the layer takes M = max_len (default 2048), fixed, and clips positions to [0, M - 1]"))

@@ -119,3 +119,37 @@ def log_normal_attention_reference(q, k, v, *, alpha=None, beta=None, causal: bo
                                                             lambda x: jnp.exp(b * x.astype(dt))),
                                       normalize=True, eps=eps, scale=1.0, causal=causal, segment_ids=segment_ids)
     return o
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import feature_state, first  # noqa: E402
+
+
+def _parity(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    kw = dict(alpha=0.4, beta=0.4, causal=causal, segment_ids=segment_ids, eps=1e-15)  # the fast form shifts φ by its max, which rescales eps
+    h0 = None if initial_state is None else feature_state(initial_state, x["q"].shape[-1])
+    if impl == "reference":
+        if h0 is None:
+            return first(log_normal_attention_reference(x["q"], x["k"], x["v"], **kw))
+        # log_normal_attention_reference has no initial_state: the same unshifted formula through
+        # the dense linear-attention reference, which folds the state in explicitly
+        return first(linear_attention_reference(
+            x["q"], x["k"], x["v"], feature_map=(lambda z: jnp.exp(0.4 * z), lambda z: jnp.exp(0.4 * z)),
+            normalize=True, eps=1e-15, scale=1.0, causal=causal, segment_ids=segment_ids, initial_state=h0))
+    return first(log_normal_attention(x["q"], x["k"], x["v"], impl=impl, initial_state=h0, **kw))
+
+
+DECLARATION = declare(Declaration(
+    name="lln", family="linear", title="Linear log-normal attention",
+    papers=(Paper("Linear Log-Normal Attention with Unbiased Concentration", 2023, "2311.13541", "Nahshan et al."),),
+    summary="o_i = Σ_j exp(α q_i)·exp(β k_j) v_j / Σ_j exp(α q_i)·exp(β k_j), α, β by moment matching",
+    op=log_normal_attention, forms=("chunk", "parallel", "recurrent"), directions=("causal", "bidirectional"),
+    parity=Parity(_parity, notes="fixed alpha, beta (the mixer: RMS-normalised q, k and the unit-variance moment "
+                                 "match)"),
+    layer=recipe.LinearLayer(recipe.NormalizedRule(),
+                             recipe.Projections(qk_activation="identity", v_activation="identity", scale="one"),
+                             features=recipe.LogNormalMap()),
+    notes="the layer RMS-normalises q, k per head and uses the fixed lln_moment_matching(1, 1) (causal, "
+          "decode-consistent); no LLN+Diag term"))

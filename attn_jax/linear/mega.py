@@ -206,3 +206,34 @@ def damped_ema(x: Float[Array, "B T D"], alpha: Float[Array, "D N"], delta: Floa
     fn = {"scan": damped_ema_reference, "parallel": damped_ema_parallel, "fft": damped_ema_fft}[impl]
     return fn(x, alpha, delta, beta, eta, segment_ids=segment_ids, initial_state=initial_state,
               return_final_state=return_final_state)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+
+
+def _parity(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+    """Mega's damped EMA on the values viewed as ``[B, T, K * Dv]`` channels, ``N = 3`` EMA dims,
+    parameters derived deterministically from the inputs' shapes (the mixer learns them)."""
+    v = x["v"]
+    B, T, K, Dv = v.shape
+    D, N = K * Dv, 3
+    grid = jnp.linspace(0.0, 1.0, D * N, dtype=v.dtype).reshape(D, N)
+    alpha, delta = 0.1 + 0.8 * grid, 0.9 - 0.7 * grid
+    beta, eta = 1.0 - 2.0 * grid, jnp.cos(7.0 * grid)
+    fn = damped_ema_reference if impl == "reference" else damped_ema_parallel
+    return fn(v.reshape(B, T, D), alpha, delta, beta, eta, segment_ids=segment_ids)[0]
+
+
+# The layer is the hand-written NNX module attn_jax.nn.mega.MegaMixer, named lazily: an op file
+# never imports attn_jax.nn (which imports the op files).
+DECLARATION = declare(Declaration(
+    name="mega", family="linear", title="Mega: damped multi-dimensional EMA (+ chunked gated attention in the mixer)",
+    papers=(Paper("Mega: Moving Average Equipped Gated Attention", 2022, "2209.10655", "Ma et al."),),
+    summary="h_t = α ⊙ u_t + (1 - α ⊙ δ) ⊙ h_{t-1} per EMA dim (u = β x), y_t = η · h_t; the mixer adds "
+            "single-head gated attention over chunks",
+    op=damped_ema, forms=("parallel",), directions=("causal",),
+    parity=Parity(_parity, initial_state=False,
+                  notes="EMA forms: scan (reference), parallel (associative scan), fft (no segments; "
+                        "tests/linear/test_mega.py)"),
+    layer="attn_jax.nn.mega:MegaMixer"))

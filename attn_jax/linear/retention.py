@@ -41,3 +41,21 @@ def retention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"], 
     return gated_linear_attention(q, k, v, log_g, scale=scale, initial_state=initial_state,
                                   return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
                                   chunk_size=chunk_size, mechanism="retention", gate_name="decays")
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core import recipe  # noqa: E402
+from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
+from attn_jax.linear.parity import gated_call  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="retnet", family="linear", title="RetNet retention (multi-scale decay)",
+    papers=(Paper("Retentive Network: A Successor to Transformer for Large Language Models", 2023, "2307.08621",
+                  "Sun et al."),),
+    summary="S_t = γ_h S_{t-1} + k_tᵀ v_t with γ_h = 1 - 2^{-5-h}, o_t = q_t S_t / sqrt(Dk); layer (§2.2-2.3): "
+            "y = (swish(x W_G) ⊙ GroupNorm_H(o)) W_O",
+    op=retention, forms=("chunk", "parallel", "recurrent"), directions=("causal",),
+    parity=Parity(gated_call(retention), kernel_gate="scalar"),
+    layer=recipe.LinearLayer(recipe.GatedRule(), decay=recipe.FixedDecay(retnet_decays),
+                             output_gate=recipe.OutputGate("swish"), output_norm=recipe.OutputNorm("group")),
+    notes="no xPos rotation of q/k and no retention score normalisation (GroupNorm cancels it up to eps)"))

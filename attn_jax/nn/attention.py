@@ -369,3 +369,25 @@ def sliding_window_attention(d_model: int, num_heads: int, *, rngs: nnx.Rngs, wi
 
 
 sliding_window_attention.SUPPORTED_FEATURES = MultiHeadAttention.SUPPORTED_FEATURES
+
+
+# ----------------------------------------------------------------------------- declarations
+# The softmax family's mixers (the ops' registry is attn_jax.softmax.ATTENTION).  These layers are
+# hand-written NNX classes, so the declaration names them directly: this file is already in nn/.
+from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
+
+_VASWANI = Paper("Attention Is All You Need", 2017, "1706.03762", "Vaswani et al.")
+
+SOFTMAX = declare(Declaration(
+    name="softmax", family="softmax", title="Exact softmax attention (MHA / GQA / MQA)",
+    papers=(_VASWANI, Paper("GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints",
+                            2023, "2305.13245", "Ainslie et al.")),
+    summary="o = softmax(q kᵀ / sqrt(Dk) + bias, mask) v", op=attention, directions=("causal", "bidirectional"),
+    layer=MultiHeadAttention, notes="impls: attn_jax.softmax.ATTENTION (reference, xla, pallas, cudnn)"))
+
+SLIDING_WINDOW = declare(Declaration(
+    name="sliding_window", family="softmax", title="Sliding-window softmax attention",
+    papers=(Paper("Longformer: The Long-Document Transformer", 2020, "2004.05150", "Beltagy et al."),),
+    summary="o_i = softmax over keys i - w .. i (.. i + w when not causal)", op=attention,
+    directions=("causal", "bidirectional"), layer=sliding_window_attention,
+    notes="decoded with a RingKVCache of window + 1 slots"))

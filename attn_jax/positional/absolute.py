@@ -89,3 +89,13 @@ def init_learned_absolute(
     max_len = _check_positive_int("max_len", max_len)
     dim = _check_positive_int("dim", dim)
     return (jax.random.normal(key, (max_len, dim), jnp.float32) * stddev).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="absolute", family="positional", title="Sinusoidal and learned absolute embeddings",
+    papers=(Paper("Attention Is All You Need", 2017, "1706.03762", "Vaswani et al."),),
+    summary="PE(t, 2i) = sin(t / 10000^{2i/d}), PE(t, 2i+1) = cos(...), or a learned table, added to the embeddings",
+    op=sinusoidal_embedding, directions=("causal", "bidirectional")))

@@ -119,3 +119,14 @@ class ALiBi(StructuredBias):
 def alibi(num_heads: int, *, causal: bool = True) -> ALiBi:
     """ALiBi bias with the paper's slopes for ``num_heads`` heads."""
     return ALiBi(alibi_slopes(num_heads), causal=causal)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="alibi", family="positional", title="ALiBi (evaluated per tile)",
+    papers=(Paper("Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation", 2021,
+                  "2108.12409", "Press et al."),),
+    summary="bias_h(i, j) = -m_h |i - j| (causal: m_h (j - i)), geometric slopes m_h", op=alibi,
+    directions=("causal", "bidirectional"), notes="a StructuredBias: an attention feature (bias=)"))

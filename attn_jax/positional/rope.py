@@ -271,3 +271,13 @@ def apply_rope(
         return rotated
     return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
 
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="rope", family="positional", title="RoPE (half-split / interleaved, partial, linear / NTK / YaRN)",
+    papers=(Paper("RoFormer: Enhanced Transformer with Rotary Position Embedding", 2021, "2104.09864", "Su et al."),),
+    summary="rotate each pair (x_{2i}, x_{2i+1}) (or halves) of q, k by angle t θ_i, θ_i = base^{-2i/d}",
+    op=apply_rope, directions=("causal", "bidirectional")))

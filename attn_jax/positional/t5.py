@@ -167,3 +167,14 @@ class T5RelativeBias(StructuredBias):
             f"bidirectional={self.bidirectional}, max_distance={self.max_distance})"
         )
 
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="t5", family="positional", title="T5 relative bias (per tile, learned)",
+    papers=(Paper("Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer", 2019,
+                  "1910.10683", "Raffel et al."),),
+    summary="bias_h(i, j) = w[bucket(j - i), h], log-spaced buckets beyond max_exact",
+    op=T5RelativeBias, directions=("causal", "bidirectional"), notes="a StructuredBias: an attention feature (bias=)"))

@@ -88,3 +88,13 @@ def apply_xpos(
     factor = jnp.exp(exponent * jnp.log(xpos_scale(D, gamma=gamma)))  # zeta ** exponent
     cos, sin = jnp.cos(angles) * factor, jnp.sin(angles) * factor
     return rotate(x.astype(jnp.float32), cos, sin, interleaved=interleaved).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="xpos", family="positional", title="xPos",
+    papers=(Paper("A Length-Extrapolatable Transformer", 2022, "2212.10554", "Sun et al."),),
+    summary="RoPE with q scaled by ζ^{t/γ} and k by ζ^{-t/γ} per frequency", op=apply_xpos,
+    directions=("causal", "bidirectional")))

@@ -52,7 +52,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Float, Int
 
 from attn_jax.core import checks
 from attn_jax.core import validation as V

@@ -90,22 +90,22 @@ def test_positive_log_gates_raise_naming_the_gate():
         chk(q, k, v, bad, seg)
 
 
-def test_positive_log_alpha_and_decode_step_gates_raise():
+def test_positive_gated_delta_and_decode_step_gates_raise():
     q, k, v, _, seg = _gla_inputs()
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     beta = jax.nn.sigmoid(_normal(5, (B, T, H)))
     log_a = (-jax.nn.softplus(_normal(6, (B, T, H)))).at[0, 3, 1].set(0.5)
     f = lambda q, k, v, b, a, s: gated_delta_rule(q, k, v, b, a, segment_ids=s)[0]
     tk.fast_jit(f)(q, k, v, beta, log_a, seg)                       # disabled: no error
-    with pytest.raises(ValueError, match=r"log_alpha: log gates must be <= 0"):
+    with pytest.raises(ValueError, match=r"log_g: log gates must be <= 0"):
         _checked(f)(q, k, v, beta, log_a, seg)
     state = jnp.zeros((B, H, D, D))
     g_t = jnp.full((B, H, D), -0.1).at[1, 0, 0].set(0.1)
     tk.fast_jit(recurrent_step)(q[:, 0], k[:, 0], v[:, 0], g_t, state)   # disabled: no error
     with pytest.raises(ValueError, match=r"g_t: log gates must be <= 0"):
         _checked(recurrent_step)(q[:, 0], k[:, 0], v[:, 0], g_t, state)
-    with pytest.raises(ValueError, match=r"log_alpha_t: log gates must be <= 0"):
-        _checked(delta_rule_step)(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, log_alpha_t=log_a[:, 3])
+    with pytest.raises(ValueError, match=r"log_g_t: log gates must be <= 0"):
+        _checked(delta_rule_step)(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, log_g_t=log_a[:, 3])
 
 
 # ----------------------------------------------------------------------------- token ids

@@ -31,7 +31,7 @@ def _perturb_future(x, names, i):
             out.append(a)
             continue
         noise = jax.random.normal(jax.random.key(len(out) + 3), a.shape, a.dtype)
-        new = {"log_g": -jnp.abs(noise) - 0.01, "log_a": -jnp.abs(noise) - 0.01,
+        new = {"log_g": -jnp.abs(noise) - 0.01, "log_g_scalar": -jnp.abs(noise) - 0.01,
                "beta": jax.nn.sigmoid(noise)}.get(n, 3 * noise)
         out.append(a.at[:, i + 1:].set(new[:, i + 1:]))
     return out

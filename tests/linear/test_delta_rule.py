@@ -217,7 +217,7 @@ def test_prefill_then_decode_equals_full():
     o_pre, state = _compile(run, *pre)(*pre)
     q, k, v, b, la = (np.asarray(x) for x in (q, k, v, b, la))
     step_args = lambda t, s: (q[:, t], k[:, t], v[:, t], b[:, t], la[:, t], s)
-    step = _compile(lambda q_t, k_t, v_t, b_t, la_t, s: delta_rule_step(q_t, k_t, v_t, b_t, s, log_alpha_t=la_t),
+    step = _compile(lambda q_t, k_t, v_t, b_t, la_t, s: delta_rule_step(q_t, k_t, v_t, b_t, s, log_g_t=la_t),
                     *step_args(n_prefill, state))
     outs = [o_pre]
     for t in range(n_prefill, q.shape[1]):
@@ -247,7 +247,7 @@ def test_bad_inputs_name_the_argument():
         delta_rule(q, k, v, b[..., :1])
     with pytest.raises(TypeError, match="beta"):
         delta_rule(q, k, v, b.astype(jnp.int32))
-    with pytest.raises(ValueError, match="log_alpha"):
+    with pytest.raises(ValueError, match="log_g"):
         gated_delta_rule(q, k, v, b, jnp.zeros((1, 8, 2, 12)))
     with pytest.raises(ValueError, match="causal"):
         delta_rule(q, k, v, b, causal=False)
@@ -261,5 +261,5 @@ def test_bad_inputs_name_the_argument():
         delta_rule(q, k, v, b, impl="pallas")
     with pytest.raises(ValueError, match="beta_t"):
         delta_rule_step(q[:, 0], k[:, 0], v[:, 0], b[:, 0, :1], h0)
-    with pytest.raises(ValueError, match="log_alpha_t"):
-        delta_rule_step(q[:, 0], k[:, 0], v[:, 0], b[:, 0], h0, log_alpha_t=la[:, 0, :1])
+    with pytest.raises(ValueError, match="log_g_t"):
+        delta_rule_step(q[:, 0], k[:, 0], v[:, 0], b[:, 0], h0, log_g_t=la[:, 0, :1])

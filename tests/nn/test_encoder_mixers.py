@@ -109,7 +109,7 @@ def test_encoder_runs_with_encoder_only_mixers():
     cfg = EncoderConfig(vocab_size=50, num_classes=3, d_model=D, num_heads=H, mixer_pattern="efficient,agent",
                         pooling="mean")
     model = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
-    assert [b.mixer.spec.name for b in model.encoder.blocks] == ["efficient", "agent"]
+    assert [b.mixer.decl.name for b in model.encoder.blocks] == ["efficient", "agent"]
     assert all(not b.mixer.causal for b in model.encoder.blocks)
     graphdef, state = nnx.split(model)
     f = tk.fast_jit(lambda s, t, mask: nnx.merge(graphdef, s)(t, padding_mask=mask))

@@ -20,14 +20,16 @@ from attn_jax.linear.linear_attention import cosformer_attention_reference, line
 from attn_jax.linear.log_normal import lln_moment_matching, log_normal_attention_reference
 from attn_jax.linear.retention import retention
 from attn_jax.linear.ssd import ssd
-from attn_jax.nn.linear_mixers import (MECHANISMS, LinearAttentionCache, LinearAttentionMixer, RandomFeatures,
-                                       supports_causal)
+from attn_jax.nn.linear_mixers import LinearAttentionCache, LinearAttentionMixer, RandomFeatures, linear_declarations
 from attn_jax.nn.mixer import FEATURE_KEYS
 from attn_jax.nn.short_conv import causal_conv1d_reference
 
 B, T, D, H, K = 2, 12, 16, 4, 2
-NAMES = sorted(n for n, m in MECHANISMS.items() if supports_causal(m))      # decoder mechanisms
-ENCODER_ONLY = sorted(n for n, m in MECHANISMS.items() if not supports_causal(m))
+NAMES = sorted(n for n, d in linear_declarations().items() if d.causal)      # decoder mechanisms
+ENCODER_ONLY = sorted(n for n, d in linear_declarations().items() if not d.causal)
+# the mechanisms with a non-causal form (normalised linear attention without decays, Flowformer),
+# written out here so that the declarations' directions are checked against an independent list
+BIDIRECTIONAL_DECODERS = {"linear", "based", "performer", "dpfp", "hedgehog", "cosformer", "lln", "flow"}
 LLN_AB = tuple(float(t) for t in lln_moment_matching(1.0, 1.0))   # (alpha, beta) for unit-variance q, k
 COS_M = 16            # cosFormer's M for these tests (>= T, so the cos weights matter)
 SEG = np.array([[1] * 5 + [2] * 5 + [0] * 2, [0, 3, 3, 0, 3, 3, 3, 4, 4, 0, 4, 4]], np.int32)  # padding anywhere
@@ -65,9 +67,13 @@ def _manual(name, p, x, seg, causal=True):
     rms = lambda a: a / jnp.sqrt(jnp.mean(a * a, -1, keepdims=True) + 1e-6)  # noqa: E731
     if name == "linear":                                           # Katharopoulos 2020, Eq. 4-9
         o, _ = linear_attention(q, k, v, feature_map="elu", **la)
-    elif name == "performer":                                      # FAVOR+: unshifted exp(Wx - |x|^2/2)/sqrt(m)
-        phi = lambda a: performer_features(a * dk ** -0.25, p["projection"])  # noqa: E731
-        o, _ = linear_attention(q, k, v, feature_map=phi, **la)
+    elif name == "performer":                                      # FAVOR+: exp(Wx - |x|^2/2)/sqrt(m)
+        def phi_q(a):  # the layer's documented per-query max shift (cancels in the ratio up to eps)
+            x_ = a * dk ** -0.25
+            z = jnp.einsum("bthd,md->bthm", x_, p["projection"]) - 0.5 * jnp.sum(x_ * x_, -1, keepdims=True)
+            return jnp.exp(z - z.max(-1, keepdims=True)) / np.sqrt(p["projection"].shape[0])
+        phi_k = lambda a: performer_features(a * dk ** -0.25, p["projection"])  # noqa: E731  (unshifted)
+        o, _ = linear_attention(q, k, v, feature_map=(phi_q, phi_k), **la)
     elif name == "dpfp":                                           # Schlag 2021, DPFP-1
         o, _ = linear_attention(q, k, v, feature_map=lambda a: dpfp(a, nu=1), **la)
     elif name == "hedgehog":                                       # Zhang 2024: per-head learned maps
@@ -115,11 +121,12 @@ def _manual(name, p, x, seg, causal=True):
 
 
 def _params(m):
-    p = {n: getattr(m, n)[...] for n in m._names}
-    if m.use_conv:
-        p.update(conv_q=m.conv_q.kernel[...], conv_k=m.conv_k.kernel[...], conv_v=m.conv_v.kernel[...])
-    if hasattr(m, "projection"):
-        p["projection"] = m.projection[...]
+    """Every variable of the mixer by its leaf name (a short conv's kernel by the conv's name)."""
+    p = {}
+    for path, var in nnx.to_flat_state(nnx.state(m)):
+        name = str(path[-2] if path[-1] == "kernel" else path[-1])
+        assert name not in p, f"two variables named {name!r}"
+        p[name] = var[...]
     return p
 
 
@@ -238,7 +245,7 @@ def test_registry_entries_and_features():
         factory = mixers.get(name)
         assert factory.SUPPORTED_FEATURES <= FEATURE_KEYS
         assert {"mha", "gqa", "causal", "segments", "bf16"} <= factory.SUPPORTED_FEATURES
-        noncausal = MECHANISMS[name].rule in ("normalized", "flow")
+        noncausal = name in BIDIRECTIONAL_DECODERS
         assert ("bidirectional" in factory.SUPPORTED_FEATURES) == noncausal, name
     for name in ENCODER_ONLY:
         feats = mixers.get(name).SUPPORTED_FEATURES
@@ -252,7 +259,7 @@ def test_registry_entries_and_features():
 
 def test_cache_is_a_pytree_and_options():
     m = _mixer("deltanet", num_kv_heads=1, short_conv=False, output_gate=False)
-    assert not m.use_conv and not hasattr(m, "w_g")
+    assert not m.use_conv and m.output_gate is None and "w_g" not in _params(m)
     cache = m.init_cache(B, 10**9, jnp.float32)        # bounded: max_len is ignored
     assert isinstance(cache, LinearAttentionCache) and cache.conv_state is None
     assert cache.state.shape == (B, H, D // H, D // H)
@@ -275,15 +282,16 @@ def test_cache_state_sizes_follow_the_feature_dimension():
 
 def test_performer_projection_is_a_redrawable_buffer():
     m = _mixer("performer")
-    assert isinstance(m.projection, RandomFeatures) and not isinstance(m.projection, nnx.Param)
-    assert m.projection[...].shape == (2 * (D // H), D // H)
-    assert not any(p.shape == m.projection[...].shape and np.array_equal(p, m.projection[...])
+    proj = m.features.projection
+    assert isinstance(proj, RandomFeatures) and not isinstance(proj, nnx.Param)
+    assert proj[...].shape == (2 * (D // H), D // H)
+    assert not any(p.shape == proj[...].shape and np.array_equal(p, proj[...])
                    for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
     x = _x(8)
     y0, _ = m(x)
-    old = np.asarray(m.projection[...])
+    old = np.asarray(proj[...])
     m.redraw(jax.random.key(5))
-    assert not np.allclose(np.asarray(m.projection[...]), old)
+    assert not np.allclose(np.asarray(m.features.projection[...]), old)
     y1, _ = m(x)
     assert float(jnp.abs(y1 - y0).max()) > 1e-4
     with pytest.raises(ValueError, match="^redraw:"):
@@ -366,4 +374,24 @@ def test_agent_rows_with_too_many_documents_are_nan():
 ])
 def test_bad_arguments_name_the_field(kw, field):
     with pytest.raises((ValueError, TypeError), match=f"^{field}:"):
-        LinearAttentionMixer(D, H, rngs=nnx.Rngs(0), **kw)
+        LinearAttentionMixer(D, H, rngs=nnx.Rngs(0), **{"mechanism": "gla", **kw})
+
+
+def test_initializers_are_constructor_arguments():
+    """Every parameter comes from an initializer the user can replace (projections: kernel_init;
+    components: initializers={component: {argument: init}})."""
+    zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
+    m = _mixer("ssd", kernel_init=ones, conv_init=zeros,
+               initializers={"decay": {"a_log_init": zeros, "dt_bias_init": ones, "skip_init": zeros},
+                             "output_gate": {"kernel_init": zeros}, "output_norm": {"scale_init": zeros}})
+    p = _params(m)
+    for name in ("w_q", "w_k", "w_v", "w_o", "dt_bias"):
+        assert np.all(np.asarray(p[name]) == 1.0), name
+    for name in ("conv_q", "conv_k", "conv_v", "A_log", "D", "w_g", "norm_scale"):
+        assert np.all(np.asarray(p[name]) == 0.0), name
+    default = _params(_mixer("ssd"))   # the defaults: A = exp(A_log) in [1, 16], dt = softplus(dt_bias) in [1e-4, 0.1]
+    assert np.all((np.exp(default["A_log"]) >= 1.0) & (np.exp(default["A_log"]) <= 16.0))
+    dt = np.log1p(np.exp(np.asarray(default["dt_bias"])))
+    assert np.all((dt >= 1e-4 - 1e-7) & (dt <= 0.1 + 1e-6)) and np.ptp(dt) > 0
+    with pytest.raises(ValueError, match="^initializers:"):
+        _mixer("gla", initializers={"nope": {}})
