@@ -92,6 +92,7 @@ def _serves(impl: str, platform: str, spec: dict) -> bool:
 def _decode_serves(feature: str, spec: dict) -> bool:
     """Whether the decode path (one new query over a KV cache) serves the row's feature."""
     from attn_jax import masks
+    import attn_jax as aj
     from attn_jax.softmax import decode
 
     spec = dict(spec)
@@ -122,7 +123,8 @@ def _decode_serves(feature: str, spec: dict) -> bool:
     if spec:
         raise ValueError(f"feature matrix: decode probe does not understand {sorted(spec)}")
     lengths = jnp.full((B,), S, jnp.int32)
-    return decode.explain_decode(q, k, v, lengths=lengths, platform="cpu", **kw).chosen["cpu"] is not None
+    decision = aj.explain(decode.decode_attention, q, k, v, lengths=lengths, platform="cpu", **kw)
+    return decision.chosen["cpu"] is not None
 
 
 def _mixer_serves(feature: str) -> bool:

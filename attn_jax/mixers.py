@@ -9,7 +9,7 @@
     y, cache = mixer(x, positions=..., segment_ids=..., cache=..., deterministic=True)
 
 A factory has the signature ``factory(d_model, num_heads, *, rngs, **mixer_kwargs) ->
-nnx.Module`` and builds a module following the protocol of :mod:`attn_jax.nn.mixer`
+nnx.Module`` and builds a module following the protocol of :mod:`attn_jax.nn.protocol`
 (causal by default: registered mixers are decoder token mixers).  An encoder
 (:class:`attn_jax.models.Encoder`) passes ``causal=False``; mixers that accept it claim the
 ``"bidirectional"`` feature.  Encoder-only mixers (``"efficient"``, ``"agent"``) claim
@@ -47,7 +47,7 @@ def register(name: str, factory: Callable, *, overwrite: bool = False) -> Callab
 
 
 def features(name: str) -> frozenset:
-    """The feature keys (:data:`attn_jax.nn.mixer.FEATURE_KEYS`) the entry ``name`` claims: its
+    """The feature keys (:data:`attn_jax.nn.protocol.FEATURE_KEYS`) the entry ``name`` claims: its
     factory's ``SUPPORTED_FEATURES``."""
     return frozenset(getattr(get(name), "SUPPORTED_FEATURES", frozenset()))
 

@@ -109,7 +109,7 @@ class Declaration:
       forms: the ``impl`` names the op claims besides ``"reference"``.
       directions: ``("causal",)``, ``("bidirectional",)`` or both: the directions its layer
         (or, without a layer, its op) defines.
-      features: the mixer feature keys (:data:`attn_jax.nn.mixer.FEATURE_KEYS`) a hand-written
+      features: the mixer feature keys (:data:`attn_jax.nn.protocol.FEATURE_KEYS`) a hand-written
         layer claims (a typed recipe derives its own).
       parity: the catalogue entry, or None.
       layer: the layer recipe (see the module docstring), or None.

@@ -16,6 +16,8 @@ state before the first token, so it belongs to the first document of each row.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 
 import jax
@@ -147,9 +149,9 @@ def expand_kv_heads(x, H: int):
 
 @dataclass(frozen=True)
 class SegmentLayout:
-    valid: jax.Array   # bool [B, T]: non-padding tokens
-    reset: jax.Array   # bool [B, T]: the state is zeroed before this token is written
-    doc: jax.Array     # int32 [B, T]: cumulative number of resets (monotone document index)
+    valid: Any          # bool [B, T]: non-padding tokens
+    reset: Any          # bool [B, T]: the state is zeroed before this token is written
+    doc: Any            # int32 [B, T]: cumulative number of resets (monotone document index)
 
 
 def segment_layout(segment_ids, B: int, T: int) -> SegmentLayout:

@@ -60,7 +60,7 @@ from jaxtyping import Array, Float
 
 from attn_jax.core import checks
 from attn_jax.core.array_types import ArrayLike, InitialState, RecurrentOutput, SegmentIds
-from attn_jax.core.dispatch import Registry
+from attn_jax.core.dispatch import Registry, register_explainer
 from attn_jax.core.validation import check_float_array, shape_str
 from attn_jax.linear.common import (RecurrentCall, compute_dtype, default_scale, expand_kv_heads, finish, init_state,
                                     segment_layout, validate)
@@ -393,6 +393,10 @@ def explain_delta_rule(q, k, v, beta, log_g=None, *, impl="auto", platform=None,
                       scale=scale, initial_state=initial_state, return_final_state=return_final_state,
                       segment_ids=segment_ids, causal=causal, chunk_size=chunk_size)
     return DELTA.explain(impl, call, platform)
+
+
+register_explainer(delta_rule, explain_delta_rule)         # aj.explain(delta_rule, q, k, v, beta)
+register_explainer(gated_delta_rule, explain_delta_rule)   # aj.explain(gated_delta_rule, q, k, v, beta, log_g)
 
 
 # ----------------------------------------------------------------------------- declarations

@@ -50,6 +50,8 @@ compute (float64 stays float64), output in q's dtype, state in the compute dtype
 
 from __future__ import annotations
 
+from typing import Any
+
 from typing import NamedTuple
 
 import jax
@@ -67,13 +69,13 @@ __all__ = ["flow_attention", "flow_attention_reference", "flow_attention_step", 
 class FlowState(NamedTuple):
     """The causal Flow-Attention state (a pytree; every leaf float, compute dtype)."""
 
-    sum_q: jax.Array     # [B, H, D]      Σ φq_i
-    sum_k: jax.Array     # [B, H, D]      Σ φk_j
-    flow_k: jax.Array    # [B, H, D]      Σ φk_j t_j / O_j
-    flow_q: jax.Array    # [B, H, D]      Σ φq_i t_i / I_i
-    lse: jax.Array       # [B, H]         log Σ exp(Ô_j)   (-inf when empty)
-    kv: jax.Array        # [B, H, D, Dv]  Σ φk_jᵀ (c_j v_j)
-    count: jax.Array     # [B, H]         t, tokens of the current document so far
+    sum_q: Any            # [B, H, D]      Σ φq_i
+    sum_k: Any            # [B, H, D]      Σ φk_j
+    flow_k: Any           # [B, H, D]      Σ φk_j t_j / O_j
+    flow_q: Any           # [B, H, D]      Σ φq_i t_i / I_i
+    lse: Any              # [B, H]         log Σ exp(Ô_j)   (-inf when empty)
+    kv: Any               # [B, H, D, Dv]  Σ φk_jᵀ (c_j v_j)
+    count: Any            # [B, H]         t, tokens of the current document so far
 
 
 def init_flow_state(B: int, H: int, D: int, Dv: int, dtype=jnp.float32) -> FlowState:

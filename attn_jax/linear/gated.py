@@ -43,7 +43,7 @@ from jax import lax
 
 from attn_jax.core import checks
 from attn_jax.core.array_types import ArrayLike, Float, InitialState, RecurrentOutput, SegmentIds
-from attn_jax.core.dispatch import Registry
+from attn_jax.core.dispatch import Registry, register_explainer
 from attn_jax.linear.common import (RecurrentCall, compute_dtype, default_scale, expand_kv_heads, finish, init_state,
                                     segment_layout, validate)
 
@@ -388,6 +388,9 @@ def explain_gated(q, k, v, log_g=None, *, impl="auto", platform=None, **kw):
     if kw:
         raise TypeError(f"explain_gated: unexpected arguments {sorted(kw)}")
     return GATED.explain(impl, call, platform)
+
+
+register_explainer(gated_linear_attention, explain_gated)   # aj.explain(gated_linear_attention, ...)
 
 
 # ----------------------------------------------------------------------------- declaration

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.core.array_types import ArrayLike, Float, InitialState, RecurrentOutput, SegmentIds
-from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
+from attn_jax.core.dispatch import register_explainer
+from attn_jax.linear.gated import DEFAULT_CHUNK, explain_gated, gated_linear_attention
 
 __all__ = ["gla", "gla_log_gates"]
 
@@ -36,6 +37,13 @@ def gla(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K Dk"], v: Flo
     return gated_linear_attention(q, k, v, log_g, scale=scale, initial_state=initial_state,
                                   return_final_state=return_final_state, segment_ids=segment_ids, impl=impl,
                                   chunk_size=chunk_size, mechanism="gla")
+
+
+def _explain_gla(q, k, v, log_g, *, platform=None, **kw):
+    return explain_gated(q, k, v, log_g, mechanism="gla", platform=platform, **kw)
+
+
+register_explainer(gla, _explain_gla)   # aj.explain(aj.linear.gla, q, k, v, log_g)
 
 
 def gla_log_gates(gate_logits: Float[ArrayLike, "*shape"], *, temperature: float = 16.0) -> Float[jax.Array, "*shape"]:

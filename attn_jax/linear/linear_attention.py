@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Real
 
 from attn_jax.core.array_types import ArrayLike, InitialState, RecurrentOutput, SegmentIds
 from attn_jax.core.validation import check_qkv, shape_str
@@ -46,7 +46,8 @@ from attn_jax.linear.common import expand_kv_heads, segment_layout, validate
 from attn_jax.linear.feature_maps import resolve_feature_map
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 
-__all__ = ["linear_attention", "linear_attention_reference", "cosformer_attention", "cosformer_attention_reference"]
+__all__ = ["linear_attention", "linear_attention_reference", "cosformer_attention", "cosformer_attention_reference",
+           "cosformer_features"]
 
 
 def _compute_dtype(x):
@@ -181,12 +182,15 @@ def _check_max_len(max_len, T):
     return max_len
 
 
-def _cosformer_features(x, M, feature_map):
+def cosformer_features(x: Float[ArrayLike, "B T H D"], positions: Real[ArrayLike, "#B T"], max_len: int,
+                       feature_map="relu") -> Float[Array, "B T H D2"]:
+    """cosFormer's position-reweighted features ``[φ(x_t) cos(πt/2M), φ(x_t) sin(πt/2M)]``
+    (``D' = 2D``) for token positions ``t`` (``[T]`` or ``[B|1, T]``) and ``M = max_len``."""
     f = resolve_feature_map(feature_map)(x)
-    T = x.shape[1]
-    ang = (math.pi / 2) * jnp.arange(T, dtype=f.dtype) / M
-    c, s = jnp.cos(ang)[None, :, None, None], jnp.sin(ang)[None, :, None, None]
-    return jnp.concatenate([f * c, f * s], axis=-1)
+    t = jnp.asarray(positions).astype(f.dtype)
+    t = t[None] if t.ndim == 1 else t
+    ang = ((math.pi / 2) * t / max_len)[:, :, None, None]
+    return jnp.concatenate([f * jnp.cos(ang), f * jnp.sin(ang)], axis=-1)
 
 
 def cosformer_attention(q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], v: Float[Array, "B T K Dv"], *,
@@ -206,7 +210,7 @@ def cosformer_attention(q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], 
     check_qkv(q, k, v)
     M = _check_max_len(max_len, q.shape[1])
     fm = resolve_feature_map(feature_map)
-    feats = lambda x: _cosformer_features(x, M, fm)
+    feats = lambda x: cosformer_features(x, jnp.arange(x.shape[1]), M, fm)
     return linear_attention(q, k, v, feature_map=feats, normalize=True, eps=eps, scale=1.0, causal=causal,
                             initial_state=initial_state, return_final_state=return_final_state,
                             segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)

@@ -13,7 +13,7 @@ comma-separated string or a list (``"gla,gla,softmax"``), repeated to ``num_laye
 when it divides it.  Packed sequences: pass ``segment_ids`` (0 = padding) and
 ``positions`` (restarting per document).  Decoding: ``cache = model.init_cache(B,
 max_len)``; ``logits, cache = model(tokens, cache=cache)`` appends the tokens (see
-:mod:`attn_jax.nn.mixer`; with a cache, ``segment_ids`` marks the valid prefix of each
+:mod:`attn_jax.nn.protocol`; with a cache, ``segment_ids`` marks the valid prefix of each
 row of a right-padded chunk).
 """
 

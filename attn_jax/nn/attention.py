@@ -48,11 +48,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax.core import masks
+from attn_jax.core.numerics import l2_normalize
 from attn_jax.positional import T5RelativeBias, alibi, apply_rope
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.decode import prefill
 from attn_jax.softmax.kv_cache import KVCache, PagedKVCache, RingKVCache
-from attn_jax.nn.layers import check_positive_int, default_kernel_init, param
+from attn_jax.nn.layers import (check_mixer_input, check_positive_int, check_segment_ids, default_kernel_init,
+                                param)
 
 __all__ = ["MultiHeadAttention", "CrossAttentionCache", "sliding_window_attention", "POSITIONAL", "QK_NORMS",
            "GATES"]
@@ -75,11 +77,6 @@ class CrossAttentionCache:
 jax.tree_util.register_dataclass(CrossAttentionCache, data_fields=["k", "v", "segment_ids"], meta_fields=[])
 
 
-def _l2_normalize(x, eps=1e-6):
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
 def _positions(positions, B: int, T: int, cache):
     if positions is None:
         base = jnp.arange(T, dtype=jnp.int32)[None, :]
@@ -90,17 +87,6 @@ def _positions(positions, B: int, T: int, cache):
     if positions.shape not in ((T,), (B, T), (1, T)):
         raise ValueError(f"positions: expected shape [T]=({T},) or [B, T]=({B}, {T}), got {positions.shape}")
     return positions if positions.ndim == 2 else positions[None, :]
-
-
-def _check_segment_ids(segment_ids, B: int, T: int, name: str = "segment_ids"):
-    if segment_ids is None:
-        return None
-    segment_ids = jnp.asarray(segment_ids)
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer array [B, T], got dtype {segment_ids.dtype}")
-    if segment_ids.shape != (B, T):
-        raise ValueError(f"{name}: expected shape [B, T]=({B}, {T}), got {segment_ids.shape}")
-    return segment_ids.astype(jnp.int32)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -226,7 +212,7 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError("cross: cross_cache needs a cross-attention module (cross=True)")
         k, v = self._kv(context)
         B, S = context.shape[:2]
-        ids = _check_segment_ids(context_segment_ids, B, S, "context_segment_ids")
+        ids = check_segment_ids(context_segment_ids, B, S, "context_segment_ids")
         ids = jnp.ones((B, S), jnp.int32) if ids is None else ids
         if dtype is not None:
             k, v = k.astype(dtype), v.astype(dtype)
@@ -251,7 +237,7 @@ class MultiHeadAttention(nnx.Module):
             xf = x.astype(jnp.float32)
             y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-6) * scale
             return y.astype(x.dtype)
-        y = _l2_normalize(x)
+        y = l2_normalize(x)
         if which == "q":
             y = (y.astype(jnp.float32) * self.qk_scale[...].astype(jnp.float32)).astype(x.dtype)
         return y
@@ -268,16 +254,13 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(self, x, *, context=None, context_segment_ids=None, positions=None, segment_ids=None, cache=None,
                  deterministic: bool = True):
-        """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.mixer` for the protocol.
+        """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.protocol` for the protocol.
 
         Cross-attention: pass ``context [B, S, d]`` (and ``context_segment_ids``, 0 = padding
         key) or a :class:`CrossAttentionCache` as ``cache`` (returned unchanged).
         """
-        if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected [B, T, d_model={self.d_model}], got shape {getattr(x, 'shape', None)}")
-        B, T, _ = x.shape
+        B, T, segment_ids = check_mixer_input(x, self.d_model, segment_ids)
         x = x.astype(self.dtype)
-        segment_ids = _check_segment_ids(segment_ids, B, T)
         q = jnp.einsum("btd,dhf->bthf", x, self._w(self.w_q))
         if self.qk_norm is not None:
             q = self._norm(q, "q")
@@ -349,7 +332,7 @@ class MultiHeadAttention(nnx.Module):
                 raise ValueError(f"context: expected [B={B}, S, d_model={self.d_model}], got "
                                  f"{getattr(context, 'shape', None)}")
             k, v = self._kv(context)
-            kv_ids = _check_segment_ids(context_segment_ids, B, context.shape[1], "context_segment_ids")
+            kv_ids = check_segment_ids(context_segment_ids, B, context.shape[1], "context_segment_ids")
         mask = None
         if kv_ids is not None or segment_ids is not None:
             q_ids = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids

@@ -49,7 +49,7 @@ from attn_jax.linear.feature_maps import (dpfp, hedgehog, hedgehog_distillation_
 from attn_jax.linear.flowformer import flow_attention, flow_attention_step, init_flow_state
 from attn_jax.linear.gated import gated_linear_attention, recurrent_step
 from attn_jax.linear.gla import gla_log_gates
-from attn_jax.linear.linear_attention import linear_attention
+from attn_jax.linear.linear_attention import cosformer_features, linear_attention
 from attn_jax.linear.log_normal import lln_moment_matching
 from attn_jax.linear.ssd import ssd_log_decay
 from attn_jax.nn import layers
@@ -305,10 +305,7 @@ class CosformerMap(nnx.Module):
         self.max_len, self.dim = max_len, 2 * head_dim
 
     def _features(self, x, positions):
-        f = jax.nn.relu(x.astype(F32))
-        t = jnp.clip(positions, 0, self.max_len - 1).astype(F32)
-        ang = ((math.pi / 2) * t / self.max_len)[:, :, None, None]
-        return jnp.concatenate([f * jnp.cos(ang), f * jnp.sin(ang)], axis=-1)
+        return cosformer_features(x.astype(F32), jnp.clip(positions, 0, self.max_len - 1), self.max_len)
 
     def __call__(self, q, k, v, positions=None):
         return self._features(q, positions), self._features(k, positions), v

@@ -41,6 +41,27 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_segment_ids(segment_ids, B: int, T: int, name: str = "segment_ids"):
+    """``segment_ids`` as int32 ``[B, T]`` (None stays None); errors name ``name``."""
+    if segment_ids is None:
+        return None
+    segment_ids = jnp.asarray(segment_ids)
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer array [B, T], got dtype {segment_ids.dtype}")
+    if segment_ids.shape != (B, T):
+        raise ValueError(f"{name}: expected shape [B, T]=({B}, {T}), got {segment_ids.shape}")
+    return segment_ids.astype(jnp.int32)
+
+
+def check_mixer_input(x, d_model: int, segment_ids=None):
+    """The token-mixer protocol's input checks: ``x [B, T, d_model]`` and ``segment_ids [B, T]``;
+    returns ``(B, T, segment_ids as int32 or None)``."""
+    if getattr(x, "ndim", None) != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"x: expected [B, T, d_model={d_model}], got shape {getattr(x, 'shape', None)}")
+    B, T, _ = x.shape
+    return B, T, check_segment_ids(segment_ids, B, T)
+
+
 def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str | None], param_dtype=jnp.float32,
           *, in_axis=None, out_axis=None) -> nnx.Param:
     """An ``nnx.Param`` of ``shape`` drawn from ``init`` with logical sharding ``axes``.

@@ -1,7 +1,7 @@
 """Linear / recurrent attention mixers: one skeleton, composed of typed components.
 
 :class:`LinearAttentionMixer` wraps the pure ops of :mod:`attn_jax.linear` in the token-mixer
-protocol (:mod:`attn_jax.nn.mixer`).  A mechanism's layer is declared, as data, in the
+protocol (:mod:`attn_jax.nn.protocol`).  A mechanism's layer is declared, as data, in the
 mechanism's own file (``DECLARATION.layer``, a :class:`attn_jax.core.recipe.LinearLayer`); the
 mixer builds one NNX module per component (:mod:`attn_jax.nn.components`, each owning its
 parameters) and runs them in one skeleton, top to bottom::
@@ -63,10 +63,11 @@ from flax import nnx
 
 from attn_jax.core import declaration
 from attn_jax.core import recipe
+from attn_jax.core.numerics import l2_normalize
 from attn_jax.linear.common import expand_kv_heads
 from attn_jax.nn import components
 from attn_jax.nn.components import RandomFeatures, float32_draw, lecun_init, param
-from attn_jax.nn.layers import check_positive_int
+from attn_jax.nn.layers import check_mixer_input, check_positive_int
 from attn_jax.nn.short_conv import ShortConv
 
 __all__ = ["LinearAttentionMixer", "LinearAttentionCache", "RandomFeatures", "make_factory", "linear_declarations",
@@ -109,11 +110,6 @@ jax.tree_util.register_dataclass(LinearAttentionCache, data_fields=["state", "co
 
 def _act(x, kind):
     return jax.nn.silu(x) if kind == "silu" else x
-
-
-def _l2(x, eps=1e-6):
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)).astype(x.dtype)
 
 
 _OPTIONS = ("num_features", "nu", "feature_dim", "max_len", "num_agents", "max_segments")
@@ -290,18 +286,6 @@ class LinearAttentionMixer(nnx.Module):
         return LinearAttentionCache(state, conv, jnp.zeros((batch,), jnp.int32))
 
     # ------------------------------------------------------------------ forward
-    def _check_x(self, x, segment_ids):
-        if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected [B, T, d_model={self.d_model}], got shape {getattr(x, 'shape', None)}")
-        B, T, _ = x.shape
-        if segment_ids is not None:
-            segment_ids = jnp.asarray(segment_ids)
-            if not jnp.issubdtype(segment_ids.dtype, jnp.integer) or segment_ids.shape != (B, T):
-                raise ValueError(f"segment_ids: expected an integer array [B, T] = ({B}, {T}), got "
-                                 f"{segment_ids.dtype} {segment_ids.shape}")
-            segment_ids = segment_ids.astype(jnp.int32)
-        return B, T, segment_ids
-
     def _positions(self, positions, B, T, cache):
         if positions is None:
             base = jnp.zeros((B, 1), jnp.int32) if cache is None else cache.lengths[:, None]
@@ -313,7 +297,7 @@ class LinearAttentionMixer(nnx.Module):
         return jnp.broadcast_to(positions.astype(jnp.int32), (B, T))
 
     def __call__(self, x, *, positions=None, segment_ids=None, cache=None, deterministic: bool = True):
-        """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.mixer`.  ``positions`` is used only by a
+        """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.protocol`.  ``positions`` is used only by a
         feature map that asks for them (cosFormer)."""
         del deterministic  # no dropout
         if cache is not None and not self.causal:
@@ -321,7 +305,7 @@ class LinearAttentionMixer(nnx.Module):
                              f"it has no decode cache")
         if cache is not None and not isinstance(cache, LinearAttentionCache):
             raise TypeError(f"cache: expected a LinearAttentionCache from init_cache, got {type(cache).__name__}")
-        B, T, segment_ids = self._check_x(x, segment_ids)
+        B, T, segment_ids = check_mixer_input(x, self.d_model, segment_ids)
         uses_positions = self.features is not None and self.features.uses_positions
         positions = self._positions(positions, B, T, cache) if uses_positions else None
         graphdef, state = nnx.split(self)
@@ -348,7 +332,7 @@ class LinearAttentionMixer(nnx.Module):
             new_conv = (cq, ck, cv)
         q, k, v = _act(q, self.qk_activation), _act(k, self.qk_activation), _act(v, self.v_activation)
         if self.qk_l2:
-            q, k = _l2(q), _l2(k)
+            q, k = l2_normalize(q), l2_normalize(k)
         return q, k, v, new_conv
 
     def _body(self, x, segment_ids, positions, state, conv_state, decode: bool):
@@ -393,7 +377,7 @@ class LinearAttentionMixer(nnx.Module):
         if not isinstance(self.features, components.HedgehogMap):
             raise ValueError(f"distillation_loss: only a mechanism with learned feature maps (e.g. 'hedgehog') has "
                              f"one, not {self.decl.name!r}")
-        _, _, segment_ids = self._check_x(x, segment_ids)
+        _, _, segment_ids = check_mixer_input(x, self.d_model, segment_ids)
         graphdef, state = nnx.split(self)
         return _hedgehog_loss(graphdef, state, x, segment_ids)
 

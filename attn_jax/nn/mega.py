@@ -63,7 +63,7 @@ from attn_jax.core import masks
 from attn_jax.core.bias import StructuredBias, query_positions
 from attn_jax.linear.common import segment_layout
 from attn_jax.linear.mega import EMA_IMPLS, damped_ema, damped_ema_step
-from attn_jax.nn.layers import check_positive_int, param
+from attn_jax.nn.layers import check_mixer_input, check_positive_int, param
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.kv_cache import RingKVCache
 
@@ -272,18 +272,9 @@ class MegaMixer(nnx.Module):
     # ------------------------------------------------------------------ forward
 
     def __call__(self, x, *, positions=None, segment_ids=None, cache=None, deterministic: bool = True):
-        """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.mixer` for the protocol."""
-        if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected [B, T, d_model={self.d_model}], got shape {getattr(x, 'shape', None)}")
-        B, T, _ = x.shape
+        """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.protocol` for the protocol."""
+        B, T, segment_ids = check_mixer_input(x, self.d_model, segment_ids)
         x = x.astype(self.dtype)
-        if segment_ids is not None:
-            segment_ids = jnp.asarray(segment_ids)
-            if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-                raise TypeError(f"segment_ids: expected an integer array [B, T], got dtype {segment_ids.dtype}")
-            if segment_ids.shape != (B, T):
-                raise ValueError(f"segment_ids: expected shape [B, T]=({B}, {T}), got {segment_ids.shape}")
-            segment_ids = segment_ids.astype(jnp.int32)
         if positions is not None:
             positions = jnp.asarray(positions)
             if not jnp.issubdtype(positions.dtype, jnp.integer):

@@ -179,13 +179,15 @@ class _BufferProperties:
 # ----------------------------------------------------------------------------- contiguous cache
 
 
+# Cache fields are annotated Any (shapes in comments): a pytree's leaves may be anything JAX
+# puts there while transforming it (tracers, ShapeDtypeStructs, lowering ArgInfos, NumPy arrays).
 @dataclasses.dataclass(frozen=True)
 class KVCache(_BufferProperties):
     """Contiguous per-row cache: position ``p`` of row ``b`` at ``k[b, p]`` (see module docstring)."""
 
-    k: Float[ArrayLike, "B S K Dk"]
-    v: Float[ArrayLike, "B S K Dv"]
-    lengths: Int[ArrayLike, "B"]
+    k: Any   # [B, S, K, Dk]
+    v: Any   # [B, S, K, Dv]
+    lengths: Any   # [B]
 
     @classmethod
     def init(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
@@ -230,10 +232,10 @@ class RingKVCache(_BufferProperties):
     sees itself and the ``window`` keys before it.
     """
 
-    k: Float[ArrayLike, "B W K Dk"]
-    v: Float[ArrayLike, "B W K Dv"]
-    positions: Int[ArrayLike, "B W"]
-    lengths: Int[ArrayLike, "B"]
+    k: Any   # [B, W, K, Dk]
+    v: Any   # [B, W, K, Dv]
+    positions: Any   # [B, W]
+    lengths: Any   # [B]
     window: int
 
     @classmethod
@@ -292,10 +294,10 @@ _register(RingKVCache, ("k", "v", "positions", "lengths"), ("window",))
 class PagedKVCache:
     """A page pool plus a per-row page table (see module docstring)."""
 
-    k_pages: Float[ArrayLike, "P page K Dk"]
-    v_pages: Float[ArrayLike, "P page K Dv"]
-    page_table: Int[ArrayLike, "B M"]
-    lengths: Int[ArrayLike, "B"]
+    k_pages: Any   # [P, page, K, Dk]
+    v_pages: Any   # [P, page, K, Dv]
+    page_table: Any   # [B, M]
+    lengths: Any   # [B]
 
     @classmethod
     def init(cls, batch: int, num_pages: int, page_size: int, max_pages_per_seq: int, kv_heads: int,

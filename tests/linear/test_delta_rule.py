@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from attn_jax.core import testing as tk
-from attn_jax.linear.delta_rule import (DELTA, delta_rule, delta_rule_step, explain_delta_rule, gated_delta_rule)
+import attn_jax as aj
+from attn_jax.linear.delta_rule import DELTA, delta_rule, delta_rule_step, gated_delta_rule
 
 IMPLS = ("reference", "recurrent", "parallel", "chunk")
 GRAD_NAMES = ("dq", "dk", "dv", "dbeta", "dlog_alpha", "dh0")
@@ -236,8 +237,8 @@ def test_jit_matches_eager():
 def test_dispatch_and_explain():
     q, k, v, b, la, _ = _inputs(61, B=1, T=8, H=2, K=2, dtype=jnp.float32)
     assert DELTA.names() == ["chunk", "parallel", "recurrent", "reference"]
-    assert explain_delta_rule(q, k, v, b, la, platform="cpu").chosen == {"cpu": "chunk"}
-    assert explain_delta_rule(q, k, v, b, impl="parallel", platform="tpu").chosen == {"tpu": "parallel"}
+    assert aj.explain(gated_delta_rule, q, k, v, b, la, platform="cpu").chosen == {"cpu": "chunk"}
+    assert aj.explain(delta_rule, q, k, v, b, impl="parallel", platform="tpu").chosen == {"tpu": "parallel"}
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -16,7 +16,7 @@ from flax import nnx
 from attn_jax import mixers
 from attn_jax.core import testing as tk
 from attn_jax.models import DecoderConfig, DecoderLM, EncoderClassifier, EncoderConfig
-from attn_jax.nn.mixer import TokenMixer
+from attn_jax.nn.protocol import TokenMixer
 
 B, T, D, H = 2, 16, 32, 4
 

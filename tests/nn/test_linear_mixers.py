@@ -21,7 +21,7 @@ from attn_jax.linear.log_normal import lln_moment_matching, log_normal_attention
 from attn_jax.linear.retention import retention
 from attn_jax.linear.ssd import ssd
 from attn_jax.nn.linear_mixers import LinearAttentionCache, LinearAttentionMixer, RandomFeatures, linear_declarations
-from attn_jax.nn.mixer import FEATURE_KEYS
+from attn_jax.nn.protocol import FEATURE_KEYS
 from attn_jax.nn.short_conv import causal_conv1d_reference
 
 B, T, D, H, K = 2, 12, 16, 4, 2

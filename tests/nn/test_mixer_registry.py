@@ -15,7 +15,7 @@ from flax import nnx
 
 from attn_jax import mixers
 from attn_jax.core import testing as tk
-from attn_jax.nn.mixer import FEATURE_KEYS, TokenMixer
+from attn_jax.nn.protocol import FEATURE_KEYS, TokenMixer
 
 B, T, D, H = 2, 16, 32, 4
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attn_jax as aj
 from attn_jax.core.testing import fast_jit
 from pallas_kernels.decode_attention import (decode_attention, decode_partials, merge_partials,
                                              paged_decode_attention)
@@ -211,7 +212,7 @@ def test_decode_registry_method_pallas_lowers_to_the_kernels_and_explains_cpu():
     for platform, call in (("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")):
         text = lower_for(f, platform, q, kv, kv, lengths).mlir_module()
         assert call in text, platform
-    d = D.explain_decode(jnp.zeros((B, 1, H, Dh)), jnp.zeros((B, S, K, Dh)), jnp.zeros((B, S, K, Dh)),
+    d = aj.explain(D.decode_attention, jnp.zeros((B, 1, H, Dh)), jnp.zeros((B, S, K, Dh)), jnp.zeros((B, S, K, Dh)),
                          lengths=jnp.full((B,), S, jnp.int32), impl="pallas", window=8, platform="cpu")
     assert d.chosen["cpu"] is None
     assert "need a GPU or TPU" in str(d) and "sliding windows" in str(d)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import attn_jax as aj
 from pallas_kernels.chunked_gla import chunked_gla, unsupported_reasons
 from pallas_kernels.testing import KERNEL_CALL_TARGET, custom_call_targets, lower_for
 
@@ -83,7 +84,7 @@ def test_linear_ops_dispatch_to_the_kernel_when_lowered_for_accelerators(platfor
         assert fwd.count(KERNEL_CALL_TARGET[platform]) == calls, fwd
         bwd = custom_call_targets(lower_for(jax.grad(loss, argnums=(0, 1, 2, 3)), platform, q, q, q, g))
         assert bwd.count(KERNEL_CALL_TARGET[platform]) == 2, bwd  # the two backward sweeps (o is unused)
-    assert linear.explain_gated(q, q, q, g_vec, platform="cpu").chosen["cpu"] == "chunk"
+    assert aj.explain(linear.gated_linear_attention, q, q, q, g_vec, platform="cpu").chosen["cpu"] == "chunk"
 
 
 def test_explicit_pallas_on_cpu_lists_the_reasons():
@@ -134,6 +135,6 @@ def test_packed_segments_lower(platform, scalar):
     def engine(q, k, v, g, h, ids):
         return linear.gated_linear_attention(q, k, v, g, initial_state=h, segment_ids=ids, return_final_state=True)
 
-    assert linear.explain_gated(*(jnp.zeros(a.shape, a.dtype) for a in (x, x, x, lg)),
+    assert aj.explain(linear.gated_linear_attention, *(jnp.zeros(a.shape, a.dtype) for a in (x, x, x, lg)),
                                 segment_ids=jnp.ones((B, t), jnp.int32), platform=platform).chosen[platform] == "pallas"
     assert custom_call_targets(lower_for(engine, platform, x, x, x, lg, h0, seg)).count(target) == 1

@@ -326,12 +326,12 @@ def test_split_k_with_sinks_and_dense_bias():
 def test_decode_registry_choice_and_reasons():
     q, k, v = random_qkv(jax.random.key(16), B=1, T=1, S=8, H=2, Dk=8)
     lengths = jnp.array([8], jnp.int32)
-    assert D.explain_decode(q, k, v, lengths=lengths).chosen["cpu"] == "direct"
-    assert D.explain_decode(q, k, v, lengths=lengths, num_splits=2).chosen["cpu"] == "split_k"
+    assert aj.explain(D.decode_attention, q, k, v, lengths=lengths).chosen["cpu"] == "direct"
+    assert aj.explain(D.decode_attention, q, k, v, lengths=lengths, num_splits=2).chosen["cpu"] == "split_k"
     with pytest.raises(ValueError, match="mask"):
         D.decode_attention(q, k, v, lengths=lengths, mask=masks.causal(offset=7), impl="split_k", num_splits=2)
     # auto falls back to direct when split-K cannot serve, and says why
-    d = D.explain_decode(q, k, v, lengths=lengths, num_splits=2, mask=masks.causal(offset=7))
+    d = aj.explain(D.decode_attention, q, k, v, lengths=lengths, num_splits=2, mask=masks.causal(offset=7))
     assert d.chosen["cpu"] == "direct" and any("mask" in r for r in d.reasons["cpu"]["split_k"])
 
 

@@ -65,8 +65,7 @@ call over the whole cache) and the opt-in ``"pallas"`` kernels;
 """
 
 
-from attn_jax.softmax.decode.contiguous import (DECODE, decode_attention, decode_attention_split_k,
-                                                explain_decode)
+from attn_jax.softmax.decode.contiguous import DECODE, decode_attention, decode_attention_split_k
 from attn_jax.softmax.decode.paged import PAGED, paged_attention
 from attn_jax.softmax.decode.positioned_bias import PositionedBias
 from attn_jax.softmax.decode.prefill import decode_step, prefill
@@ -74,5 +73,5 @@ from attn_jax.softmax.decode.problem import DecodeProblem
 
 __all__ = [
     "DECODE", "PAGED", "DecodeProblem", "PositionedBias", "decode_attention", "decode_attention_split_k",
-    "explain_decode", "paged_attention", "prefill", "decode_step",
+    "paged_attention", "prefill", "decode_step",
 ]
