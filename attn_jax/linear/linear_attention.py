@@ -182,8 +182,8 @@ def _check_max_len(max_len, T):
     return max_len
 
 
-def cosformer_features(x: Float[ArrayLike, "B T H D"], positions: Real[ArrayLike, "#B T"], max_len: int,
-                       feature_map="relu") -> Float[Array, "B T H D2"]:
+def cosformer_features(x: Float[ArrayLike, "B T H D"], positions: Real[ArrayLike, "#B T"] | Real[ArrayLike, " T"],
+                       max_len: int, feature_map="relu") -> Float[Array, "B T H D2"]:
     """cosFormer's position-reweighted features ``[φ(x_t) cos(πt/2M), φ(x_t) sin(πt/2M)]``
     (``D' = 2D``) for token positions ``t`` (``[T]`` or ``[B|1, T]``) and ``M = max_len``."""
     f = resolve_feature_map(feature_map)(x)
