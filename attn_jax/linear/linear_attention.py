@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Real
 
@@ -245,10 +246,91 @@ def cosformer_attention_reference(q, k, v, *, causal: bool = True, max_len: int 
 # ----------------------------------------------------------------------------- declarations
 from attn_jax.core import recipe  # noqa: E402
 from attn_jax.core.declaration import Declaration, Paper, Parity, declare  # noqa: E402
-from attn_jax.linear.parity import feature_state, first, normalised_call  # noqa: E402
+from attn_jax.linear.feature_maps import (dpfp, hedgehog, orthogonal_random_projection,  # noqa: E402
+                                          performer_features, relu)
+from attn_jax.linear.parity import feature_state, first  # noqa: E402
 
 _BOTH = ("causal", "bidirectional")
 _FORMS = ("chunk", "parallel", "recurrent")
+
+
+def normalised_call(feature_map) -> Callable:
+    """The parity call of normalised linear attention (reference: ``linear_attention_reference``)
+    with ``feature_map``: a name of :func:`attn_jax.linear.feature_maps.resolve_feature_map`, or
+    ``make(d) -> map`` building a map with fixed weights for head dim ``d``."""
+
+    def call(impl, x, *, causal=True, segment_ids=None, initial_state=None):
+        fm = feature_map(x["q"].shape[-1]) if callable(feature_map) else feature_map
+        kw = dict(feature_map=fm, causal=causal, segment_ids=segment_ids)
+        if initial_state is not None:
+            phi = resolve_feature_map(fm)
+            kw["initial_state"] = feature_state(initial_state, jax.eval_shape(phi, x["q"]).shape[-1])
+        if impl == "reference":
+            return first(linear_attention_reference(x["q"], x["k"], x["v"], **kw))
+        return first(linear_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
+
+    return call
+
+
+# the feature maps of normalised linear attention (their op is this file's linear_attention)
+# the feature-map mixers normalise as "linear" and compute φ in the layer (parameters / positions)
+_PROJECTIONS = recipe.Projections(qk_activation="identity", v_activation="identity", scale="one")
+
+
+def _layer(features) -> recipe.LinearLayer:
+    return recipe.LinearLayer(recipe.NormalizedRule(), _PROJECTIONS, features=features)
+
+
+def _fixed_performer(d: int):
+    """Performer features with a fixed projection (24 features, key 7) for the parity entry."""
+    proj = orthogonal_random_projection(jax.random.key(7), 24, d)
+    return lambda x: performer_features(x, proj.astype(x.dtype))
+
+
+def _fixed_hedgehog(d: int):
+    """A Hedgehog map with fixed weights (8 features, key 8) for the parity entry."""
+    W = jax.random.normal(jax.random.key(8), (d, 8)) / d ** 0.5
+    return lambda x: hedgehog(x, W.astype(x.dtype))
+
+
+RELU = declare(Declaration(
+    name="relu_features", family="linear", title="ReLU feature map",
+    papers=(Paper("cosFormer: Rethinking Softmax in Attention", 2022, "2202.08791", "Qin et al."),),
+    summary="o_i = Σ_j relu(q_i)·relu(k_j) v_j / Σ_j relu(q_i)·relu(k_j)",
+    op=relu, forms=_FORMS, directions=_BOTH, parity=Parity(normalised_call("relu")),
+    notes="a feature map (cosFormer uses it before its re-weighting); no mixer of its own"))
+
+DPFP = declare(Declaration(
+    name="dpfp", family="linear", title="DPFP feature map",
+    papers=(Paper("Linear Transformers Are Secretly Fast Weight Programmers", 2021, "2102.11174",
+                  "Schlag et al."),),
+    summary="φ_ν(x)_{i + 2D(j-1)} = r_i r_{i+j} with r = [relu(x), relu(-x)] (cyclic, j = 1..ν), normalised "
+            "linear attention",
+    op=dpfp, forms=_FORMS, directions=_BOTH, parity=Parity(normalised_call("dpfp")),
+    layer=_layer(recipe.DPFPMap()),
+    notes="the paper's delta-rule update is the 'deltanet' mixer"))
+
+PERFORMER = declare(Declaration(
+    name="performer", family="linear", title="Performer FAVOR+ (positive orthogonal random features)",
+    papers=(Paper("Rethinking Attention with Performers", 2020, "2009.14794", "Choromanski et al."),),
+    summary="φ(x) = exp(W x - |x|²/2) / sqrt(m) on x = q Dk^{-1/4}, k Dk^{-1/4}: E[φ(q)·φ(k)] = exp(q·k/sqrt(Dk))",
+    op=performer_features, forms=_FORMS, directions=_BOTH,
+    parity=Parity(normalised_call(_fixed_performer), notes="projection drawn from an explicit key"),
+    layer=_layer(recipe.RandomFeatureMap()),
+    notes="one projection shared by the heads, a non-trainable buffer redrawn by mixer.redraw(key)"))
+
+HEDGEHOG = declare(Declaration(
+    name="hedgehog", family="linear", title="Hedgehog (learnable softmax-mimicking map)",
+    papers=(Paper("The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry", 2024,
+                  "2402.04347", "Zhang et al."),),
+    summary="φ(x) = [softmax(x W + b), softmax(-(x W + b))] per head, normalised linear attention",
+    op=hedgehog, forms=_FORMS, directions=_BOTH,
+    parity=Parity(normalised_call(_fixed_hedgehog), notes="distillation loss: feature_maps.hedgehog_distillation_loss"),
+    layer=_layer(recipe.HedgehogMap()),
+    notes="maps initialised to the identity; mixer.distillation_loss(x) is the paper's objective"))
+
+
+# ----------------------------------------------------------------------------- the op's own entries
 
 
 def _cosformer_dense(x, *, causal, segment_ids, initial_state, eps=1e-6):

@@ -2,21 +2,20 @@
 
 A mechanism file declares ``Parity(call=...)`` with ``call(impl, inputs, *, causal, segment_ids,
 initial_state) -> o`` run on :func:`standard_inputs`; the helpers here build the common calls
-(:func:`gated_call` for a gated-engine op with named gate inputs, :func:`normalised_call` for
-normalised linear attention with a feature map) and derive the states a form needs from the
+(:func:`gated_call` for a gated-engine op with named gate inputs; normalised linear attention's
+``normalised_call`` lives beside its op in :mod:`attn_jax.linear.linear_attention`) and derive the states a form needs from the
 standard ``h0``.  ``tests/linear/test_catalog.py`` runs every claimed form of every entry against
 its reference.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["standard_inputs", "gated_call", "normalised_call", "first", "with_normaliser", "feature_state"]
+__all__ = ["standard_inputs", "gated_call", "first", "with_normaliser", "feature_state"]
 
 
 def standard_inputs(key, B=2, T=37, H=4, K=2, Dk=12, Dv=20, dtype=jnp.float32) -> dict:
@@ -72,23 +71,3 @@ def feature_state(h0, feature_dim: int):
         P = jax.random.normal(jax.random.key(11), (feature_dim, Dk)).astype(h0.dtype) / Dk ** 0.5
         h0 = jnp.einsum("fd,bhdv->bhfv", P, h0)
     return with_normaliser(h0)
-
-
-def normalised_call(feature_map) -> Callable:
-    """The parity call of normalised linear attention (reference: ``linear_attention_reference``)
-    with ``feature_map``: a name of :func:`attn_jax.linear.feature_maps.resolve_feature_map`, or
-    ``make(d) -> map`` building a map with fixed weights for head dim ``d``."""
-
-    def call(impl, x, *, causal=True, segment_ids=None, initial_state=None):
-        # imported here: the feature-map module declares entries too and is imported by this op
-        lin = importlib.import_module("attn_jax.linear.linear_attention")
-        fm = feature_map(x["q"].shape[-1]) if callable(feature_map) else feature_map
-        kw = dict(feature_map=fm, causal=causal, segment_ids=segment_ids)
-        if initial_state is not None:
-            phi = importlib.import_module("attn_jax.linear.feature_maps").resolve_feature_map(fm)
-            kw["initial_state"] = feature_state(initial_state, jax.eval_shape(phi, x["q"]).shape[-1])
-        if impl == "reference":
-            return first(lin.linear_attention_reference(x["q"], x["k"], x["v"], **kw))
-        return first(lin.linear_attention(x["q"], x["k"], x["v"], impl=impl, **kw))
-
-    return call
