@@ -158,3 +158,15 @@ def check_sinks(sinks, H: int) -> None:
     check_float_array("sinks", sinks)
     if np.shape(sinks) != (H,):
         raise ValueError(f"sinks: expected shape [H] = [{H}] (one logit per query head), got {shape_str(sinks)}")
+
+
+def int_rows(name: str, x, B: int):
+    """``x`` as int32 ``[B]`` (a scalar is broadcast); errors name ``name``."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer array of shape [B], got dtype {x.dtype}")
+    if x.ndim == 0:
+        x = jnp.broadcast_to(x, (B,))
+    if x.shape != (B,):
+        raise ValueError(f"{name}: expected shape [{B}] (or a scalar), got {shape_str(x)}")
+    return x.astype(jnp.int32)

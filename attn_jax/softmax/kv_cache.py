@@ -99,14 +99,7 @@ def new_token_counts(n_new, B: int, T: int):
     """Per-row number of valid new tokens, int32[B] (traced values allowed)."""
     if n_new is None:
         return jnp.full((B,), T, jnp.int32)
-    n = jnp.asarray(n_new)
-    if not jnp.issubdtype(n.dtype, jnp.integer):
-        raise TypeError(f"n_new: expected an integer array of shape [B], got dtype {n.dtype}")
-    if n.ndim == 0:
-        n = jnp.broadcast_to(n, (B,))
-    if n.shape != (B,):
-        raise ValueError(f"n_new: expected shape [{B}] (or a scalar), got {V.shape_str(n)}")
-    return jnp.clip(n.astype(jnp.int32), 0, T)
+    return jnp.clip(V.int_rows("n_new", n_new, B), 0, T)
 
 
 def _init_buffers(batch, max_len, kv_heads, head_dim, dtype, value_dim):

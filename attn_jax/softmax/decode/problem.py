@@ -6,8 +6,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import jax.numpy as jnp
-
 from attn_jax.core import masks
 from attn_jax.core import validation as V
 from attn_jax.core.bias import StructuredBias
@@ -34,17 +32,6 @@ class DecodeProblem:
     causal: bool = True
 
 
-def _int_rows(name: str, x, B: int):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer array of shape [B], got dtype {x.dtype}")
-    if x.ndim == 0:
-        x = jnp.broadcast_to(x, (B,))
-    if x.shape != (B,):
-        raise ValueError(f"{name}: expected shape [{B}] (or a scalar), got {V.shape_str(x)}")
-    return x.astype(jnp.int32)
-
-
 def _bias_kind(bias) -> str:
     return "none" if bias is None else ("structured" if isinstance(bias, StructuredBias) else "dense")
 
@@ -69,8 +56,8 @@ def decode_problem(q, k, v, lengths, offset, *, num_splits, window, mask, bias, 
                    dropout_rng, return_lse, attention_impl, causal=True):
     """Validate a decode call at trace time; returns ``(DecodeProblem, lengths int32[B], offset int32[B])``."""
     dims = V.check_qkv(q, k, v)
-    lengths = _int_rows("lengths", lengths, dims.B)
-    offset = lengths - dims.T if offset is None else _int_rows("offset", offset, dims.B)
+    lengths = V.int_rows("lengths", lengths, dims.B)
+    offset = lengths - dims.T if offset is None else V.int_rows("offset", offset, dims.B)
     mask = masks.as_mask(mask)
     if mask is not None:
         mask.check(dims.B, dims.H, dims.T, dims.S)
