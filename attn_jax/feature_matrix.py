@@ -33,6 +33,10 @@ YES, NO, NA = "✓", "—", "n/a"
 COLUMNS = ("reference", "xla", "pallas-gpu", "pallas-tpu", "decode", "mixer")
 BEGIN, END = "<!-- feature-matrix:begin -->", "<!-- feature-matrix:end -->"
 LINEAR_BEGIN, LINEAR_END = "<!-- linear-matrix:begin -->", "<!-- linear-matrix:end -->"
+#: Families whose declarations get a README matrix of their own (``<!-- NAME-matrix:begin -->``).
+FAMILY_MATRICES = ("variants",)
+FAMILY_COLUMNS = ("mechanism", "paper", "op", "forms besides the reference (impl=)", "causal", "bidirectional",
+                  "mixer")
 LINEAR_COLUMNS = ("forms besides the reference (impl=)", "pallas-gpu", "pallas-tpu", "causal", "non-causal",
                   "segments", "initial state", "mixer")
 
@@ -195,6 +199,29 @@ def linear_markdown() -> str:
     return "\n".join(lines)
 
 
+def family_markers(family: str) -> tuple[str, str]:
+    """The README markers around ``family``'s matrix."""
+    return f"<!-- {family}-matrix:begin -->", f"<!-- {family}-matrix:end -->"
+
+
+def family_markdown(family: str) -> str:
+    """The matrix of one family (:data:`FAMILY_MATRICES`), one row per declaration, in declaration
+    order: title, paper, functional op, claimed forms, directions, registered mixer."""
+    from attn_jax import mixers
+    from attn_jax.core import declaration
+
+    declaration.load(f"attn_jax.{family}")
+    registered = set(mixers.names())
+    yes = lambda b: YES if b else NO
+    lines = ["| " + " | ".join(FAMILY_COLUMNS) + " |", "|" + "---|" * len(FAMILY_COLUMNS)]
+    for d in declaration.declarations(family):
+        op = f"`aj.{family}.{d.op.__name__}`" if d.op is not None else NO
+        forms = ", ".join(f"`{f}`" for f in d.forms) or NO
+        lines.append(f"| {d.title} | {d.cite()} | {op} | {forms} | {yes(d.causal)} | {yes(d.bidirectional)} | "
+                     + (f"`{d.name}`" if d.name in registered else NO) + " |")
+    return "\n".join(lines)
+
+
 def listing() -> str:
     """One line per declared mechanism (``python -m attn_jax.feature_matrix --list``): name,
     family, forms, directions, mixer, papers."""
@@ -230,6 +257,8 @@ def main(argv=None):
         with open(args.write) as f:
             text = f.read()
         text = replace_block(replace_block(text, table), linear_table, LINEAR_BEGIN, LINEAR_END)
+        for family in FAMILY_MATRICES:
+            text = replace_block(text, family_markdown(family), *family_markers(family))
         with open(args.write, "w") as f:
             f.write(text)
     print(table + "\n\n" + linear_table)

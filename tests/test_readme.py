@@ -41,3 +41,13 @@ def test_readme_python_examples_run():
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+
+
+def test_family_matrices_match_declarations():
+    text = (ROOT / "README.md").read_text()
+    for family in feature_matrix.FAMILY_MATRICES:
+        begin, end = feature_matrix.family_markers(family)
+        block = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), text, re.S)
+        assert block, f"README lacks the {family}-matrix block"
+        assert block.group(1) == feature_matrix.family_markdown(family), (
+            f"README {family} matrix is stale: run `python -m attn_jax.feature_matrix --write README.md`")

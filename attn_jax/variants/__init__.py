@@ -1,0 +1,13 @@
+"""Softmax variants: other score normalisers, gating, sinks, head mixing, CoPE and MLA.
+
+Each mechanism is one file of this package ending with its ``declare(Declaration(...))``
+(family ``"variants"``); ``aj.variants.<op>(q, k, v, *, mask=None, ...)`` takes the same
+layouts, masks and GQA head grouping as :func:`attn_jax.attention`.  The README's variants
+matrix and the mixer registry are read from those declarations.
+"""
+
+import types as _types
+
+# the public names are the ones imported above (each module's own file lists its functions once)
+__all__ = sorted(_n for _n, _v in dict(globals()).items()
+                 if not _n.startswith("_") and not isinstance(_v, _types.ModuleType))
