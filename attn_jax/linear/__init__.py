@@ -25,6 +25,7 @@ from attn_jax.linear.gated import GATED, gated_linear_attention, recurrent_step
 from attn_jax.linear.gla import gla, gla_log_gates
 from attn_jax.linear.lightning import lightning_attention, lightning_decays
 from attn_jax.linear.retention import retention, retnet_decays
+from attn_jax.linear.rpe_fft import kernelized_rpe_attention, kernelized_rpe_attention_reference, toeplitz_apply
 from attn_jax.linear.ssd import ssd, ssd_log_decay
 
 # the public names are the ones imported above (each module's own file lists its functions once)
