@@ -23,7 +23,7 @@ ALL_KEYS = ({f"flash/{n}" for n in FLASH} | {f"decode/{n}" for n in LOWERING} | 
 #: one configuration per kernel, each with extras (sinks + softcap, paged fp32, scalar gates)
 REPRESENTATIVE = ["flash/softcap_sinks", "decode/contiguous_bf16_hd64", "decode/paged_fp32_hd64",
                   "gla/scalar_float32_d64"]
-FAST = ["--dry-run", "--repeats", "2", "--warmup", "1", "--config-budget-s", "600"]
+FAST = ["--dry-run", "--repeats", "2", "--warmup", "1", "--config-budget-s", "600", "--deadline-s", "3600"]
 
 
 def _run(tmp_path, *args):
@@ -48,7 +48,7 @@ def _assert_ran(rec, md):
         assert "o" in leaves and {"dq", "dk", "dv"} <= set(leaves), (key, leaves)
         assert "fwd_bwd_s" in t["kernel"] and "fwd_bwd_s" in t["xla"]
     for leaf in leaves.values():
-        assert leaf["ok"] and leaf["nan"] == 0 and leaf["rel_rmse"] <= leaf["rel_tol"]
+        assert leaf["ok"] and leaf["nan"] == 0 and leaf["rel_rmse"] <= leaf["rel_tol"] and leaf["worst_over_tol"] <= 1
     assert t["kernel"]["fwd_s"] > 0 and t["xla"]["fwd_s"] > 0 and t["agreement"]["ok"]
     assert t["kernel"]["fwd_tflops"] > 0
     assert "refused" in t["cudnn"]   # no cuDNN on a CPU (GLA: no counterpart at all)
