@@ -685,9 +685,12 @@ def markdown(report: dict) -> str:
         lines += [f"ceilings measured here: bf16 matmul {c.get('matmul_bf16_8192_tflops', float('nan')):.0f} TFLOP/s, "
                   f"copy {c.get('copy_tbps', float('nan')):.2f} TB/s; datasheet: {H200_BF16_DENSE_TFLOPS} TFLOP/s "
                   f"dense bf16, {H200_HBM_TBPS} TB/s", ""]
-    lines += ["| config | dtype | status | parity (worst err/tol) | agreement | kernel fwd | kernel fwd+bwd | "
-              "xla fwd+bwd | cudnn fwd+bwd | kernel TFLOP/s (fwd+bwd) | % bf16 peak | vs xla | vs cudnn | note |",
-              "|" + "---|" * 14]
+    lines += ["Times in ms (median); decode kernels are forward-only, so their `*` columns are forward. "
+              "err/tol: worst over outputs and gradients of max(rel RMSE / rel tol, scaled max-abs / abs tol).", "",
+              "| config | dtype | status | parity (worst err/tol) | agreement | kernel fwd | kernel fwd+bwd | "
+              "xla fwd+bwd* | cudnn fwd+bwd* | kernel TFLOP/s* | % bf16 peak | kernel TB/s (% HBM) | vs xla | "
+              "vs cudnn | note |",
+              "|" + "---|" * 15]
     for r in report["configs"]:
         if r["status"] == "not-selected":
             continue
@@ -707,8 +710,9 @@ def markdown(report: dict) -> str:
         rate = "-" if tf is None else f"{tf:.1f}"
         frac = "-" if tf is None else f"{100 * tf / H200_BF16_DENSE_TFLOPS:.1f}"
         fb = _fmt_ms(k, "fwd_bwd") if kind == "fwd_bwd" else "(fwd only)"
+        bw = f"{k['fwd_tbps']:.2f} ({100 * k['fwd_fraction_of_hbm']:.0f}%)" if "fwd_tbps" in k else "-"
         lines.append(f"| {r['key']} | {r['dtype']} | {r['status']} | {par} | {agree} | {_fmt_ms(k, 'fwd')} | {fb} | "
-                     f"{_fmt_ms(t.get('xla', {}), kind)} | {_fmt_ms(cud, cud_kind)} | {rate} | {frac} | "
+                     f"{_fmt_ms(t.get('xla', {}), kind)} | {_fmt_ms(cud, cud_kind)} | {rate} | {frac} | {bw} | "
                      f"{ratio['xla']} | {ratio['cudnn']} | {note} |")
     n = sum(r["status"] == "not-selected" for r in report["configs"])
     if n:
