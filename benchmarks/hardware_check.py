@@ -40,6 +40,7 @@ has the device invocation: the script installs nothing and runs on the device im
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -438,6 +439,17 @@ def compile_program(fn: Callable, args, *, options: dict | None, precision: str 
     return compiled, time.perf_counter() - t0
 
 
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=6, thread_name_prefix="hardware_check-compile")
+
+
+def compile_concurrently(programs: dict, args, *, options: dict | None, precision: str | None) -> dict:
+    """``{name: future of (compiled, seconds)}``: the programs traced and compiled in threads (XLA and
+    its Triton pipeline compile outside the GIL, so a configuration's programs compile side by side;
+    timing stays sequential)."""
+    return {name: _POOL.submit(compile_program, fn, args, options=options, precision=precision)
+            for name, fn in programs.items()}
+
+
 def compare(out, ref, dtype, *, grad: bool) -> dict:
     """``out`` vs ``ref`` with the tolerance of ``dtype`` from :mod:`attn_jax.core.testing`.
 
@@ -534,10 +546,12 @@ def run_parity(case: Case, opts, rec: dict, stash: dict) -> None:
     parity = rec["parity"] = {"scale": scale, "precision": opts.parity_precision or "default", "compile_s": {}}
     full = "fwd_bwd" if b.diff else "fwd"
     done = {}  # (impl, kind) -> (compiled, outputs, compile seconds)
+    progs = {impl: program(b, getattr(b, impl), backward=True, key=jax.random.fold_in(key, 2))
+             for impl in ("kernel", "xla")}
+    compiling = compile_concurrently(progs, b.args, options=options, precision=opts.parity_precision)
     for impl in ("kernel", "xla"):
-        fn = program(b, getattr(b, impl), backward=True, key=jax.random.fold_in(key, 2))
         try:
-            compiled, secs = compile_program(fn, b.args, options=options, precision=opts.parity_precision)
+            compiled, secs = compiling[impl].result()
             parity["compile_s"][impl] = round(secs, 2)
             done[impl, full] = compiled, jax.block_until_ready(compiled(*b.args)), secs
         except Exception as e:  # noqa: BLE001 -- recorded per configuration
@@ -573,22 +587,24 @@ def run_timing(case: Case, opts, rec: dict, stash: dict) -> None:
         rec["sizes"]["timing"] = b.sizes
         timing.update(scale=scale, cudnn_problem=b.cudnn_note, flops_fwd=b.flops_fwd, flops_fwd_bwd=b.flops_fwd_bwd,
                       bytes_fwd=b.bytes_fwd, flops_model=b.flops_model)
+        kinds = ("fwd", "fwd_bwd") if b.diff else ("fwd",)
+        impls = [i for i in ("kernel", "xla", "cudnn") if getattr(b, i) is not None]
+        progs = {(i, k): program(b, getattr(b, i), backward=k == "fwd_bwd", key=jax.random.fold_in(key, 4))
+                 for i in impls for k in kinds if (i, k) not in done}
+        compiling = compile_concurrently(progs, b.args, options=options, precision=None)
         outs = {}
         for impl in ("kernel", "xla", "cudnn"):
-            fn0 = getattr(b, impl)
             t = timing[impl] = {}
-            if fn0 is None:
+            if impl not in impls:
                 t["refused"] = b.cudnn_note
                 continue
-            for kind in ("fwd", "fwd_bwd") if b.diff else ("fwd",):
+            for kind in kinds:
                 check_budget(f"{impl} {kind}")
                 try:
                     if (impl, kind) in done:
                         compiled, out, secs = done[impl, kind]
                     else:
-                        fn = program(b, fn0, backward=kind == "fwd_bwd", key=jax.random.fold_in(key, 4))
-                        compiled, secs = compile_program(fn, b.args, options=options, precision=None)
-                        out = None
+                        (compiled, secs), out = compiling[impl, kind].result(), None
                     t[f"compile_{kind}_s"] = round(secs, 2)
                     r = time_compiled(compiled, b.args, repeats=opts.repeats, warmup=opts.warmup)
                 except Exception as e:  # noqa: BLE001
