@@ -22,7 +22,9 @@ paged decode) and ``CONFIGS`` of tests/pallas/test_gla_lowering.py (chunked GLA)
    bandwidth, plus the matmul rate and copy bandwidth measured at the start (the ceilings).
 
 Parity runs first for every configuration (pass 1: the compile check, cheap), timing second
-(pass 2), so a run cut short has parity for all.  A compile failure, a refusal or a disagreement
+(pass 2), so a run cut short has parity for all.  The programs of one configuration and pass
+compile side by side in threads (compile seconds are wall times of those overlapping compiles);
+runs and timings are sequential.  A compile failure, a refusal or a disagreement
 is recorded for its configuration, not fatal.  Each configuration's timing has a budget
 (``--config-budget-s``: past it the rest of its timing is skipped) and the run a global deadline
 (``--deadline-s``: what has not started is listed as skipped, saying so; a watchdog ends a run
