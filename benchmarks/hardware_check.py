@@ -831,7 +831,8 @@ def select(cases: list[Case], opts) -> tuple[list[Case], list[Case]]:
 
 def _run_all(run: list[Case], report: dict, writer: Writer, state: dict, opts, t_start: float) -> None:
     print(f"hardware_check: {len(run)} of {len(report['configs'])} configurations on {report['meta']['device']} "
-          f"(jax {jax.__version__}, dry run {opts.dry_run}); writing {writer.json_path}", flush=True)
+          f"(jax {jax.__version__}, flax {report['meta']['flax']}, dry run {opts.dry_run}); writing "
+          f"{writer.json_path}", flush=True)
     if not opts.dry_run:
         report["ceilings"] = ceilings(opts)
         print(f"ceilings: {report['ceilings']}", flush=True)
@@ -890,13 +891,15 @@ def main(argv=None) -> dict:
         raise SystemExit(f"hardware_check: expected a GPU backend, got {backend!r} (use --dry-run on a CPU)")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dev = jax.devices()[0]
+    cases = kernel_cases()   # imports attn_jax (and with it flax)
+    import flax
     import jaxlib
-    cases = kernel_cases()
     run, not_selected = select(cases, opts)
     report: dict[str, Any] = {
         "meta": dict(timestamp=stamp, dry_run=opts.dry_run, backend=backend,
                      device=getattr(dev, "device_kind", str(dev)), jax=jax.__version__,
-                     jaxlib=getattr(jaxlib, "__version__", "?"), jax_pin="".join(JAX_PIN),
+                     jaxlib=getattr(jaxlib, "__version__", "?"), flax=getattr(flax, "__version__", "?"),
+                     jax_pin="".join(JAX_PIN),
                      python=sys.version.split()[0], argv=sys.argv[1:] if argv is None else list(argv),
                      peak_bf16_dense_tflops=H200_BF16_DENSE_TFLOPS, peak_hbm_tbps=H200_HBM_TBPS,
                      deadline_s=opts.deadline_s, config_budget_s=opts.config_budget_s, repeats=opts.repeats,
