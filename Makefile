@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: demo test test-slow bench matrix clean
+.PHONY: demo test test-slow bench matrix hardware-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.exact_attention
+
+# On the lent GPU machine (BUILD.md, "Hardware check"): its image's python3 already has jax with CUDA;
+# nothing is installed (no network there), the repository runs from the working tree.
+HW_ARGS ?=
+hardware-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PY) -m benchmarks.hardware_check $(HW_ARGS)
 
 matrix: $(STAMP)
 	$(BIN)/python -m attn_jax.feature_matrix --write README.md

@@ -177,27 +177,41 @@ def test_paged_matches_contiguous(platform, case):
 # ----------------------------------------------------------------------------- lowering
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_lowering(platform, head_dim, dtype, layout):
-    kp = {"cuda": "gpu", "tpu": "tpu"}[platform]
-    B, H, K = 2, 8, 2
-    T = 4 if dtype == jnp.bfloat16 else 1
+def _lowering_config(layout, dtype, head_dim):
+    cfg = dict(layout=layout, dtype=dtype, head_dim=head_dim, B=2, H=8, K=2, T=4 if dtype == jnp.bfloat16 else 1)
     if layout == "paged":
-        P, ps, Mp = 64, 16, 32
-        fn = functools.partial(paged_decode_attention, pages_per_split=8, softcap=30.0, platform=kp)
-        args = [S_((B, T, H, head_dim), dtype), S_((P, ps, K, head_dim), dtype), S_((P, ps, K, head_dim), dtype),
+        return dict(cfg, num_pages=64, page_size=16, max_pages=32, pages_per_split=8, softcap=30.0)
+    return dict(cfg, S=1024, num_splits=4)
+
+
+#: name -> lowered configuration (cache layout, dtype, sizes, split); benchmarks/hardware_check.py runs these.
+LOWERING = {
+    f"{layout}_{name}_hd{head_dim}": _lowering_config(layout, dtype, head_dim)
+    for layout in ("contiguous", "paged") for name, dtype in (("bf16", jnp.bfloat16), ("fp32", jnp.float32))
+    for head_dim in (64, 128)
+}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("name", list(LOWERING))
+def test_lowering(platform, name):
+    c = LOWERING[name]
+    dtype, D, B, T, H, K = c["dtype"], c["head_dim"], c["B"], c["T"], c["H"], c["K"]
+    kp = {"cuda": "gpu", "tpu": "tpu"}[platform]
+    if c["layout"] == "paged":
+        P, ps, Mp = c["num_pages"], c["page_size"], c["max_pages"]
+        fn = functools.partial(paged_decode_attention, pages_per_split=c["pages_per_split"], softcap=c["softcap"],
+                               platform=kp)
+        args = [S_((B, T, H, D), dtype), S_((P, ps, K, D), dtype), S_((P, ps, K, D), dtype),
                 S_((B, Mp), jnp.int32), S_((B,), jnp.int32)]
     else:
-        fn = functools.partial(decode_attention, num_splits=4, platform=kp)
-        args = [S_((B, T, H, head_dim), dtype), S_((B, 1024, K, head_dim), dtype),
-                S_((B, 1024, K, head_dim), dtype), S_((B,), jnp.int32)]
+        fn = functools.partial(decode_attention, num_splits=c["num_splits"], platform=kp)
+        args = [S_((B, T, H, D), dtype), S_((B, c["S"], K, D), dtype), S_((B, c["S"], K, D), dtype),
+                S_((B,), jnp.int32)]
     exported = lower_for(lambda *a: fn(*a, sinks=jnp.zeros((H,), jnp.float32)), platform, *args)
     assert KERNEL_CALL_TARGET[platform] in custom_call_targets(exported)
     o, lse = exported.out_avals
-    assert o.shape == (B, T, H, head_dim) and o.dtype == dtype and lse.shape == (B, T, H)
+    assert o.shape == (B, T, H, D) and o.dtype == dtype and lse.shape == (B, T, H)
 
 
 def test_decode_registry_method_pallas_lowers_to_the_kernels_and_explains_cpu():

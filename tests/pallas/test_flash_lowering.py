@@ -29,24 +29,27 @@ def _seg(n):
     return jnp.concatenate([jnp.full((1, n // 2), 1, jnp.int32), jnp.full((1, n - n // 2), 2, jnp.int32)], 1)
 
 
-# name -> problem description (mask builder, extras, dtype, T, S, Dk, Dv)
+# name -> problem description: ``mask(T, S)`` builder, ``bias(T, S)`` shape, extras, dtype, T, S, Dk, Dv.
+# Builders take the sequence lengths, so benchmarks/hardware_check.py runs the same configurations at
+# other sizes (key-padding lengths scale with S).
 CONFIGS = {
-    "causal": dict(mask=lambda: masks.causal()),
-    "window_ragged_bf16": dict(mask=lambda: masks.sliding_window(64, 8), T=200, S=300, dtype=jnp.bfloat16),
-    "segments_causal": dict(mask=lambda: masks.segments(_seg(T)) & masks.causal()),
-    "chunked_prefix_keypad": dict(mask=lambda: masks.chunked(96) & masks.prefix_lm(16)
-                                  & masks.key_padding(jnp.array([200]))),
-    "dense_bias": dict(bias=S_((1, H, T, S), jnp.float32)),
-    "alibi_causal": dict(mask=lambda: masks.causal(), slopes=True),
-    "softcap_sinks": dict(softcap=30.0, sinks=True, mask=lambda: masks.causal()),
-    "gqa_dk_ne_dv": dict(Dk=128, Dv=64, mask=lambda: masks.causal()),
-    "hd128_bf16": dict(Dk=128, Dv=128, dtype=jnp.bfloat16, mask=lambda: masks.causal()),
-    "hd256_bf16": dict(Dk=256, Dv=256, dtype=jnp.bfloat16, mask=lambda: masks.causal()),
-    "odd_head_dim_100": dict(Dk=100, Dv=100, dtype=jnp.bfloat16, mask=lambda: masks.causal()),
-    "decode_T1_keypad": dict(T=1, S=300, mask=lambda: masks.causal() & masks.key_padding(jnp.array([250]))),
-    "dropout_causal_bf16": dict(dtype=jnp.bfloat16, mask=lambda: masks.causal(), dropout=0.1),
-    "fp16_everything": dict(dtype=jnp.float16, mask=lambda: masks.segments(_seg(T)) & masks.sliding_window(100),
-                            bias=S_((1, 1, T, S), jnp.float32), softcap=20.0, sinks=True),
+    "causal": dict(mask=lambda t, s: masks.causal()),
+    "window_ragged_bf16": dict(mask=lambda t, s: masks.sliding_window(64, 8), T=200, S=300, dtype=jnp.bfloat16),
+    "segments_causal": dict(mask=lambda t, s: masks.segments(_seg(t)) & masks.causal()),
+    "chunked_prefix_keypad": dict(mask=lambda t, s: masks.chunked(96) & masks.prefix_lm(16)
+                                  & masks.key_padding(jnp.array([s * 25 // 32]))),
+    "dense_bias": dict(bias=lambda t, s: S_((1, H, t, s), jnp.float32)),
+    "alibi_causal": dict(mask=lambda t, s: masks.causal(), slopes=True),
+    "softcap_sinks": dict(softcap=30.0, sinks=True, mask=lambda t, s: masks.causal()),
+    "gqa_dk_ne_dv": dict(Dk=128, Dv=64, mask=lambda t, s: masks.causal()),
+    "hd128_bf16": dict(Dk=128, Dv=128, dtype=jnp.bfloat16, mask=lambda t, s: masks.causal()),
+    "hd256_bf16": dict(Dk=256, Dv=256, dtype=jnp.bfloat16, mask=lambda t, s: masks.causal()),
+    "odd_head_dim_100": dict(Dk=100, Dv=100, dtype=jnp.bfloat16, mask=lambda t, s: masks.causal()),
+    "decode_T1_keypad": dict(T=1, S=300,
+                             mask=lambda t, s: masks.causal() & masks.key_padding(jnp.array([s * 5 // 6]))),
+    "dropout_causal_bf16": dict(dtype=jnp.bfloat16, mask=lambda t, s: masks.causal(), dropout=0.1),
+    "fp16_everything": dict(dtype=jnp.float16, mask=lambda t, s: masks.segments(_seg(t)) & masks.sliding_window(100),
+                            bias=lambda t, s: S_((1, 1, t, s), jnp.float32), softcap=20.0, sinks=True),
 }
 
 
@@ -58,7 +61,7 @@ def _problem(cfg):
     extras = []
     if "bias" in cfg:
         extras.append("bias")
-        args.append(cfg["bias"])
+        args.append(cfg["bias"](t, s))
     if cfg.get("slopes"):
         extras.append("slopes")
         args.append(S_((H,), jnp.float32))
@@ -69,7 +72,7 @@ def _problem(cfg):
     def fn(q, k, v, *xs, impl="pallas"):
         kw = dict(zip(extras, xs))
         bias = ALiBi(kw["slopes"]) if "slopes" in kw else kw.get("bias")
-        mask = cfg["mask"]() if "mask" in cfg else None
+        mask = cfg["mask"](t, s) if "mask" in cfg else None
         return aj.attention(q, k, v, mask=mask, bias=bias, sinks=kw.get("sinks"), softcap=cfg.get("softcap"),
                             dropout_rate=cfg.get("dropout", 0.0),
                             dropout_rng=jax.random.key(0) if cfg.get("dropout") else None, impl=impl)
