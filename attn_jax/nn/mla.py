@@ -233,8 +233,8 @@ class MultiHeadLatentAttention(nnx.Module):
     # ------------------------------------------------------------------ conversion
 
     @classmethod
-    def from_mha(cls, mha, *, kv_rank: int, rope_pairs=None, strategy: str = "2-norm", calibration=None,
-                 rngs: nnx.Rngs | None = None) -> "MultiHeadLatentAttention":
+    def from_mha(cls, mha, *, kv_rank: int, rope_pairs=None, strategy: str = "2-norm",
+                 calibration=None) -> "MultiHeadLatentAttention":
         """MHA2MLA: an MLA layer initialised from a :class:`~attn_jax.nn.MultiHeadAttention`.
 
         ``rope_pairs``: for a RoPE layer, the pairs each kv head keeps rotary — an int (that many,
@@ -275,14 +275,15 @@ class MultiHeadLatentAttention(nnx.Module):
         conv = mha_to_mla(w_q, w_k, w_v, kv_rank=kv_rank, rope_pairs=pairs)
         r = conv.rope_pairs.shape[1]
         param_dtype = mha.w_q[...].dtype
-        mla = cls(mha.d_model, mha.num_heads, num_kv_heads=K, head_dim=D - 2 * r, rope_head_dim=2 * r,
-                  value_head_dim=mha.value_head_dim, kv_rank=conv.kv_rank, rope_key_heads=K if r else 1,
-                  rope_pairs=conv.rope_pairs.tolist() if r else None, rope_ref_dim=D if r else None,
-                  latent_norm=False, rope_base=mha.rope_base, dtype=mha.dtype, param_dtype=param_dtype,
-                  impl=mha.impl, rngs=nnx.Rngs(0) if rngs is None else rngs)
+        # every parameter is overwritten below: build the layer abstractly (no random init)
+        mla = nnx.eval_shape(lambda: cls(
+            mha.d_model, mha.num_heads, num_kv_heads=K, head_dim=D - 2 * r, rope_head_dim=2 * r,
+            value_head_dim=mha.value_head_dim, kv_rank=conv.kv_rank, rope_key_heads=K if r else 1,
+            rope_pairs=conv.rope_pairs.tolist() if r else None, rope_ref_dim=D if r else None, latent_norm=False,
+            rope_base=mha.rope_base, dtype=mha.dtype, param_dtype=param_dtype, impl=mha.impl, rngs=nnx.Rngs(0)))
         for name, value in (("w_q", conv.w_q), ("w_dkv", conv.w_dkv), ("w_uk", conv.w_uk), ("w_uv", conv.w_uv),
                             ("w_kr", conv.w_kr), ("w_o", np.asarray(mha.w_o[...]))):
             p = getattr(mla, name)
             if p is not None:
-                p.value = jnp.asarray(value, param_dtype)
+                p.set_value(jnp.asarray(value, param_dtype))
         return mla

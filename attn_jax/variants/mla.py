@@ -155,8 +155,9 @@ def _scale(scale, d: _Dims) -> float:
 
 
 def _mm(eq: str, a, b):
-    """``einsum`` accumulated in float32, returned in ``a``'s dtype."""
-    return jnp.einsum(eq, a, b.astype(a.dtype), preferred_element_type=jnp.float32).astype(a.dtype)
+    """``einsum`` accumulated in at least float32, returned in ``a``'s dtype."""
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    return jnp.einsum(eq, a, b.astype(a.dtype), preferred_element_type=acc).astype(a.dtype)
 
 
 # ----------------------------------------------------------------------------- the two forms
