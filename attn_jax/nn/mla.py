@@ -187,7 +187,7 @@ class MultiHeadLatentAttention(nnx.Module):
         """``(q_nope [B,T,H,Dn], q_rope [B,T,H,Dr], c_kv [B,T,d_c], k_rope [B,T,G,Dr])`` of ``x``,
         RoPE applied at ``positions`` (default: after the cache's fill)."""
         B, T, _ = x.shape
-        H, G, Dn, Dr = self.num_heads, self.rope_key_heads, self.head_dim, self.rope_head_dim
+        G, Dn, Dr = self.rope_key_heads, self.head_dim, self.rope_head_dim
         x = x.astype(self.dtype)
         cq = x
         if self.q_rank is not None:

@@ -72,8 +72,8 @@ def test_absorbed_query_scores_the_latent_rows():
         rows = np.asarray(M.latent_rows(jnp.asarray(c), jnp.asarray(kr)))
     got = np.einsum("bthl,bsl->bhts", q_abs, rows)
     kc = np.einsum("bsc,ckn->bskn", c, wuk)
-    g = np.arange(H) // (H // K)
-    want = np.einsum("bthn,bshn->bhts", qn, kc[:, :, g]) + np.einsum("bthr,bshr->bhts", qr, kr[:, :, np.arange(H) // (H // G)])
+    kv_head, rope_head = np.arange(H) // (H // K), np.arange(H) // (H // G)
+    want = np.einsum("bthn,bshn->bhts", qn, kc[:, :, kv_head]) + np.einsum("bthr,bshr->bhts", qr, kr[:, :, rope_head])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
