@@ -8,6 +8,9 @@ matrix and the mixer registry are read from those declarations.
 
 import types as _types
 
+from attn_jax.variants.mla import (LatentKVCache, mha_to_mla, mla_attention, mla_prefill, mla_reference,
+                                   select_rope_pairs)
+
 # the public names are the ones imported above (each module's own file lists its functions once)
 __all__ = sorted(_n for _n, _v in dict(globals()).items()
                  if not _n.startswith("_") and not isinstance(_v, _types.ModuleType))
