@@ -23,7 +23,7 @@ B, T, D, H = 2, 16, 32, 4
 
 @pytest.fixture(scope="module", params=mixers.names(causal=False))
 def mixer(request):
-    m = mixers.get(request.param)(D, H, rngs=nnx.Rngs(0), num_kv_heads=2, causal=False)
+    m = tk.build_module(mixers.get(request.param), D, H, num_kv_heads=2, causal=False)
     graphdef, state = nnx.split(m)
 
     @tk.fast_jit

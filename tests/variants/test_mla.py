@@ -20,14 +20,6 @@ from attn_jax.variants import mla as M
 _normal = tk.fast_jit(lambda key, shape: jax.random.normal(key, shape, jnp.float32), static_argnums=1)
 
 
-def _build(cls, *args, seed=0, **kw):
-    """``cls(*args, rngs=nnx.Rngs(seed), **kw)`` with its initialisers run as one fast-compiled
-    program (eager initialisation compiles every parameter shape separately: ~7x slower)."""
-    make = lambda: cls(*args, rngs=nnx.Rngs(seed), **kw)  # noqa: E731
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    return nnx.merge(graphdef, tk.fast_jit(lambda: nnx.split(make())[1])())
-
-
 def _jitted(m):
     graphdef, state = nnx.split(m)
     f = tk.fast_jit(lambda state, x, cache: nnx.merge(graphdef, state)(x, cache=cache))
@@ -84,7 +76,7 @@ def test_prefill_decode_equals_full_forward_low_rank_query_and_bf16():
     """Low-rank query path, latent norm, K=2 kv heads, G=2 rotary keys: a 7-token prefill then
     single steps == the full forward (float32); the bfloat16 layer stays within bf16 tolerance."""
     d, H, T = 32, 4, 12
-    m = _build(MultiHeadLatentAttention, d, H, num_kv_heads=2, q_rank=20, kv_rank=12, rope_key_heads=2, seed=3)
+    m = tk.build_module(MultiHeadLatentAttention, d, H, num_kv_heads=2, q_rank=20, kv_rank=12, rope_key_heads=2, seed=3)
     x = _normal(jax.random.key(1), (2, T, d))
     call = _jitted(m)
     full = call(x)[0]
@@ -138,7 +130,7 @@ def test_conversion_at_full_rank_reproduces_mha(positional, rope_pairs):
     converted layer reproduces the MHA layer (no RoPE, or every pair kept), or the MHA with RoPE
     on the selected pairs only (partial RoPE, 2-norm selection); a lower rank does not."""
     d, H, K, D = 16, 4, 2, 8
-    mha = _build(MultiHeadAttention, d, H, num_kv_heads=K, head_dim=D, positional=positional, seed=1)
+    mha = tk.build_module(MultiHeadAttention, d, H, num_kv_heads=K, head_dim=D, positional=positional, seed=1)
     x = _normal(jax.random.key(2), (2, 10, d))
     if rope_pairs == "all":
         mla = MultiHeadLatentAttention.from_mha(mha, kv_rank=16, rope_pairs=D // 2, strategy="high")
