@@ -48,7 +48,7 @@ def _sds(*shape, dtype=jnp.float32):
 def _attention_rows() -> list[tuple[str, str, dict]]:
     """(row title, feature key used by mixers, attention problem)."""
     from attn_jax import masks
-    from attn_jax.positional import ALiBi, T5RelativeBias, alibi_slopes
+    from attn_jax.positional import ALiBi, LowRankBias, T5RelativeBias, alibi_slopes
 
     B, T, H, D = 2, 64, 4, 64
     ids = jnp.ones((B, T), jnp.int32)
@@ -67,6 +67,8 @@ def _attention_rows() -> list[tuple[str, str, dict]]:
         ("Additive bias (dense, with dbias)", "bias", dict(bias=_sds(1, H, T, T))),
         ("ALiBi (evaluated per tile)", "alibi", dict(bias=ALiBi(alibi_slopes(H)))),
         ("T5 relative bias (per tile, learned)", "t5", dict(bias=T5RelativeBias(jnp.zeros((32, H))))),
+        ("Low-rank bias folded into q/k (FlashBias)", "low_rank_bias",
+         dict(bias=LowRankBias(_sds(1, T, H, 2), _sds(1, T, 1, 2)))),
         ("Logit softcap", "softcap", dict(softcap=30.0)),
         ("Learned sinks (with gradient)", "sinks", dict(sinks=_sds(H))),
         ("Attention dropout (counter-based)", "dropout", dict(dropout_rate=0.1)),
@@ -97,6 +99,7 @@ def _decode_serves(feature: str, spec: dict) -> bool:
     """Whether the decode path (one new query over a KV cache) serves the row's feature."""
     from attn_jax import masks
     import attn_jax as aj
+    from attn_jax.positional import LowRankBias
     from attn_jax.softmax import decode
 
     spec = dict(spec)
@@ -108,6 +111,8 @@ def _decode_serves(feature: str, spec: dict) -> bool:
     spec.pop("softcap", None)  # a plain keyword of decode_attention, forwarded to attention
     if "bias" in spec:
         b = spec.pop("bias")
+        if isinstance(b, LowRankBias):   # decode_attention takes no factors (fold them into the cache instead)
+            return False
         kw["bias"] = _sds(1, H, 1, S) if isinstance(b, jax.ShapeDtypeStruct) else b
     if "mask" in spec:  # decode is causal already; other masks are given in cache coordinates
         spec.pop("mask")

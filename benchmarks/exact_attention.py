@@ -31,6 +31,7 @@ import numpy as np
 
 import attn_jax as aj
 from attn_jax import masks
+from attn_jax.core.bias import LowRankBias
 from attn_jax.softmax import dense as aj_dense
 from attn_jax.softmax import xla as aj_xla
 from benchmarks import common
@@ -58,6 +59,52 @@ def jax_impls():
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
     return {"auto": auto_fwd, "xla": xla_fwd, "reference": ref_fwd, "jax.nn": jaxnn_fwd}
+
+
+def low_rank_bias_row(T: int = 8192, repeats: int = 3, out=os.path.join("results", "bench", "low_rank_bias")):
+    """Causal ALiBi at ``T`` (B=1, H=8, D=64, float32) given two ways to ``aj.attention`` (auto):
+    as its exact rank-2 factors folded into q/k (:func:`attn_jax.positional.alibi_factors`) and as
+    the dense ``[1, H, T, T]`` bias array (with its gradient).  Records time (fwd, fwd+bwd) and
+    compiled memory (temp and argument bytes) of each; writes ``out.json``."""
+    from attn_jax.positional import alibi_factors, alibi_slopes
+
+    q, k, v, c = _inputs(T, jnp.float32)
+    slopes = alibi_slopes(H)
+    fac = alibi_factors(slopes, T)
+    pos = jnp.arange(T, dtype=jnp.float32)
+    dense = (-slopes[:, None, None] * jnp.abs(pos[:, None] - pos[None, :]))[None]      # [1, H, T, T]
+    variants = {
+        "factors": (lambda q, k, v, u, w: aj.attention(q, k, v, bias=LowRankBias(u, w), mask=masks.causal()),
+                    (fac.u, fac.v)),
+        "dense_bias": (lambda q, k, v, b: aj.attention(q, k, v, bias=b, mask=masks.causal()), (dense,)),
+    }
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        peers = {}
+        for name, (fwd, extra) in variants.items():
+            if mode == "fwd":
+                fn, fargs = fwd, (q, k, v, *extra)
+            else:
+                n = 3 + len(extra)
+                fn = (lambda fwd, n: lambda *a: jax.grad(
+                    lambda *x: jnp.sum(fwd(*x) * a[-1]), argnums=tuple(range(n)))(*a[:-1]))(fwd, n)
+                fargs = (q, k, v, *extra, c)
+            mem = common.compiled_memory(fn, *common.abstract(*fargs))
+            peers[name] = (jax.jit(fn), fargs, None)
+            rows.append({"variant": name, "mode": mode, "T": T, **mem})
+        timed = common.time_peers(peers, repeats=repeats, rounds=1)
+        for row in rows[-2:]:
+            row.update(timed[row["variant"]])
+            print(f"low-rank bias T={T} {row['variant']:10s} {mode:7s} median {common.fmt_time(row['median_s']):>10s}"
+                  f"  temp {common.fmt_bytes(row['temp_bytes']):>10s}  args {common.fmt_bytes(row['argument_bytes'])}",
+                  flush=True)
+    payload = {"benchmark": "low_rank_bias", "config": {"B": B, "H": H, "D": D, "T": T, "bias": "causal ALiBi",
+                                                        "rank": 2, "repeats": repeats},
+               "environment": common.environment(), "rows": rows}
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    common.write_json(out + ".json", payload)
+    print(f"wrote {out}.json")
+    return payload
 
 
 def fwd_bwd(fwd):
@@ -104,7 +151,11 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=60.0, help="skip runs predicted to take longer")
     ap.add_argument("--impls", default="auto,xla,jax.nn,torch", help="subset of auto,xla,reference,jax.nn,torch")
     ap.add_argument("--out", default=os.path.join("results", "bench", "exact_attention"))
+    ap.add_argument("--low-rank-only", action="store_true",
+                    help="only the low-rank-bias row (FlashBias factors vs the dense bias, T=8192)")
     args = ap.parse_args(argv)
+    if args.low_rank_only:
+        return low_rank_bias_row(repeats=args.repeats)
     parse = lambda s: [int(x) for x in s.split(",") if x]
     plan = {"float32": [256, 1024], "bfloat16": []} if args.quick else {
         "float32": parse(args.seq_lens), "bfloat16": parse(args.bf16_seq_lens)}

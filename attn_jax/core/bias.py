@@ -20,6 +20,7 @@ is what decoding and chunked prefill need).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -43,3 +44,67 @@ class StructuredBias:
 def query_positions(q_idx, T: int, S: int):
     """Absolute positions of queries under bottom-right alignment."""
     return q_idx + (S - T)
+
+
+@jax.tree_util.register_pytree_node_class
+class LowRankBias:
+    """An additive bias given by factors, ``bias[b, h, i, j] = Σ_r u[b, i, h, r] · v[b, j, h', r]``
+    (``h' = h // (H / Hv)``; ``v`` has ``Hv`` = 1, the key/value heads ``K`` or the query heads ``H``).
+
+    FlashBias (Wu et al., "FlashBias: Fast Computation of Attention with Bias", 2025,
+    arXiv:2505.12044): a rank-``r`` bias is folded into the dot products,
+    ``scale q·k + u·v = scale [q, u / scale]·[k, v]``, so every backend (the fused kernels
+    included) runs it with ``Dk + r`` channels and never reads a ``T x S`` array.
+    ``u``: ``[..., T, H|1, r]`` laid out like ``q``; ``v``: ``[..., S, Hv, r]`` laid out like ``k``.
+    The factors are cast to the dtype of ``q`` (bfloat16 factors with large entries lose
+    precision: keep them O(1)-scaled).  Gradients flow to ``u`` and ``v``.
+    """
+
+    def __init__(self, u, v):
+        self.u, self.v = u, v
+
+    def tree_flatten(self):
+        return (self.u, self.v), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    @property
+    def rank(self) -> int:
+        return int(self.u.shape[-1])
+
+    def fold(self, q, k, v, scale: float | None, softcap):
+        """``(q', k', v', scale)`` such that attention on them equals attention on ``q, k, v`` with
+        this bias; ``k``/``v`` are repeated to ``H`` heads when ``self.v`` has per-query-head factors."""
+        u, fv = jnp.asarray(self.u), jnp.asarray(self.v)
+        if softcap is not None:
+            raise ValueError("bias: a LowRankBias cannot be combined with softcap (the cap applies to the logits "
+                             "before the bias; folded into q and k, the bias would be capped too)")
+        if u.ndim != q.ndim or fv.ndim != k.ndim or u.shape[-1] != fv.shape[-1]:
+            raise ValueError(f"bias: LowRankBias factors must be laid out like q and k with one rank axis: "
+                             f"u {tuple(u.shape)} for q {tuple(q.shape)}, v {tuple(fv.shape)} for k {tuple(k.shape)}")
+        T, H, S, K = q.shape[-3], q.shape[-2], k.shape[-3], k.shape[-2]
+        if u.shape[-3] != T or u.shape[-2] not in (1, H):
+            raise ValueError(f"bias: LowRankBias u must be [..., T={T}, H={H} or 1, r], got {tuple(u.shape)}")
+        if fv.shape[-3] != S or fv.shape[-2] not in (1, K, H):
+            raise ValueError(f"bias: LowRankBias v must be [..., S={S}, 1, K={K} or H={H}, r], got {tuple(fv.shape)}")
+        if fv.shape[-2] == H and K != H:      # per-query-head key factors: keys and values per query head
+            k, v = (jnp.repeat(x, H // K, axis=-2) for x in (k, v))
+            K = H
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        lead = jnp.broadcast_shapes(q.shape[:-3], u.shape[:-3])
+        u = jnp.broadcast_to(u / scale, (*lead, T, H, u.shape[-1])).astype(q.dtype)
+        fv = jnp.broadcast_to(fv, (*jnp.broadcast_shapes(k.shape[:-3], fv.shape[:-3]), S, K, fv.shape[-1]))
+        return (jnp.concatenate([q, u], axis=-1), jnp.concatenate([k, fv.astype(k.dtype)], axis=-1), v, scale)
+
+    def materialize(self, num_heads: int):
+        """The dense bias ``[B|1, H, T, S]`` (float32, or float64 factors' float64; references and tests)."""
+        dt = jnp.promote_types(jnp.result_type(self.u, self.v), jnp.float32)
+        u, fv = jnp.asarray(self.u, dt), jnp.asarray(self.v, dt)
+        u = jnp.broadcast_to(u, (*u.shape[:-2], num_heads, u.shape[-1]))
+        fv = jnp.repeat(fv, num_heads // fv.shape[-2], axis=-2)
+        return jnp.einsum("...thr,...shr->...hts", u, fv)
+
+    def __repr__(self):
+        return f"LowRankBias(u={tuple(self.u.shape)}, v={tuple(self.v.shape)})"

@@ -1,4 +1,4 @@
-"""Positional schemes: rotary (RoPE, xPos), additive biases (ALiBi, T5) and absolute embeddings.
+"""Positional schemes: rotary (RoPE, xPos), additive biases (ALiBi, T5, low-rank factors) and absolute embeddings.
 
 Rotary schemes transform queries and keys ``[B, T, H, D]`` before attention; additive biases are
 :class:`attn_jax.core.bias.StructuredBias` pytrees passed as ``bias=`` to attention; absolute
@@ -11,6 +11,7 @@ from attn_jax.positional.absolute import (
     sinusoidal_embedding,
 )
 from attn_jax.positional.alibi import ALiBi, alibi, alibi_slopes
+from attn_jax.positional.low_rank import LowRankBias, alibi_factors, low_rank_bias, low_rank_factors
 from attn_jax.positional.rope import RopeScaling, apply_rope, rope_frequencies, yarn_attention_factor
 from attn_jax.positional.t5 import T5RelativeBias, relative_position_bucket
 from attn_jax.positional.xpos import apply_xpos
@@ -23,6 +24,10 @@ __all__ = [
     "alibi_slopes",
     "ALiBi",
     "alibi",
+    "LowRankBias",
+    "low_rank_bias",
+    "low_rank_factors",
+    "alibi_factors",
     "relative_position_bucket",
     "T5RelativeBias",
     "sinusoidal_embedding",

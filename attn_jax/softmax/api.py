@@ -13,6 +13,7 @@ from jaxtyping import Array, Float
 from attn_jax.core import checks
 from attn_jax.core import layout as L
 from attn_jax.core.array_types import ArrayLike
+from attn_jax.core.bias import LowRankBias
 from attn_jax.core import validation as V
 from attn_jax.core.dispatch import Decision, Registry, explain_call, register_explainer
 from attn_jax.softmax.problem import AttentionProblem, attention_problem
@@ -43,7 +44,8 @@ def attention(q: Float[ArrayLike, "*batch T H Dk"], k: Float[ArrayLike, "*batch 
         folded into ``B`` and restored on the output); any array-like (NumPy included).
       bias: additive logits, a float array broadcastable to ``[B, H, T, S]`` (rank 3
         ``[H|1, T|1, S|1]`` or rank 4; ``[batch..., H, T, S]`` for extra batch axes) or
-        a structured bias such as ``attn_jax.positional.ALiBi``.
+        a structured bias such as ``attn_jax.positional.ALiBi``, or a
+        :class:`~attn_jax.core.bias.LowRankBias` (factors folded into q and k: no ``T x S`` bias).
       mask: an :mod:`attn_jax.masks` object (``causal()``, ``sliding_window(...)``,
         ``segments(...)``, combinations with ``&``/``|``; they see the folded ``B``) or
         an array broadcastable to ``[B, H, T, S]`` (rank 3 or 4, each axis its size or
@@ -61,6 +63,7 @@ def attention(q: Float[ArrayLike, "*batch T H Dk"], k: Float[ArrayLike, "*batch 
       with q's batch axes: ``[T, H, Dv]`` for rank-3 q, ``[batch..., T, H, Dv]`` for extra axes.
     """
     V.check_no_unexpected_kwargs("attention", unexpected, _ATTENTION_KWARGS)
+    q, k, v, bias, scale = _fold_low_rank(q, k, v, bias, scale, softcap)
     q, k, v, bias, mask, sinks, layout = L.normalize_call(q, k, v, bias, mask, sinks)
     problem = attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
     checks.check_attention_inputs(q, k, v, problem.mask)   # NaN where the mask uses it; only under aj.checked
@@ -87,9 +90,24 @@ def _explain_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=Non
                        dropout_rng=None, return_lse=False, impl="auto", platform: str | None = None) -> Decision:
     if dropout_rate > 0 and dropout_rng is None:
         dropout_rng = jax.random.key(0)  # explain never draws; only the presence matters
+    q, k, v, bias, scale = _fold_low_rank(q, k, v, bias, scale, softcap)
     q, k, v, bias, mask, sinks, _ = L.normalize_call(q, k, v, bias, mask, sinks)
     problem = attention_problem(q, k, v, mask, bias, scale, softcap, sinks, dropout_rate, dropout_rng, return_lse)
     return ATTENTION.explain(impl, problem, platform)
+
+
+def _fold_low_rank(q, k, v, bias, scale, softcap):
+    """A :class:`~attn_jax.core.bias.LowRankBias` becomes ``r`` extra q/k channels (FlashBias): every
+    backend then serves it without a ``T x S`` bias; any other bias passes through."""
+    if not isinstance(bias, LowRankBias):
+        return q, k, v, bias, scale
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in (q, k, v, bias.u, bias.v)):   # aj.explain on shapes
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        q, k, v = jax.eval_shape(lambda *a: LowRankBias(*a[3:]).fold(*a[:3], scale, softcap)[:3],
+                                 q, k, v, bias.u, bias.v)
+        return q, k, v, None, scale
+    q, k, v, scale = bias.fold(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale, softcap)
+    return q, k, v, None, scale
 
 
 def merge_attention(parts, *, return_lse: bool = False) -> AttentionOutput:
