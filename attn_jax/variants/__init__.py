@@ -8,6 +8,14 @@ matrix and the mixer registry are read from those declarations.
 
 import types as _types
 
+from attn_jax.variants.sigmoid import sigmoid_attention, sigmoid_attention_reference
+from attn_jax.variants.relu import rela_output, relu_attention, relu_attention_reference
+from attn_jax.variants.softplus import softplus_attention, softplus_attention_reference
+from attn_jax.variants.clipped_softmax import clipped_softmax, clipped_softmax_reference
+from attn_jax.variants.entmax import (entmax_attention, entmax_attention_reference, entmax_bisect, sparsemax,
+                                      sparsemax_attention, sparsemax_attention_reference)
+from attn_jax.variants.cog import cog_attention, cog_attention_reference
+
 # the public names are the ones imported above (each module's own file lists its functions once)
 __all__ = sorted(_n for _n, _v in dict(globals()).items()
                  if not _n.startswith("_") and not isinstance(_v, _types.ModuleType))

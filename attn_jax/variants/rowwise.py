@@ -50,7 +50,8 @@ from attn_jax.softmax.problem import AttentionProblem, attention_problem
 from attn_jax.softmax.xla import default_block
 
 __all__ = ["ScoreMap", "SIGMOID", "RELU", "SOFTPLUS", "NormaliserProblem", "normaliser_call", "logit_scale",
-           "check_length_scale", "visible_mask", "scores_reference", "rowwise_reference", "rowwise_blockwise",
+           "check_length_scale", "no_reasons", "whole_row_reasons", "refuse_whole_row", "visible_mask",
+           "weighted_values", "scores_reference", "rowwise_reference", "rowwise_blockwise",
            "WHOLE_ROW_REASON"]
 
 #: The reason the whole-row normalisers (entmax, sparsemax, clipped softmax) give for not running tiled.
@@ -146,6 +147,11 @@ def no_reasons(platform, p) -> list[str]:
 def whole_row_reasons(platform, p) -> list[str]:
     """``unsupported`` of the blockwise form of a whole-row normaliser: always this reason."""
     return [WHOLE_ROW_REASON]
+
+
+def refuse_whole_row(p, *args):
+    """The ``blockwise`` entry of a whole-row normaliser (never chosen: see :func:`whole_row_reasons`)."""
+    raise ValueError(f"impl: {p.op} has no blockwise form: {WHOLE_ROW_REASON}")
 
 
 # ----------------------------------------------------------------------------- references
