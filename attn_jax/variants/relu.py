@@ -102,6 +102,8 @@ def _explain(q, k, v, *, mask=None, scale=None, length_scale=None, impl="auto", 
                               run=False, platform=platform)
 
 
+# Registration order is the "auto" order: the materialised form on CPU for small problems, else tiled.
+RELU_ATTENTION.register("dense", _reference, RW.dense_reasons)
 RELU_ATTENTION.register("xla", _xla, RW.no_reasons)
 RELU_ATTENTION.register("reference", _reference, RW.no_reasons, auto=False)
 register_explainer(relu_attention, _explain)
@@ -113,5 +115,5 @@ DECLARATION = declare(Declaration(
     name="relu_attention", family="variants", title="ReLA: ReLU attention with RMSNorm / gated output",
     papers=(Paper("Sparse Attention with Linear Units", 2021, "2104.07012", "Zhang et al."),),
     summary="o_i = RMSNorm(Σ_j relu(scale q_i·k_j) v_j) ⊙ g [⊙ sigmoid(x_i W_g)]", op=relu_attention,
-    forms=("xla",), directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:relu_mixer",
+    forms=("dense", "xla"), directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:relu_mixer",
     notes="tiled XLA form for the ReLU part; gain init 1 (the paper's special initialisation is not reproduced)"))

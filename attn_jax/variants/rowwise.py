@@ -47,10 +47,11 @@ from attn_jax.core import validation as V
 from attn_jax.core.array_types import ArrayLike
 from attn_jax.core.masks import Mask, as_mask
 from attn_jax.softmax.problem import AttentionProblem, attention_problem
+from attn_jax.softmax import dense as _dense
 from attn_jax.softmax.xla import default_block
 
 __all__ = ["ScoreMap", "SIGMOID", "RELU", "SOFTPLUS", "NormaliserProblem", "normaliser_call", "logit_scale",
-           "check_length_scale", "no_reasons", "whole_row_reasons", "refuse_whole_row", "visible_mask",
+           "check_length_scale", "no_reasons", "dense_reasons", "whole_row_reasons", "refuse_whole_row", "visible_mask",
            "weighted_values", "scores_reference", "rowwise_reference", "rowwise_blockwise",
            "WHOLE_ROW_REASON"]
 
@@ -142,6 +143,13 @@ def normaliser_call(registry, op: str, q, k, v, mask, scale, length_scale, impl,
 def no_reasons(platform, p) -> list[str]:
     """``unsupported`` of an implementation that serves every problem on every platform."""
     return []
+
+
+def dense_reasons(platform, p) -> list[str]:
+    """``unsupported`` of the ``dense`` form (the materialised reference chosen by ``auto``): as
+    :func:`attn_jax.softmax.dense.unsupported` -- XLA:CPU only, and ``B*H*T*S`` within
+    :data:`~attn_jax.softmax.dense.DENSE_BUDGET` (bounded extra memory; the tiled form above it)."""
+    return _dense.unsupported(platform, p.base)
 
 
 def whole_row_reasons(platform, p) -> list[str]:

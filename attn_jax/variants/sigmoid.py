@@ -8,7 +8,8 @@ Gu et al., 2024, arXiv:2410.10781, as "sigmoid attention without normalization")
 
 with the bias ``b = -log n`` the paper recommends (``n`` the sequence length; here ``n = S``, the
 number of keys of the call, the default ``b="-log n"``) or any float.  No row-global quantity is
-needed, so ``impl="xla"`` runs it tiled (:func:`attn_jax.variants.rowwise.rowwise_blockwise`, no
+needed, so ``impl="xla"`` (``"auto"``'s choice except for small problems on CPU, which get the
+materialised ``"dense"`` form within a fixed budget, as :mod:`attn_jax.softmax.dense`) runs it tiled (:func:`attn_jax.variants.rowwise.rowwise_blockwise`, no
 ``T x S`` array).  Fully masked rows give 0.  ``length_scale`` as in
 :mod:`attn_jax.variants.rowwise`.
 """
@@ -53,7 +54,8 @@ def sigmoid_attention(q: Float[ArrayLike, "*batch T H Dk"], k: Float[ArrayLike, 
       scale: logit scale, default ``Dk ** -0.5``.
       b: the logit bias: a float, or ``"-log n"`` (default) for ``-log(S)``.
       length_scale: entropy-invariant factor ``log_base(S)`` on the logits (None: off).
-      impl: ``"auto"`` / ``"xla"`` (tiled) / ``"reference"`` (materialised).
+      impl: ``"auto"`` (``"dense"`` on XLA:CPU while ``B*H*T*S`` is within the dense budget,
+        else ``"xla"``), ``"xla"`` (tiled), ``"dense"`` / ``"reference"`` (materialised).
     Returns:
       ``o [B, T, H, Dv]`` in q's dtype.
     """
@@ -84,6 +86,8 @@ def _explain(q, k, v, *, mask=None, scale=None, b="-log n", length_scale=None, i
                               {"b": _offset(b, np.shape(k)[-3])}, run=False, platform=platform)
 
 
+# Registration order is the "auto" order: the materialised form on CPU for small problems, else tiled.
+SIGMOID_ATTENTION.register("dense", _reference, RW.dense_reasons)
 SIGMOID_ATTENTION.register("xla", _xla, RW.no_reasons)
 SIGMOID_ATTENTION.register("reference", _reference, RW.no_reasons, auto=False)
 register_explainer(sigmoid_attention, _explain)
@@ -97,6 +101,6 @@ DECLARATION = declare(Declaration(
                   "Ramapuram et al."),
             Paper("When Attention Sink Emerges in Language Models: An Empirical View", 2024, "2410.10781",
                   "Gu et al.")),
-    summary="o_i = Σ_j sigmoid(scale q_i·k_j + b) v_j,  b = -log n", op=sigmoid_attention, forms=("xla",),
+    summary="o_i = Σ_j sigmoid(scale q_i·k_j + b) v_j,  b = -log n", op=sigmoid_attention, forms=("dense", "xla"),
     directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:sigmoid_mixer",
     notes="tiled XLA form (no T x S array); explain: aj.explain(aj.variants.sigmoid_attention, q, k, v)"))

@@ -59,6 +59,8 @@ def _explain(q, k, v, *, mask=None, scale=None, length_scale=None, impl="auto", 
                               run=False, platform=platform)
 
 
+# Registration order is the "auto" order: the materialised form on CPU for small problems, else tiled.
+SOFTPLUS_ATTENTION.register("dense", _reference, RW.dense_reasons)
 SOFTPLUS_ATTENTION.register("xla", _xla, RW.no_reasons)
 SOFTPLUS_ATTENTION.register("reference", _reference, RW.no_reasons, auto=False)
 register_explainer(softplus_attention, _explain)
@@ -71,5 +73,5 @@ DECLARATION = declare(Declaration(
     papers=(Paper("Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language Models", 2025,
                   "2501.13428", "Gao & Spratling"),),
     summary="o_i = Σ_j softplus(c s_ij) v_j / Σ_j softplus(c s_ij),  c = log_base(n)", op=softplus_attention,
-    forms=("xla",), directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:softplus_mixer",
+    forms=("dense", "xla"), directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:softplus_mixer",
     notes="tiled XLA form; the paper's re-weighting stage is not implemented"))

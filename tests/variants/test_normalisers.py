@@ -273,7 +273,10 @@ def test_explain_says_what_runs_and_why():
     q = jax.ShapeDtypeStruct((1, 8, 2, 4), jnp.float32)
     k = jax.ShapeDtypeStruct((1, 8, 2, 4), jnp.float32)
     d = aj.explain(V.sigmoid_attention, q, k, k)
-    assert set(d.chosen.values()) == {"xla"}
+    assert d.chosen == {"cpu": "dense", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
+    big = jax.ShapeDtypeStruct((1, 4096, 2, 4), jnp.float32)
+    d = aj.explain(V.softplus_attention, big, big, big, platform="cpu")
+    assert d.chosen == {"cpu": "xla"} and "dense budget" in str(d)
     d = aj.explain(V.entmax_attention, q, k, k)
     assert set(d.chosen.values()) == {"reference"}
     assert "row-global" in str(d)
