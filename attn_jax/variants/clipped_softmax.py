@@ -95,6 +95,6 @@ DECLARATION = declare(Declaration(
     name="clipped_softmax", family="variants", title="Clipped softmax (exact zeros, no-op heads)",
     papers=(Paper("Quantizable Transformers: Removing Outliers by Helping Attention Heads Do Nothing", 2023,
                   "2306.12929", "Bondarenko et al."),),
-    summary="w = clip((ζ - γ) softmax(s) + γ, 0, 1)", op=clipped_softmax, directions=("causal", "bidirectional"),
+    summary="w = clip((ζ - γ) softmax(s) + γ, 0, 1)", op=clipped_softmax, directions=("causal",),
     layer="attn_jax.nn.variant_mixers:clipped_softmax_mixer",
     notes="needs the row normaliser before the clip: materialised [B, H, T, S]"))

@@ -80,5 +80,5 @@ from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
 DECLARATION = declare(Declaration(
     name="cog_attention", family="variants", title="Cog attention (signed weights)",
     papers=(Paper("More Expressive Attention with Negative Weights", 2024, "2411.07176", "Lv et al."),),
-    summary="w_ij = sign(s_ij) softmax_j(|s_ij|)", op=cog_attention, directions=("causal", "bidirectional"),
+    summary="w_ij = sign(s_ij) softmax_j(|s_ij|)", op=cog_attention, directions=("causal",),
     layer="attn_jax.nn.variant_mixers:cog_mixer", notes="materialised [B, H, T, S] (no tiled form yet)"))

@@ -274,7 +274,7 @@ SPARSEMAX_DECLARATION = declare(Declaration(
     papers=(Paper("From Softmax to Sparsemax: A Sparse Model of Attention and Multi-Label Classification", 2016,
                   "1602.02068", "Martins & Astudillo"),),
     summary="p = [z - τ(z)]_+ (exact by sort), exact Jacobian on the support", op=sparsemax_attention,
-    directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:sparsemax_mixer",
+    directions=("causal",), layer="attn_jax.nn.variant_mixers:sparsemax_mixer",
     notes="whole-row normaliser: materialised [B, H, T, S]; explain says so"))
 
 ENTMAX_DECLARATION = declare(Declaration(
@@ -282,5 +282,5 @@ ENTMAX_DECLARATION = declare(Declaration(
     papers=(Paper("Sparse Sequence-to-Sequence Models", 2019, "1905.05702", "Peters et al."),
             Paper("Adaptively Sparse Transformers", 2019, "1909.00015", "Correia et al.")),
     summary="p_i = [(α-1) z_i - τ]_+^{1/(α-1)} (bisection), implicit gradients in z and α", op=entmax_attention,
-    directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:entmax_mixer",
+    directions=("causal",), layer="attn_jax.nn.variant_mixers:entmax_mixer",
     notes="whole-row normaliser: materialised [B, H, T, S]; explain says so"))

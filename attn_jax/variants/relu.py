@@ -115,5 +115,5 @@ DECLARATION = declare(Declaration(
     name="relu_attention", family="variants", title="ReLA: ReLU attention with RMSNorm / gated output",
     papers=(Paper("Sparse Attention with Linear Units", 2021, "2104.07012", "Zhang et al."),),
     summary="o_i = RMSNorm(Σ_j relu(scale q_i·k_j) v_j) ⊙ g [⊙ sigmoid(x_i W_g)]", op=relu_attention,
-    forms=("dense", "xla"), directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:relu_mixer",
+    forms=("dense", "xla"), directions=("causal",), layer="attn_jax.nn.variant_mixers:relu_mixer",
     notes="tiled XLA form for the ReLU part; gain init 1 (the paper's special initialisation is not reproduced)"))

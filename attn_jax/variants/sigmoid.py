@@ -102,5 +102,5 @@ DECLARATION = declare(Declaration(
             Paper("When Attention Sink Emerges in Language Models: An Empirical View", 2024, "2410.10781",
                   "Gu et al.")),
     summary="o_i = Σ_j sigmoid(scale q_i·k_j + b) v_j,  b = -log n", op=sigmoid_attention, forms=("dense", "xla"),
-    directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:sigmoid_mixer",
+    directions=("causal",), layer="attn_jax.nn.variant_mixers:sigmoid_mixer",
     notes="tiled XLA form (no T x S array); explain: aj.explain(aj.variants.sigmoid_attention, q, k, v)"))

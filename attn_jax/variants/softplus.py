@@ -73,5 +73,5 @@ DECLARATION = declare(Declaration(
     papers=(Paper("Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language Models", 2025,
                   "2501.13428", "Gao & Spratling"),),
     summary="o_i = Σ_j softplus(c s_ij) v_j / Σ_j softplus(c s_ij),  c = log_base(n)", op=softplus_attention,
-    forms=("dense", "xla"), directions=("causal", "bidirectional"), layer="attn_jax.nn.variant_mixers:softplus_mixer",
+    forms=("dense", "xla"), directions=("causal",), layer="attn_jax.nn.variant_mixers:softplus_mixer",
     notes="tiled XLA form; the paper's re-weighting stage is not implemented"))
