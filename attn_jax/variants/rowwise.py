@@ -63,18 +63,38 @@ WHOLE_ROW_REASON = ("the normaliser needs a row-global quantity (threshold or so
 
 @dataclass(frozen=True)
 class ScoreMap:
-    """An elementwise score map ``φ`` with its derivative ``φ'(s)`` (given ``s`` and ``φ(s)``) and
-    whether the weights are l1-normalised over the row."""
+    """An elementwise score map ``φ``, ``value_and_grad(s) -> (φ(s), φ'(s))`` (sharing the
+    transcendentals: the backward recomputes both per tile) and whether the weights are
+    l1-normalised over the row."""
 
     name: str
     fn: Callable
-    grad: Callable
+    value_and_grad: Callable
     l1: bool
 
 
-SIGMOID = ScoreMap("sigmoid", jax.nn.sigmoid, lambda s, w: w * (1.0 - w), l1=False)
-RELU = ScoreMap("relu", jax.nn.relu, lambda s, w: (s > 0).astype(s.dtype), l1=False)
-SOFTPLUS = ScoreMap("softplus", jax.nn.softplus, lambda s, w: jax.nn.sigmoid(s), l1=True)
+def _sigmoid_vg(s):
+    w = jax.nn.sigmoid(s)
+    return w, w * (1.0 - w)
+
+
+def _relu_vg(s):
+    return jax.nn.relu(s), (s > 0).astype(s.dtype)
+
+
+def _softplus(s):
+    return jnp.maximum(s, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(s)))
+
+
+def _softplus_vg(s):
+    e = jnp.exp(-jnp.abs(s))                      # one exp for the value and the derivative sigmoid(s)
+    r = 1.0 / (1.0 + e)
+    return jnp.maximum(s, 0.0) + jnp.log1p(e), jnp.where(s >= 0, r, e * r)
+
+
+SIGMOID = ScoreMap("sigmoid", jax.nn.sigmoid, _sigmoid_vg, l1=False)
+RELU = ScoreMap("relu", jax.nn.relu, _relu_vg, l1=False)
+SOFTPLUS = ScoreMap("softplus", _softplus, _softplus_vg, l1=True)
 
 
 # ----------------------------------------------------------------------------- validation and dispatch
@@ -295,10 +315,10 @@ class _Kernel:
                 dob = do_l[qi]
                 s, vis, qb, kb = self.scores(q_l[qi], kb_full, mask, qi, kj, kind == TL.PARTIAL)
                 vb = vb_full if vis is None else jnp.where(TL.tile_columns(vis), vb_full, 0)
-                w = score.fn(s)
+                w, dphi = score.value_and_grad(s)
                 dw = jnp.einsum("bkgqd,bskd->bkgqs", dob, vb, preferred_element_type=c.cdt, precision=c.precision)
                 r = r_l[qi][..., None]
-                ds = score.grad(s, w) * (dw - delta_l[qi][..., None]) * r
+                ds = dphi * (dw - delta_l[qi][..., None]) * r
                 wr = w * r
                 if vis is not None:
                     wr = jnp.where(vis, wr, 0.0)
