@@ -309,3 +309,16 @@ def test_unexpected_keyword_is_refused():
     x = jnp.ones((1, 5, 2, 4))
     with pytest.raises(TypeError, match="softcap"):
         V.sigmoid_attention(x, x, x, softcap=30.0)
+
+
+def test_mixer_hook_refuses_softmax_only_options():
+    """MultiHeadAttention(attention_fn=...) names the softmax-only option it cannot honour."""
+    from flax import nnx
+    from attn_jax.nn import MultiHeadAttention
+    from attn_jax.nn.variant_mixers import FixedNormaliser
+    for kw, name in ((dict(softcap=30.0), "softcap"), (dict(sinks=True), "sinks"), (dict(positional="alibi"),
+                                                                                  "positional")):
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            MultiHeadAttention(16, 2, attention_fn=FixedNormaliser("cog_attention"), rngs=nnx.Rngs(0), **kw)
+    assert {"sigmoid_attention", "relu_attention", "softplus_attention", "entmax_attention", "sparsemax_attention",
+            "clipped_softmax", "cog_attention"} <= set(aj.mixers.names(causal=True))
