@@ -108,6 +108,11 @@ class MultiHeadAttention(nnx.Module):
         slots (default) instead of a full-length :class:`KVCache` with a window mask.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
       impl: passed to :func:`attn_jax.attention`.
+      attention_fn: replaces :func:`attn_jax.attention` (a score normaliser of
+        :mod:`attn_jax.variants`): called as ``attention_fn(q, k, v, *, mask, scale, x)`` with
+        ``x`` the layer input (``None`` for cross-attention), may be an ``nnx.Module`` holding its
+        own parameters; decodes over a :class:`KVCache` (no ring buffer).  Not combinable with
+        softcap, sinks, dropout, ALiBi or T5 bias.
     """
 
     SUPPORTED_FEATURES = frozenset({
@@ -121,7 +126,7 @@ class MultiHeadAttention(nnx.Module):
                  t5_num_buckets: int = 32, t5_max_distance: int = 128, qk_norm: str | None = None,
                  softcap: float | None = None, sinks: bool = False, gate: str | None = None,
                  dropout_rate: float = 0.0, cross: bool = False, ring_cache: bool = True,
-                 dtype=jnp.float32, param_dtype=jnp.float32, impl="auto", rngs: nnx.Rngs):
+                 dtype=jnp.float32, param_dtype=jnp.float32, impl="auto", attention_fn=None, rngs: nnx.Rngs):
         check_positive_int("d_model", d_model)
         check_positive_int("num_heads", num_heads)
         if head_dim is None:
@@ -155,6 +160,15 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"dropout_rate: expected a float in [0, 1), got {dropout_rate!r}")
         if positional == "rope" and head_dim % 2:
             raise ValueError(f"head_dim: RoPE needs an even head_dim, got {head_dim}")
+        if attention_fn is not None:
+            if not callable(attention_fn):
+                raise TypeError(f"attention_fn: expected a callable, got {type(attention_fn).__name__}")
+            taken = {"softcap": softcap, "sinks": sinks or None, "dropout_rate": dropout_rate or None,
+                     "positional": positional if positional in ("alibi", "t5") else None}
+            for name, value in taken.items():
+                if value is not None:
+                    raise ValueError(f"{name}: not available with a custom attention_fn (it takes q, k, v, mask, "
+                                     f"scale and x only), got {value!r}")
 
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim, self.value_head_dim = head_dim, value_head_dim
@@ -163,6 +177,7 @@ class MultiHeadAttention(nnx.Module):
         self.qk_norm, self.softcap, self.gate = qk_norm, softcap, gate
         self.dropout_rate, self.cross, self.ring_cache = float(dropout_rate), bool(cross), bool(ring_cache)
         self.dtype, self.impl = dtype, impl
+        self.attention_fn = attention_fn
         H, K, Dk, Dv, d = num_heads, num_kv_heads, head_dim, value_head_dim, d_model
 
         self.w_q = param(rngs, default_kernel_init, (d, H, Dk), ("embed", "heads", "head_dim"), param_dtype,
@@ -201,7 +216,7 @@ class MultiHeadAttention(nnx.Module):
         if self.cross:
             raise ValueError("cross: a cross-attention cache holds the projected context; build it with "
                              "cross_cache(context)")
-        if self.window is not None and self.ring_cache:
+        if self.window is not None and self.ring_cache and self.attention_fn is None:
             return RingKVCache.init(batch, self.window, self.num_kv_heads, self.head_dim, dtype,
                                     value_dim=self.value_head_dim)
         return KVCache.init(batch, max_len, self.num_kv_heads, self.head_dim, dtype, value_dim=self.value_head_dim)
@@ -284,7 +299,9 @@ class MultiHeadAttention(nnx.Module):
                 q = apply_rope(q, pos, base=self.rope_base)
                 k = apply_rope(k, pos, base=self.rope_base)
             bias = self._bias()
-            if cache is None:
+            if self.attention_fn is not None:
+                o, cache = self._custom(q, k, v, x, segment_ids, cache, scale)
+            elif cache is None:
                 o = attention(q, k, v, mask=self._mask(segment_ids), bias=bias, **kw)
             else:
                 n_new = None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
@@ -303,6 +320,29 @@ class MultiHeadAttention(nnx.Module):
             o = o * g.astype(o.dtype)
         y = jnp.einsum("bthf,hfd->btd", o.astype(self.dtype), self._w(self.w_o))
         return y, cache
+
+    def _custom(self, q, k, v, x, segment_ids, cache, scale):
+        """``attention_fn(q, k, v, mask=, scale=, x=)`` over the chunk, or over a :class:`KVCache`
+        (the chunk appended first; causal and window masks in cache coordinates)."""
+        if cache is None:
+            return self.attention_fn(q, k, v, mask=self._mask(segment_ids), scale=scale, x=x), None
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache: a custom attention_fn decodes over a KVCache, got {type(cache).__name__}")
+        B, T = q.shape[:2]
+        n = jnp.full((B,), T, jnp.int32) if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(
+            jnp.int32)
+        before = cache.lengths
+        dt = cache.dtype
+        cache = cache.append(k.astype(dt), v.astype(dt), n)
+        mask = masks.key_padding(cache.lengths)
+        if self.causal:
+            mask = mask & masks.causal(offset=before)
+        if self.window is not None:
+            w = self.window
+            mask = mask & masks.sliding_window(w, 0 if self.causal else w, offset=before)
+        o = self.attention_fn(q.astype(dt), cache.k, cache.v, mask=mask, scale=scale, x=x)
+        o = jnp.where((jnp.arange(T)[None, :] < n[:, None])[:, :, None, None], o, 0).astype(self.dtype)
+        return o, cache
 
     def _mask(self, segment_ids):
         m = None
@@ -341,6 +381,8 @@ class MultiHeadAttention(nnx.Module):
             if segment_ids is None:
                 kv_ids = (kv_ids != 0).astype(jnp.int32)   # key padding only
             mask = masks.segments(q_ids, kv_ids)
+        if self.attention_fn is not None:
+            return self.attention_fn(q, k, v, mask=mask, scale=kw["scale"], x=None), cache
         return attention(q, k, v, mask=mask, bias=None, **kw), cache
 
 

@@ -10,6 +10,13 @@ import types as _types
 
 from attn_jax.variants.mla import (LatentKVCache, mha_to_mla, mla_attention, mla_prefill, mla_reference,
                                    select_rope_pairs)
+from attn_jax.variants.sigmoid import sigmoid_attention, sigmoid_attention_reference
+from attn_jax.variants.relu import rela_output, relu_attention, relu_attention_reference
+from attn_jax.variants.softplus import softplus_attention, softplus_attention_reference
+from attn_jax.variants.clipped_softmax import clipped_softmax, clipped_softmax_reference
+from attn_jax.variants.entmax import (entmax_attention, entmax_attention_reference, entmax_bisect, sparsemax,
+                                      sparsemax_attention, sparsemax_attention_reference)
+from attn_jax.variants.cog import cog_attention, cog_attention_reference
 
 # the public names are the ones imported above (each module's own file lists its functions once)
 __all__ = sorted(_n for _n, _v in dict(globals()).items()
