@@ -149,7 +149,7 @@ def _entmax_bwd(res, g):
 _entmax.defvjp(_entmax_fwd, _entmax_bwd)
 
 
-def entmax_bisect(z: Float[Array, "*rows n"], alpha: Float[ArrayLike, "..."], n_iter: int = 50
+def entmax_bisect(z: Float[Array, "*rows n"], alpha: float | Float[ArrayLike, "..."], n_iter: int = 50
                   ) -> Float[Array, "*rows n"]:
     """α-entmax over the last axis by bisection (module docstring), differentiable in ``z`` and
     ``alpha`` (a float or an array broadcastable against ``z[..., :1]``, every value ``> 1``).
@@ -176,7 +176,7 @@ def sparsemax_attention_reference(q: Float[ArrayLike, "B T H Dk"], k: Float[Arra
 
 
 def entmax_attention_reference(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"],
-                               v: Float[ArrayLike, "B S K Dv"], alpha: Float[ArrayLike, " H"], *, mask=None,
+                               v: Float[ArrayLike, "B S K Dv"], alpha: float | Float[ArrayLike, " H"] | Float[ArrayLike, ""], *, mask=None,
                                scale: float | None = None, n_iter: int = 50) -> Float[Array, "B T H Dv"]:
     """Materialised α-entmax attention, ``alpha [H]`` (or a scalar); inputs validated."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
