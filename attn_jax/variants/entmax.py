@@ -176,7 +176,8 @@ def sparsemax_attention_reference(q: Float[ArrayLike, "B T H Dk"], k: Float[Arra
 
 
 def entmax_attention_reference(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"],
-                               v: Float[ArrayLike, "B S K Dv"], alpha: float | Float[ArrayLike, " H"] | Float[ArrayLike, ""], *, mask=None,
+                               v: Float[ArrayLike, "B S K Dv"],
+                               alpha: float | Float[ArrayLike, " H"] | Float[ArrayLike, ""], *, mask=None,
                                scale: float | None = None, n_iter: int = 50) -> Float[Array, "B T H Dv"]:
     """Materialised α-entmax attention, ``alpha [H]`` (or a scalar); inputs validated."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
