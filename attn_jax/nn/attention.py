@@ -54,7 +54,7 @@ from attn_jax.softmax.api import attention
 from attn_jax.softmax.decode import prefill
 from attn_jax.softmax.kv_cache import KVCache, PagedKVCache, RingKVCache
 from attn_jax.nn.layers import (check_mixer_input, check_positive_int, check_segment_ids, default_kernel_init,
-                                param)
+                                mixer_positions, param)
 
 __all__ = ["MultiHeadAttention", "CrossAttentionCache", "sliding_window_attention", "POSITIONAL", "QK_NORMS",
            "GATES"]
@@ -75,18 +75,6 @@ class CrossAttentionCache:
 
 
 jax.tree_util.register_dataclass(CrossAttentionCache, data_fields=["k", "v", "segment_ids"], meta_fields=[])
-
-
-def _positions(positions, B: int, T: int, cache):
-    if positions is None:
-        base = jnp.arange(T, dtype=jnp.int32)[None, :]
-        return base if cache is None else cache.lengths[:, None] + base
-    positions = jnp.asarray(positions)
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise TypeError(f"positions: expected an integer array, got dtype {positions.dtype}")
-    if positions.shape not in ((T,), (B, T), (1, T)):
-        raise ValueError(f"positions: expected shape [T]=({T},) or [B, T]=({B}, {T}), got {positions.shape}")
-    return positions if positions.ndim == 2 else positions[None, :]
 
 
 class MultiHeadAttention(nnx.Module):
@@ -295,7 +283,7 @@ class MultiHeadAttention(nnx.Module):
                                 f"{type(cache).__name__}")
             k, v = self._kv(x)
             if self.positional == "rope":
-                pos = _positions(positions, B, T, cache)
+                pos = mixer_positions(positions, B, T, cache)
                 q = apply_rope(q, pos, base=self.rope_base)
                 k = apply_rope(k, pos, base=self.rope_base)
             bias = self._bias()

@@ -193,3 +193,19 @@ class Embed(nnx.Module):
 
     def attend(self, h):
         return h.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+
+
+def mixer_positions(positions, B: int, T: int, cache) -> jax.Array:
+    """The absolute positions ``[B|1, T]`` (int) of a mixer call (:mod:`attn_jax.nn.protocol`):
+    ``arange(T)`` without ``positions``, offset by ``cache.lengths`` with a cache; given
+    ``positions`` ``[T]``, ``[1, T]`` or ``[B, T]`` are checked (integer dtype, shape)."""
+    if positions is None:
+        base = jnp.arange(T, dtype=jnp.int32)[None, :]
+        return base if cache is None else cache.lengths[:, None] + base
+    positions = jnp.asarray(positions)
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions: expected an integer array, got dtype {positions.dtype}")
+    if positions.shape not in ((T,), (B, T), (1, T)):
+        raise ValueError(f"positions: expected shape [T]=({T},) or [B, T]=({B}, {T}), got {positions.shape}")
+    return positions if positions.ndim == 2 else positions[None, :]
+

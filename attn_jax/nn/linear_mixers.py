@@ -67,7 +67,7 @@ from attn_jax.core.numerics import l2_normalize
 from attn_jax.linear.common import expand_kv_heads
 from attn_jax.nn import components
 from attn_jax.nn.components import RandomFeatures, float32_draw, lecun_init, param
-from attn_jax.nn.layers import check_mixer_input, check_positive_int
+from attn_jax.nn.layers import check_mixer_input, check_positive_int, mixer_positions
 from attn_jax.nn.short_conv import ShortConv
 
 __all__ = ["LinearAttentionMixer", "LinearAttentionCache", "RandomFeatures", "make_factory", "linear_declarations",
@@ -286,16 +286,6 @@ class LinearAttentionMixer(nnx.Module):
         return LinearAttentionCache(state, conv, jnp.zeros((batch,), jnp.int32))
 
     # ------------------------------------------------------------------ forward
-    def _positions(self, positions, B, T, cache):
-        if positions is None:
-            base = jnp.zeros((B, 1), jnp.int32) if cache is None else cache.lengths[:, None]
-            return base + jnp.arange(T, dtype=jnp.int32)[None]
-        positions = jnp.asarray(positions)
-        if not jnp.issubdtype(positions.dtype, jnp.integer) or positions.shape not in ((T,), (B, T)):
-            raise ValueError(f"positions: expected an integer array [T] or [B, T] = ({B}, {T}), got "
-                             f"{positions.dtype} {positions.shape}")
-        return jnp.broadcast_to(positions.astype(jnp.int32), (B, T))
-
     def __call__(self, x, *, positions=None, segment_ids=None, cache=None, deterministic: bool = True):
         """``(y [B, T, d], cache)``; see :mod:`attn_jax.nn.protocol`.  ``positions`` is used only by a
         feature map that asks for them (cosFormer)."""
@@ -307,7 +297,7 @@ class LinearAttentionMixer(nnx.Module):
             raise TypeError(f"cache: expected a LinearAttentionCache from init_cache, got {type(cache).__name__}")
         B, T, segment_ids = check_mixer_input(x, self.d_model, segment_ids)
         uses_positions = self.features is not None and self.features.uses_positions
-        positions = self._positions(positions, B, T, cache) if uses_positions else None
+        positions = jnp.broadcast_to(mixer_positions(positions, B, T, cache), (B, T)) if uses_positions else None
         graphdef, state = nnx.split(self)
         if cache is None:
             y, _, _ = _forward(graphdef, state, x, segment_ids, positions, None, None, False)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from attn_jax.core import masks
 from attn_jax.nn.attention import MultiHeadAttention
-from attn_jax.nn.layers import check_mixer_input, check_positive_int, default_kernel_init, param
+from attn_jax.nn.layers import check_mixer_input, check_positive_int, default_kernel_init, mixer_positions, param
 from attn_jax.variants.mla import (LatentKVCache, apply_grouped_rope, mha_to_mla, mla_attention, mla_prefill,
                                    rope_inv_freq, select_rope_pairs)
 
@@ -172,17 +172,6 @@ class MultiHeadLatentAttention(nnx.Module):
             return jnp.zeros(shape, self.dtype)
         return p[...].astype(self.dtype)
 
-    def _positions(self, positions, B: int, T: int, cache):
-        if positions is None:
-            base = jnp.arange(T, dtype=jnp.int32)[None, :]
-            return base if cache is None else cache.lengths[:, None] + base
-        positions = jnp.asarray(positions)
-        if not jnp.issubdtype(positions.dtype, jnp.integer):
-            raise TypeError(f"positions: expected an integer array, got dtype {positions.dtype}")
-        if positions.shape not in ((T,), (B, T), (1, T)):
-            raise ValueError(f"positions: expected shape [T]=({T},) or [B, T]=({B}, {T}), got {positions.shape}")
-        return positions if positions.ndim == 2 else positions[None, :]
-
     def project(self, x, positions=None, cache=None):
         """``(q_nope [B,T,H,Dn], q_rope [B,T,H,Dr], c_kv [B,T,d_c], k_rope [B,T,G,Dr])`` of ``x``,
         RoPE applied at ``positions`` (default: after the cache's fill)."""
@@ -201,7 +190,7 @@ class MultiHeadLatentAttention(nnx.Module):
         q_nope, q_rope = q[..., :Dn], q[..., Dn:]
         if Dr:
             k_rope = jnp.einsum("btd,dgf->btgf", x, self._w(self.w_kr))
-            pos = self._positions(positions, B, T, cache)
+            pos = mixer_positions(positions, B, T, cache)
             inv_freq = rope_inv_freq(self.rope_pairs, self.rope_ref_dim, base=self.rope_base)
             q_rope = apply_grouped_rope(q_rope, pos, inv_freq)
             k_rope = apply_grouped_rope(k_rope, pos, inv_freq)
