@@ -53,6 +53,7 @@ from attn_jax.positional import T5RelativeBias, alibi, apply_rope
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.decode import prefill
 from attn_jax.softmax.kv_cache import KVCache, PagedKVCache, RingKVCache
+from attn_jax.variants.gated import output_gate
 from attn_jax.nn.layers import (check_mixer_input, check_positive_int, check_segment_ids, default_kernel_init,
                                 param)
 
@@ -275,34 +276,43 @@ class MultiHeadAttention(nnx.Module):
         else:
             if context is not None:
                 raise ValueError("context: only cross-attention modules (cross=True) take a context")
-            if cache is not None and not isinstance(cache, (KVCache, RingKVCache, PagedKVCache)):
-                raise TypeError(f"cache: expected a KVCache or RingKVCache from init_cache, got "
-                                f"{type(cache).__name__}")
+            self._check_cache(cache)
             k, v = self._kv(x)
             if self.positional == "rope":
                 pos = _positions(positions, B, T, cache)
                 q = apply_rope(q, pos, base=self.rope_base)
                 k = apply_rope(k, pos, base=self.rope_base)
-            bias = self._bias()
-            if cache is None:
-                o = attention(q, k, v, mask=self._mask(segment_ids), bias=bias, **kw)
-            else:
-                n_new = None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
-                dt = cache.dtype
-                window = None if isinstance(cache, RingKVCache) else self.window
-                decode_kw = {("attention_impl" if name == "impl" else name): x for name, x in kw.items()}
-                o, cache = prefill(q.astype(dt), k.astype(dt), v.astype(dt), cache, n_new=n_new, window=window,
-                                   bias=bias, **decode_kw)
-                o = o.astype(self.dtype)
+            o, cache = self._attend(q, k, v, segment_ids=segment_ids, cache=cache, bias=self._bias(), kw=kw)
 
         if self.gate is not None:
             if self.gate == "headwise":
-                g = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, self._w(self.w_gate)))[..., None]
+                g = jnp.einsum("btd,dh->bth", x, self._w(self.w_gate))
             else:
-                g = jax.nn.sigmoid(jnp.einsum("btd,dhf->bthf", x, self._w(self.w_gate)))
-            o = o * g.astype(o.dtype)
+                g = jnp.einsum("btd,dhf->bthf", x, self._w(self.w_gate))
+            o = output_gate(o, g)
         y = jnp.einsum("bthf,hfd->btd", o.astype(self.dtype), self._w(self.w_o))
         return y, cache
+
+    # Hooks for the attention variants of attn_jax.nn.variant_attention, which keep the projections,
+    # positional schemes, gate and caches of this class and replace only the attention itself.
+
+    def _check_cache(self, cache):
+        if cache is not None and not isinstance(cache, (KVCache, RingKVCache, PagedKVCache)):
+            raise TypeError(f"cache: expected a KVCache or RingKVCache from init_cache, got "
+                            f"{type(cache).__name__}")
+
+    def _attend(self, q, k, v, *, segment_ids, cache, bias, kw):
+        """Self-attention of the projected ``q [B, T, H, Dk]``, ``k``, ``v`` (after RoPE); returns
+        ``(o [B, T, H, Dv], cache)``.  ``kw``: scale, softcap, sinks, dropout and impl."""
+        if cache is None:
+            return attention(q, k, v, mask=self._mask(segment_ids), bias=bias, **kw), None
+        n_new = None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+        dt = cache.dtype
+        window = None if isinstance(cache, RingKVCache) else self.window
+        decode_kw = {("attention_impl" if name == "impl" else name): x for name, x in kw.items()}
+        o, cache = prefill(q.astype(dt), k.astype(dt), v.astype(dt), cache, n_new=n_new, window=window,
+                           bias=bias, **decode_kw)
+        return o.astype(self.dtype), cache
 
     def _mask(self, segment_ids):
         m = None

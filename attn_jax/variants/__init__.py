@@ -8,6 +8,10 @@ matrix and the mixer registry are read from those declarations.
 
 import types as _types
 
+from attn_jax.variants.cope import cope_attention, cope_attention_reference, cope_position_logits, cope_positions
+from attn_jax.variants.gated import gated_attention, gated_attention_reference, output_gate
+from attn_jax.variants.talking_heads import talking_heads_attention, talking_heads_attention_reference
+
 # the public names are the ones imported above (each module's own file lists its functions once)
 __all__ = sorted(_n for _n, _v in dict(globals()).items()
                  if not _n.startswith("_") and not isinstance(_v, _types.ModuleType))

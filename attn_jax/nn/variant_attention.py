@@ -1,0 +1,152 @@
+"""NNX mixers for the attention variants of :mod:`attn_jax.variants` (gating, CoPE, head mixing).
+
+Each is :class:`attn_jax.nn.MultiHeadAttention` — same projections ``W^Q, W^K, W^V, W^O``, GQA,
+qk-norm, RoPE option, output gate and protocol — with the attention itself replaced through the
+``_attend`` hook:
+
+* ``gated_attention`` (registry ``"gated_attention"``): ``MultiHeadAttention(gate="elementwise")``,
+  the sigmoid gate of Qiu et al. 2025 (arXiv:2505.06708) on the SDPA output (``gate="headwise"``
+  for one gate per head); op :func:`attn_jax.variants.gated_attention`.
+* :class:`CoPEAttention` (``"cope"``): :func:`attn_jax.variants.cope_attention` with a learned
+  ``pos_emb [npos, Dk]`` shared by the heads (zeros at init, as the authors' code); no other
+  positional scheme by default (``positional="none"``).
+* :class:`TalkingHeadsAttention` (``"talking_heads"``):
+  :func:`attn_jax.variants.talking_heads_attention` with learned ``P_l, P_w [H, H]``
+  (identity at init, so the layer starts as multi-head attention).
+
+The last two read every cached key at each step (the positions of CoPE and the mixed logits of
+talking heads depend on the query), so they decode over a :class:`~attn_jax.softmax.kv_cache.KVCache`:
+the chunk is appended, then the op runs over the whole cache with
+``causal(offset=lengths) & segments(valid queries, filled slots)`` — prefill + decode equals the
+full forward, and padding queries of a ragged chunk give zero.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from attn_jax.core import masks
+from attn_jax.nn.attention import MultiHeadAttention
+from attn_jax.nn.layers import check_positive_int, param
+from attn_jax.softmax.kv_cache import KVCache
+from attn_jax.variants.cope import cope_attention
+from attn_jax.variants.talking_heads import talking_heads_attention
+
+__all__ = ["gated_attention", "CoPEAttention", "TalkingHeadsAttention", "CachedVariantAttention"]
+
+_BASE_FEATURES = frozenset({"mha", "gqa", "dk_ne_dv", "causal", "segments", "key_padding", "bf16", "rope"})
+
+
+def gated_attention(d_model: int, num_heads: int, *, rngs: nnx.Rngs, gate: str = "elementwise",
+                    **kwargs) -> MultiHeadAttention:
+    """The ``"gated_attention"`` registry entry: :class:`MultiHeadAttention` with the output gate
+    ``o ⊙ σ(x W_θ)`` (``gate="elementwise"``, ``W_θ [d, H, Dv]``, default; or ``"headwise"``)."""
+    if gate is None:
+        raise ValueError("gate: the gated_attention mixer needs 'elementwise' or 'headwise', got None")
+    return MultiHeadAttention(d_model, num_heads, gate=gate, rngs=rngs, **kwargs)
+
+
+gated_attention.SUPPORTED_FEATURES = MultiHeadAttention.SUPPORTED_FEATURES
+
+
+class CachedVariantAttention(MultiHeadAttention):
+    """A :class:`MultiHeadAttention` whose attention is a materialised variant op, decoded over a
+    :class:`KVCache` (module docstring).  Subclasses implement ``_variant(q, k, v, mask, kw)``.
+
+    Refused options (ValueError naming them): ``cross``, ``window``, ``positional="alibi" | "t5"``
+    and whichever of ``softcap`` / ``sinks`` / ``dropout_rate`` the op does not take (``_OPTIONS``).
+    """
+
+    _OPTIONS: frozenset = frozenset()   # of {"softcap", "sinks", "dropout"}
+    _NAME = "variant"
+
+    def __init__(self, d_model: int, num_heads: int, *, positional: str | None = None, **kwargs):
+        for name in ("cross", "window"):
+            if kwargs.get(name):
+                raise ValueError(f"{name}: not supported by the {self._NAME} mixer, got {kwargs[name]!r}")
+        if positional in ("alibi", "t5"):
+            raise ValueError(f"positional: the {self._NAME} mixer takes 'rope' or 'none', got {positional!r}")
+        for name, off in (("softcap", None), ("sinks", False), ("dropout_rate", 0.0)):
+            key = "dropout" if name == "dropout_rate" else name
+            if key not in self._OPTIONS and kwargs.get(name, off) not in (off, 0.0):
+                raise ValueError(f"{name}: not supported by the {self._NAME} mixer, got {kwargs[name]!r}")
+        super().__init__(d_model, num_heads, positional=positional, **kwargs)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        """An empty :class:`KVCache` of ``max_len`` positions."""
+        return KVCache.init(batch, max_len, self.num_kv_heads, self.head_dim, dtype, value_dim=self.value_head_dim)
+
+    def _check_cache(self, cache):
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a KVCache from init_cache, got {type(cache).__name__}")
+
+    def _variant(self, q, k, v, mask, kw):
+        raise NotImplementedError
+
+    def _attend(self, q, k, v, *, segment_ids, cache, bias, kw):
+        if cache is None:
+            return self._variant(q, k, v, self._mask(segment_ids), kw), None
+        if not self.causal:
+            raise ValueError("cache: decoding needs a causal mixer (causal=True)")
+        B, T = q.shape[:2]
+        n = (jnp.full((B,), T, jnp.int32) if segment_ids is None
+             else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
+        L, dt = cache.lengths, cache.dtype
+        cache = cache.append(k.astype(dt), v.astype(dt), n)
+        q_ids = (jnp.arange(T)[None, :] < n[:, None]).astype(jnp.int32)
+        kv_ids = (jnp.arange(cache.max_len)[None, :] < (L + n)[:, None]).astype(jnp.int32)
+        mask = masks.causal(offset=L) & masks.segments(q_ids, kv_ids)
+        o = self._variant(q.astype(dt), cache.k, cache.v, mask, kw)
+        return o.astype(self.dtype), cache
+
+
+class CoPEAttention(CachedVariantAttention):
+    """CoPE mixer (``"cope"``): :func:`attn_jax.variants.cope_attention` with a learned
+    ``pos_emb [npos, Dk]`` (zeros at init); causal only.
+
+    Args:
+      npos: number of integer positions (``p`` is clipped to ``npos - 1``); default 128.
+      others: as :class:`MultiHeadAttention` (positional default ``"none"``: CoPE is the position
+        encoding).
+    """
+
+    SUPPORTED_FEATURES = _BASE_FEATURES | {"sinks", "dropout"}
+    _OPTIONS = frozenset({"sinks", "dropout"})
+    _NAME = "cope"
+
+    def __init__(self, d_model: int, num_heads: int, *, npos: int = 128, positional: str | None = "none",
+                 causal: bool = True, rngs: nnx.Rngs, **kwargs):
+        check_positive_int("npos", npos)
+        if not causal:
+            raise ValueError("causal: CoPE counts the keys between a key and its query, defined for causal "
+                             "attention only; got causal=False")
+        super().__init__(d_model, num_heads, positional=positional, causal=True, rngs=rngs, **kwargs)
+        self.npos = npos
+        self.pos_emb = param(None, nnx.initializers.zeros, (npos, self.head_dim), (None, "head_dim"),
+                             kwargs.get("param_dtype", jnp.float32))
+
+    def _variant(self, q, k, v, mask, kw):
+        return cope_attention(q, k, v, self.pos_emb[...].astype(q.dtype), mask=mask, scale=kw["scale"],
+                              sinks=kw["sinks"], dropout_rate=kw["dropout_rate"], dropout_rng=kw["dropout_rng"],
+                              impl=kw["impl"])
+
+
+class TalkingHeadsAttention(CachedVariantAttention):
+    """Talking-heads mixer (``"talking_heads"``): :func:`attn_jax.variants.talking_heads_attention`
+    with learned head projections ``logits_proj, weights_proj [H, H]`` (identity at init)."""
+
+    SUPPORTED_FEATURES = _BASE_FEATURES | {"bidirectional"}
+    _NAME = "talking_heads"
+
+    def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, **kwargs):
+        super().__init__(d_model, num_heads, rngs=rngs, **kwargs)
+        H = self.num_heads
+        eye = lambda key, shape, dtype: jnp.eye(shape[0], dtype=dtype)  # noqa: E731
+        pdt = kwargs.get("param_dtype", jnp.float32)
+        self.logits_proj = param(None, eye, (H, H), ("heads", None), pdt)
+        self.weights_proj = param(None, eye, (H, H), (None, "heads"), pdt)
+
+    def _variant(self, q, k, v, mask, kw):
+        return talking_heads_attention(q, k, v, self.logits_proj[...], self.weights_proj[...], mask=mask,
+                                       scale=kw["scale"])
