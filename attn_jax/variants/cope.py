@@ -58,9 +58,9 @@ def _check_pos_emb(pos_emb, H: int, Dk: int):
     pos_emb = jnp.asarray(pos_emb)
     V.check_float_array("pos_emb", pos_emb)
     if pos_emb.ndim == 2 and pos_emb.shape[1] == Dk:
-        return pos_emb[None]
-    if pos_emb.ndim == 3 and pos_emb.shape[0] == H and pos_emb.shape[2] == Dk:
-        return pos_emb
+        pos_emb = pos_emb[None]
+    if pos_emb.ndim == 3 and pos_emb.shape[0] in (1, H) and pos_emb.shape[2] == Dk:
+        return jnp.broadcast_to(pos_emb, (H,) + pos_emb.shape[1:])
     raise ValueError(f"pos_emb: expected [npos, Dk={Dk}] (shared by the heads) or [H={H}, npos, Dk={Dk}], got "
                      f"{tuple(pos_emb.shape)}")
 
