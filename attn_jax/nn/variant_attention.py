@@ -13,6 +13,10 @@ qk-norm, RoPE option, output gate and protocol — with the attention itself rep
 * :class:`TalkingHeadsAttention` (``"talking_heads"``):
   :func:`attn_jax.variants.talking_heads_attention` with learned ``P_l, P_w [H, H]``
   (identity at init, so the layer starts as multi-head attention).
+* :class:`SelectiveAttention` (``"selective"``): :func:`attn_jax.variants.selective_attention`
+  (parameter-free); its cache (:class:`SelectiveCache`) adds the accumulated selection ``F`` of
+  every slot to the keys and values, and ``context_budget`` masks all but the ``budget`` cached
+  keys with the smallest ``F`` while decoding (context pruning, emulated by masking).
 
 The last two read every cached key at each step (the positions of CoPE and the mixed logits of
 talking heads depend on the query), so they decode over a :class:`~attn_jax.softmax.kv_cache.KVCache`:
@@ -23,6 +27,10 @@ full forward, and padding queries of a ragged chunk give zero.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -31,9 +39,11 @@ from attn_jax.nn.attention import MultiHeadAttention
 from attn_jax.nn.layers import check_positive_int, param
 from attn_jax.softmax.kv_cache import KVCache
 from attn_jax.variants.cope import cope_attention
+from attn_jax.variants.selective import selective_attention, selective_keep
 from attn_jax.variants.talking_heads import talking_heads_attention
 
-__all__ = ["gated_attention", "CoPEAttention", "TalkingHeadsAttention", "CachedVariantAttention"]
+__all__ = ["gated_attention", "CoPEAttention", "TalkingHeadsAttention", "SelectiveAttention", "SelectiveCache",
+           "CachedVariantAttention"]
 
 _BASE_FEATURES = frozenset({"mha", "gqa", "dk_ne_dv", "causal", "segments", "key_padding", "bf16", "rope"})
 
@@ -150,3 +160,92 @@ class TalkingHeadsAttention(CachedVariantAttention):
     def _variant(self, q, k, v, mask, kw):
         return talking_heads_attention(q, k, v, self.logits_proj[...], self.weights_proj[...], mask=mask,
                                        scale=kw["scale"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectiveCache:
+    """Decode cache of :class:`SelectiveAttention`: the keys/values (:class:`KVCache`) and the
+    selection accumulated so far on each slot, float32 ``[B, S_max]``."""
+
+    kv: Any
+    selection: Any
+
+    @property
+    def lengths(self):
+        return self.kv.lengths
+
+    @property
+    def dtype(self):
+        return self.kv.dtype
+
+
+jax.tree_util.register_dataclass(SelectiveCache, data_fields=["kv", "selection"], meta_fields=[])
+
+
+def _document_starts(segment_ids, B: int, T: int):
+    """Bool ``[B, T]``: the first token of every document (all of key 0 without segment ids)."""
+    if segment_ids is None:
+        return jnp.broadcast_to(jnp.arange(T) == 0, (B, T))
+    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    return (segment_ids != 0) & (segment_ids != prev)
+
+
+class SelectiveAttention(CachedVariantAttention):
+    """Selective-attention mixer (``"selective"``): causal only, no extra parameters.
+
+    Args:
+      selection_head: the head whose logits select (default 0).
+      context_budget: when decoding, attend only to the ``context_budget`` cached keys with the
+        smallest accumulated selection (:func:`attn_jax.variants.selective_keep`; the first token
+        is always kept) plus the new chunk; None (default) keeps every key (exact).
+      others: as :class:`MultiHeadAttention`.  The first token of each document (of each packed
+        segment) is the protected <BOS>.
+    """
+
+    SUPPORTED_FEATURES = _BASE_FEATURES | {"sinks"}
+    _OPTIONS = frozenset({"sinks"})
+    _NAME = "selective"
+
+    def __init__(self, d_model: int, num_heads: int, *, selection_head: int = 0, context_budget: int | None = None,
+                 causal: bool = True, rngs: nnx.Rngs, **kwargs):
+        if not causal:
+            raise ValueError("causal: selective attention accumulates over earlier queries, defined for causal "
+                             "attention only; got causal=False")
+        if context_budget is not None:
+            check_positive_int("context_budget", context_budget)
+        super().__init__(d_model, num_heads, causal=True, rngs=rngs, **kwargs)
+        if not 0 <= selection_head < self.num_heads:
+            raise ValueError(f"selection_head: expected an int in [0, {self.num_heads}), got {selection_head!r}")
+        self.selection_head, self.context_budget = int(selection_head), context_budget
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> SelectiveCache:
+        """An empty :class:`SelectiveCache` of ``max_len`` positions."""
+        return SelectiveCache(super().init_cache(batch, max_len, dtype), jnp.zeros((batch, max_len), jnp.float32))
+
+    def _check_cache(self, cache):
+        if cache is not None and not isinstance(cache, SelectiveCache):
+            raise TypeError(f"cache: expected a SelectiveCache from init_cache, got {type(cache).__name__}")
+
+    def _attend(self, q, k, v, *, segment_ids, cache, bias, kw):
+        B, T = q.shape[:2]
+        op_kw = dict(selection_head=self.selection_head, scale=kw["scale"], sinks=kw["sinks"], impl=kw["impl"])
+        if cache is None:
+            o = selective_attention(q, k, v, mask=self._mask(segment_ids),
+                                    protected=_document_starts(segment_ids, B, T), **op_kw)
+            return o, None
+        n = (jnp.full((B,), T, jnp.int32) if segment_ids is None
+             else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
+        L, dt = cache.lengths, cache.dtype
+        kv = cache.kv.append(k.astype(dt), v.astype(dt), n)
+        S = kv.max_len
+        q_ids = (jnp.arange(T)[None, :] < n[:, None]).astype(jnp.int32)
+        kv_ids = (jnp.arange(S)[None, :] < (L + n)[:, None]).astype(jnp.int32)
+        mask = masks.segments(q_ids, kv_ids)
+        if self.context_budget is not None:
+            first = jnp.broadcast_to(jnp.arange(S) == 0, (B, S))
+            kept = selective_keep(cache.selection, L, self.context_budget, protected=first)
+            new = (jnp.arange(S)[None, :] >= L[:, None])
+            mask = mask & masks.dense((kept | new)[:, None, None, :])
+        o, selection = selective_attention(q.astype(dt), kv.k, kv.v, mask=mask, offset=L,
+                                           initial_selection=cache.selection, return_selection=True, **op_kw)
+        return o.astype(self.dtype), SelectiveCache(kv, selection.astype(jnp.float32))
