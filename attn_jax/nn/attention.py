@@ -24,8 +24,10 @@ Options
   ``"l2"`` — QKNorm (Henry et al., 2020, arXiv:2010.04245): ``q^ = q/||q||``,
   ``k^ = k/||k||``, logits ``= g * q^.k^`` with a learned scalar ``g`` (init
   ``sqrt(Dk)``, so initial logits have the scale of standard attention).
-* softcap ``c``: logits ``c * tanh(s / c)``; sinks: a learned logit per head added to the
-  softmax denominator; attention dropout with keys from the module's ``rngs``.
+* softcap ``c``: logits ``c * tanh(s / c)``; sinks: ``True`` — a learned logit per head added to
+  the softmax denominator; ``"off_by_one"`` — the fixed logit 0, i.e. softmax-off-by-one
+  ``exp(s_j) / (1 + sum_j' exp(s_j'))`` (E. Miller, "Attention Is Off By One", 2023, blog post);
+  attention dropout with keys from the module's ``rngs``.
 * output gate ("Gated Attention for Large Language Models", Qiu et al., 2025,
   arXiv:2505.06708, position G1): ``o'_h = o_h * sigmoid(x W^G)`` applied to the attention
   output before ``W^O`` — ``"headwise"`` (``W^G: [d, H]``, one gate per head) or
@@ -58,11 +60,12 @@ from attn_jax.nn.layers import (check_mixer_input, check_positive_int, check_seg
                                 param)
 
 __all__ = ["MultiHeadAttention", "CrossAttentionCache", "sliding_window_attention", "POSITIONAL", "QK_NORMS",
-           "GATES"]
+           "GATES", "SINKS"]
 
 POSITIONAL = ("rope", "alibi", "t5", "none")
 QK_NORMS = (None, "rms", "l2")
 GATES = (None, "headwise", "elementwise")
+SINKS = (False, True, "off_by_one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +105,8 @@ class MultiHeadAttention(nnx.Module):
       causal: causal self-attention (decoder).  window: sliding window ``w`` — a query at
         ``i`` sees keys ``i - w .. i`` (``.. i + w`` when not causal).
       positional: one of :data:`POSITIONAL`; default ``"rope"`` (``"none"`` for cross).
-      qk_norm: one of :data:`QK_NORMS`.  softcap: logit cap.  sinks: learned sink logits.
+      qk_norm: one of :data:`QK_NORMS`.  softcap: logit cap.  sinks: one of :data:`SINKS` (learned
+        sink logits, or the fixed zero logit of softmax-off-by-one).
       gate: one of :data:`GATES`.  dropout_rate: attention-probability dropout.
       cross: cross-attention (keys/values from ``context``).
       ring_cache: for ``window``: decode with a :class:`RingKVCache` of ``window + 1``
@@ -185,10 +189,13 @@ class MultiHeadAttention(nnx.Module):
         elif gate == "elementwise":
             self.w_gate = param(rngs, default_kernel_init, (d, H, Dv), ("embed", "heads", "head_dim"), param_dtype,
                                 in_axis=0, out_axis=(1, 2))
-        if sinks:
+        if sinks not in SINKS:
+            raise ValueError(f"sinks: expected one of {SINKS}, got {sinks!r}")
+        if sinks != "off_by_one" and sinks:
             self.sinks = param(None, nnx.initializers.zeros, (H,), ("heads",), jnp.float32)
         else:
             self.sinks = None
+        self.off_by_one = sinks == "off_by_one"
         if positional == "t5":
             self.t5_table = param(rngs, nnx.initializers.normal(0.02), (t5_num_buckets, H), (None, "heads"),
                                   param_dtype)
@@ -268,7 +275,8 @@ class MultiHeadAttention(nnx.Module):
         scale = 1.0 if self.qk_norm == "l2" else None
         rate = 0.0 if deterministic else self.dropout_rate
         drop_rng = self.dropout_rngs.dropout() if rate > 0 else None
-        kw = dict(scale=scale, softcap=self.softcap, sinks=None if self.sinks is None else self.sinks[...],
+        sinks = jnp.zeros((self.num_heads,), jnp.float32) if self.off_by_one else None
+        kw = dict(scale=scale, softcap=self.softcap, sinks=sinks if self.sinks is None else self.sinks[...],
                   dropout_rate=rate, dropout_rng=drop_rng, impl=self.impl)
 
         if self.cross:

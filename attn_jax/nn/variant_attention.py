@@ -17,6 +17,9 @@ qk-norm, RoPE option, output gate and protocol — with the attention itself rep
   (parameter-free); its cache (:class:`SelectiveCache`) adds the accumulated selection ``F`` of
   every slot to the keys and values, and ``context_budget`` masks all but the ``budget`` cached
   keys with the smallest ``F`` while decoding (context pruning, emulated by masking).
+* :class:`PersistentMemoryAttention` (``"persistent_memory"``):
+  :func:`attn_jax.variants.persistent_memory_attention` with ``num_memory`` learned key/value
+  slots per kv head (unit-normal at init: our choice), visible from every query.
 
 The last two read every cached key at each step (the positions of CoPE and the mixed logits of
 talking heads depend on the query), so they decode over a :class:`~attn_jax.softmax.kv_cache.KVCache`:
@@ -39,11 +42,12 @@ from attn_jax.nn.attention import MultiHeadAttention
 from attn_jax.nn.layers import check_positive_int, param
 from attn_jax.softmax.kv_cache import KVCache
 from attn_jax.variants.cope import cope_attention
+from attn_jax.variants.persistent_memory import persistent_memory_attention
 from attn_jax.variants.selective import selective_attention, selective_keep
 from attn_jax.variants.talking_heads import talking_heads_attention
 
 __all__ = ["gated_attention", "CoPEAttention", "TalkingHeadsAttention", "SelectiveAttention", "SelectiveCache",
-           "CachedVariantAttention"]
+           "PersistentMemoryAttention", "CachedVariantAttention"]
 
 _BASE_FEATURES = frozenset({"mha", "gqa", "dk_ne_dv", "causal", "segments", "key_padding", "bf16", "rope"})
 
@@ -109,6 +113,28 @@ class CachedVariantAttention(MultiHeadAttention):
         mask = masks.causal(offset=L) & masks.segments(q_ids, kv_ids)
         o = self._variant(q.astype(dt), cache.k, cache.v, mask, kw)
         return o.astype(self.dtype), cache
+
+
+class PersistentMemoryAttention(CachedVariantAttention):
+    """Persistent-memory mixer (``"persistent_memory"``): ``num_memory`` (default 8) learned
+    ``memory_k [N, K, Dk]``, ``memory_v [N, K, Dv]`` attended by every query besides the sequence."""
+
+    SUPPORTED_FEATURES = _BASE_FEATURES | {"sinks", "softcap", "bidirectional"}
+    _OPTIONS = frozenset({"sinks", "softcap"})
+    _NAME = "persistent_memory"
+
+    def __init__(self, d_model: int, num_heads: int, *, num_memory: int = 8, rngs: nnx.Rngs, **kwargs):
+        check_positive_int("num_memory", num_memory)
+        super().__init__(d_model, num_heads, rngs=rngs, **kwargs)
+        pdt, init = kwargs.get("param_dtype", jnp.float32), nnx.initializers.normal(1.0)
+        K = self.num_kv_heads
+        self.memory_k = param(rngs, init, (num_memory, K, self.head_dim), (None, "kv_heads", "head_dim"), pdt)
+        self.memory_v = param(rngs, init, (num_memory, K, self.value_head_dim), (None, "kv_heads", "head_dim"), pdt)
+
+    def _variant(self, q, k, v, mask, kw):
+        return persistent_memory_attention(q, k, v, self.memory_k[...], self.memory_v[...], mask=mask,
+                                           scale=kw["scale"], softcap=kw["softcap"], sinks=kw["sinks"],
+                                           impl=kw["impl"])
 
 
 class CoPEAttention(CachedVariantAttention):
