@@ -117,7 +117,9 @@ class CachedVariantAttention(MultiHeadAttention):
 
 class PersistentMemoryAttention(CachedVariantAttention):
     """Persistent-memory mixer (``"persistent_memory"``): ``num_memory`` (default 8) learned
-    ``memory_k [N, K, Dk]``, ``memory_v [N, K, Dv]`` attended by every query besides the sequence."""
+    ``memory_k [N, K, Dk]``, ``memory_v [N, K, Dv]`` attended by every query besides the sequence.
+    Padding tokens (segment id 0) output zero, as the mixer protocol requires (the op itself lets
+    every query read the memory)."""
 
     SUPPORTED_FEATURES = _BASE_FEATURES | {"sinks", "softcap", "bidirectional"}
     _OPTIONS = frozenset({"sinks", "softcap"})
@@ -130,6 +132,17 @@ class PersistentMemoryAttention(CachedVariantAttention):
         K = self.num_kv_heads
         self.memory_k = param(rngs, init, (num_memory, K, self.head_dim), (None, "kv_heads", "head_dim"), pdt)
         self.memory_v = param(rngs, init, (num_memory, K, self.value_head_dim), (None, "kv_heads", "head_dim"), pdt)
+
+    def _attend(self, q, k, v, *, segment_ids, cache, bias, kw):
+        # the memory is visible from every query, padding ones too: the protocol wants zeros there
+        o, new_cache = super()._attend(q, k, v, segment_ids=segment_ids, cache=cache, bias=bias, kw=kw)
+        if segment_ids is None:
+            return o, new_cache
+        if cache is None:
+            valid = segment_ids != 0
+        else:
+            valid = jnp.arange(q.shape[1])[None, :] < jnp.sum(segment_ids != 0, axis=1)[:, None]
+        return jnp.where(valid[:, :, None, None], o, 0).astype(o.dtype), new_cache
 
     def _variant(self, q, k, v, mask, kw):
         return persistent_memory_attention(q, k, v, self.memory_k[...], self.memory_v[...], mask=mask,
