@@ -32,6 +32,10 @@ Options
   arXiv:2505.06708, position G1): ``o'_h = o_h * sigmoid(x W^G)`` applied to the attention
   output before ``W^O`` — ``"headwise"`` (``W^G: [d, H]``, one gate per head) or
   ``"elementwise"`` (``W^G: [d, H, Dv]``).
+* ``monitor=True`` (opt-in): each full forward (no cache, self-attention) sows the largest
+  visible logit and the attention entropy per query and head, float32 ``[B, T, H]``, as NNX
+  intermediates ``attention_logit_max`` / ``attention_entropy``
+  (:func:`attn_jax.variants.stability.attention_statistics`; costs one dense attention pass).
 * ``cross=True``: keys/values come from ``context`` (no positional scheme, not causal);
   decode with :meth:`MultiHeadAttention.cross_cache` (the context's K/V, computed once).
 
@@ -56,6 +60,7 @@ from attn_jax.softmax.api import attention
 from attn_jax.softmax.decode import prefill
 from attn_jax.softmax.kv_cache import KVCache, PagedKVCache, RingKVCache
 from attn_jax.variants.gated import output_gate
+from attn_jax.variants.stability import attention_statistics
 from attn_jax.nn.layers import (check_mixer_input, check_positive_int, check_segment_ids, default_kernel_init,
                                 param)
 
@@ -109,6 +114,7 @@ class MultiHeadAttention(nnx.Module):
         sink logits, or the fixed zero logit of softmax-off-by-one).
       gate: one of :data:`GATES`.  dropout_rate: attention-probability dropout.
       cross: cross-attention (keys/values from ``context``).
+      monitor: sow attention-logit and entropy statistics (see the module docstring).
       ring_cache: for ``window``: decode with a :class:`RingKVCache` of ``window + 1``
         slots (default) instead of a full-length :class:`KVCache` with a window mask.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
@@ -125,7 +131,7 @@ class MultiHeadAttention(nnx.Module):
                  window: int | None = None, positional: str | None = None, rope_base: float = 10000.0,
                  t5_num_buckets: int = 32, t5_max_distance: int = 128, qk_norm: str | None = None,
                  softcap: float | None = None, sinks: bool = False, gate: str | None = None,
-                 dropout_rate: float = 0.0, cross: bool = False, ring_cache: bool = True,
+                 dropout_rate: float = 0.0, cross: bool = False, ring_cache: bool = True, monitor: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, impl="auto", rngs: nnx.Rngs):
         check_positive_int("d_model", d_model)
         check_positive_int("num_heads", num_heads)
@@ -201,6 +207,7 @@ class MultiHeadAttention(nnx.Module):
                                   param_dtype)
             self.t5_max_distance = int(t5_max_distance)
         self.dropout_rngs = rngs if dropout_rate > 0 else None
+        self.monitor = bool(monitor)
 
     # ------------------------------------------------------------------ caches
 
@@ -290,6 +297,11 @@ class MultiHeadAttention(nnx.Module):
                 pos = _positions(positions, B, T, cache)
                 q = apply_rope(q, pos, base=self.rope_base)
                 k = apply_rope(k, pos, base=self.rope_base)
+            if self.monitor and cache is None:
+                logit_max, entropy = attention_statistics(q, k, mask=self._mask(segment_ids), bias=self._bias(),
+                                                          scale=scale, softcap=self.softcap)
+                self.sow(nnx.Intermediate, "attention_logit_max", logit_max)
+                self.sow(nnx.Intermediate, "attention_entropy", entropy)
             o, cache = self._attend(q, k, v, segment_ids=segment_ids, cache=cache, bias=self._bias(), kw=kw)
 
         if self.gate is not None:

@@ -13,6 +13,7 @@ from attn_jax.variants.gated import gated_attention, gated_attention_reference, 
 from attn_jax.variants.persistent_memory import persistent_memory_attention, persistent_memory_attention_reference
 from attn_jax.variants.selective import (selection_scores, selective_attention, selective_attention_reference,
                                         selective_keep)
+from attn_jax.variants.stability import attention_statistics, sigma_reparam, spectral_norm
 from attn_jax.variants.talking_heads import talking_heads_attention, talking_heads_attention_reference
 
 # the public names are the ones imported above (each module's own file lists its functions once)
