@@ -304,14 +304,18 @@ class MultiHeadAttention(nnx.Module):
                 self.sow(nnx.Intermediate, "attention_entropy", entropy)
             o, cache = self._attend(q, k, v, segment_ids=segment_ids, cache=cache, bias=self._bias(), kw=kw)
 
-        if self.gate is not None:
-            if self.gate == "headwise":
-                g = jnp.einsum("btd,dh->bth", x, self._w(self.w_gate))
-            else:
-                g = jnp.einsum("btd,dhf->bthf", x, self._w(self.w_gate))
-            o = output_gate(o, g)
+        o = self._gate_output(x, o)
         y = jnp.einsum("bthf,hfd->btd", o.astype(self.dtype), self._w(self.w_o))
         return y, cache
+
+    def _gate_output(self, x, o):
+        """The ``gate`` option on the attention output ``o [B, T, H, Dv]`` (a hook: head gating
+        variants replace it)."""
+        if self.gate is None:
+            return o
+        if self.gate == "headwise":
+            return output_gate(o, jnp.einsum("btd,dh->bth", x, self._w(self.w_gate)))
+        return output_gate(o, jnp.einsum("btd,dhf->bthf", x, self._w(self.w_gate)))
 
     # Hooks for the attention variants of attn_jax.nn.variant_attention, which keep the projections,
     # positional schemes, gate and caches of this class and replace only the attention itself.

@@ -17,6 +17,10 @@ qk-norm, RoPE option, output gate and protocol — with the attention itself rep
   (parameter-free); its cache (:class:`SelectiveCache`) adds the accumulated selection ``F`` of
   every slot to the keys and values, and ``context_budget`` masks all but the ``budget`` cached
   keys with the smallest ``F`` while decoding (context pruning, emulated by masking).
+* :class:`MixtureOfHeadsAttention` (``"moh"``): the MoH head gates of
+  :func:`attn_jax.variants.head_gates` on the attention output (through the ``_gate_output``
+  hook); with ``monitor=True`` the load-balancing loss is sown as the intermediate
+  ``moh_load_balance_loss`` (read it with ``nnx.capture(mixer, nnx.Intermediate)``).
 * :class:`PersistentMemoryAttention` (``"persistent_memory"``):
   :func:`attn_jax.variants.persistent_memory_attention` with ``num_memory`` learned key/value
   slots per kv head (unit-normal at init: our choice), visible from every query.
@@ -42,12 +46,13 @@ from attn_jax.nn.attention import MultiHeadAttention
 from attn_jax.nn.layers import check_positive_int, param
 from attn_jax.softmax.kv_cache import KVCache
 from attn_jax.variants.cope import cope_attention
+from attn_jax.variants.mixture_of_heads import head_gates
 from attn_jax.variants.persistent_memory import persistent_memory_attention
 from attn_jax.variants.selective import selective_attention, selective_keep
 from attn_jax.variants.talking_heads import talking_heads_attention
 
 __all__ = ["gated_attention", "CoPEAttention", "TalkingHeadsAttention", "SelectiveAttention", "SelectiveCache",
-           "PersistentMemoryAttention", "CachedVariantAttention"]
+           "PersistentMemoryAttention", "MixtureOfHeadsAttention", "CachedVariantAttention"]
 
 _BASE_FEATURES = frozenset({"mha", "gqa", "dk_ne_dv", "causal", "segments", "key_padding", "bf16", "rope"})
 
@@ -62,6 +67,47 @@ def gated_attention(d_model: int, num_heads: int, *, rngs: nnx.Rngs, gate: str =
 
 
 gated_attention.SUPPORTED_FEATURES = MultiHeadAttention.SUPPORTED_FEATURES
+
+
+class MixtureOfHeadsAttention(MultiHeadAttention):
+    """MoH mixer (``"moh"``): :class:`MultiHeadAttention` whose head outputs are weighted by the
+    MoH gates (Jin et al. 2024, arXiv:2410.11842) before ``W^O``.
+
+    Args:
+      num_shared: always-on heads ``h_s`` (default 1; 0 = routed only).
+      top_k: routed heads per token (default half of the routed heads, at least 1).
+      others: as :class:`MultiHeadAttention` (its ``gate`` option is refused: MoH is the gate);
+        ``monitor=True`` also sows ``moh_load_balance_loss`` (an NNX intermediate) for training.
+    Router weights ``W_r [d, H - h_s]``, ``W_s [d, h_s]`` (``h_s > 1``), ``W_0 [d, 2]`` (``h_s > 0``),
+    no biases, as the authors' code.
+    """
+
+    SUPPORTED_FEATURES = MultiHeadAttention.SUPPORTED_FEATURES
+
+    def __init__(self, d_model: int, num_heads: int, *, num_shared: int = 1, top_k: int | None = None,
+                 rngs: nnx.Rngs, **kwargs):
+        if kwargs.get("gate") is not None:
+            raise ValueError(f"gate: the moh mixer gates the heads itself, got gate={kwargs['gate']!r}")
+        if isinstance(num_shared, bool) or not isinstance(num_shared, int) or not 0 <= num_shared < num_heads:
+            raise ValueError(f"num_shared: expected an int in [0, num_heads={num_heads}), got {num_shared!r}")
+        E = num_heads - num_shared
+        top_k = max(1, E // 2) if top_k is None else top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+            raise ValueError(f"top_k: expected an int in [1, {E}] (the routed heads), got {top_k!r}")
+        super().__init__(d_model, num_heads, rngs=rngs, **kwargs)
+        self.num_shared, self.top_k = num_shared, top_k
+        pdt, init = kwargs.get("param_dtype", jnp.float32), nnx.initializers.lecun_normal()
+        self.w_router = param(rngs, init, (d_model, E), ("embed", None), pdt)
+        self.w_shared = param(rngs, init, (d_model, num_shared), ("embed", None), pdt) if num_shared > 1 else None
+        self.w_mix = param(rngs, init, (d_model, 2), ("embed", None), pdt) if num_shared > 0 else None
+
+    def _gate_output(self, x, o):
+        logits = lambda w: None if w is None else jnp.einsum("btd,de->bte", x, self._w(w))  # noqa: E731
+        g, aux = head_gates(logits(self.w_router), top_k=self.top_k, shared_logits=logits(self.w_shared),
+                            mix_logits=logits(self.w_mix), num_shared=self.num_shared)
+        if self.monitor:
+            self.sow(nnx.Intermediate, "moh_load_balance_loss", aux)
+        return (o * g[..., None].astype(o.dtype)).astype(o.dtype)
 
 
 class CachedVariantAttention(MultiHeadAttention):

@@ -10,6 +10,8 @@ import types as _types
 
 from attn_jax.variants.cope import cope_attention, cope_attention_reference, cope_position_logits, cope_positions
 from attn_jax.variants.gated import gated_attention, gated_attention_reference, output_gate
+from attn_jax.variants.mixture_of_heads import (head_gates, mixture_of_heads_attention,
+                                               mixture_of_heads_attention_reference)
 from attn_jax.variants.persistent_memory import persistent_memory_attention, persistent_memory_attention_reference
 from attn_jax.variants.selective import (selection_scores, selective_attention, selective_attention_reference,
                                         selective_keep)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import attn_jax as aj
-from attn_jax import masks, mixers
+from attn_jax import masks, mixers, variants
 from attn_jax.core import testing as tk
 from attn_jax.variants import talking_heads_attention, talking_heads_attention_reference
 
@@ -82,3 +82,77 @@ def test_bad_inputs():
         mixers.get("talking_heads")(16, 4, rngs=nnx.Rngs(0), sinks=True)
     with pytest.raises(ValueError, match="^positional:"):
         mixers.get("talking_heads")(16, 4, rngs=nnx.Rngs(0), positional="alibi")
+
+
+# ----------------------------------------------------------------------------- Mixture-of-Head attention
+# (Jin et al. 2024, arXiv:2410.11842)
+
+def _np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("num_shared", [0, 1, 2])
+def test_head_gates_match_the_formula(num_shared):
+    Bg, Tg, E, top_k = 2, 5, 6, 2
+    keys = jax.random.split(jax.random.key(7), 3)
+    r = np.asarray(jax.random.normal(keys[0], (Bg, Tg, E)))
+    s = np.asarray(jax.random.normal(keys[1], (Bg, Tg, max(num_shared, 1))))
+    mix = np.asarray(jax.random.normal(keys[2], (Bg, Tg, 2)))
+    g, aux = variants.head_gates(jnp.asarray(r), top_k=top_k, num_shared=num_shared,
+                                 shared_logits=jnp.asarray(s) if num_shared > 1 else None,
+                                 mix_logits=jnp.asarray(mix) if num_shared else None)
+    p = _np_softmax(r)
+    sel = p >= np.sort(p, -1)[..., -top_k][..., None]
+    g_r = top_k * p * sel / (p * sel).sum(-1, keepdims=True)
+    want = g_r
+    if num_shared:
+        g_s = num_shared * _np_softmax(s) if num_shared > 1 else np.ones((Bg, Tg, 1))
+        a = 2 * _np_softmax(mix)
+        want = np.concatenate([a[..., :1] * g_s, a[..., 1:] * g_r], -1)
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(aux), E * E * np.mean(p.mean((0, 1)) * sel.mean((0, 1))), rtol=1e-5)
+    assert (np.asarray(g) == 0).sum() == Bg * Tg * (E - top_k)   # unselected routed heads are off
+
+
+def test_moh_op_matches_reference_and_mixer_wiring():
+    q, k, v, _, _ = _inputs(8)
+    k, v = k[:, :T], v[:, :T]
+    gates = jnp.abs(jax.random.normal(jax.random.key(9), (B, T, H)))
+    key = jax.random.key(1)
+
+    def both(*p):
+        fast = lambda *a: variants.mixture_of_heads_attention(*a, mask=masks.causal())  # noqa: E731
+        ref = lambda *a: variants.mixture_of_heads_attention_reference(*a, mask=masks.causal())  # noqa: E731
+        return tk.vjp_with_random_cotangent(fast, p, key), tk.vjp_with_random_cotangent(ref, p, key)
+
+    (o, grads), (o_ref, grads_ref) = tk.compiled(both, q, k, v, gates)
+    tk.assert_close(o, o_ref, name="output")
+    for name, a, b in zip(("q", "k", "v", "gates"), grads, grads_ref):
+        tk.assert_close(a, b, grad=True, name=f"d{name}")
+
+    m = mixers.get("moh")(16, 4, rngs=nnx.Rngs(0), num_kv_heads=2, num_shared=1, top_k=2, positional="none",
+                          monitor=True)
+    graphdef, state = nnx.split(m)
+    x = jax.random.normal(jax.random.key(10), (2, 7, 16))
+
+    @tk.fast_jit
+    def run(state, x):
+        mm = nnx.merge(graphdef, state)
+        (y, _), inter = nnx.capture(mm, nnx.Intermediate)(x)
+        (aux,) = inter["moh_load_balance_loss"].get_value()
+        qq = jnp.einsum("btd,dhf->bthf", x, mm.w_q[...])
+        kk = jnp.einsum("btd,dkf->btkf", x, mm.w_k[...])
+        vv = jnp.einsum("btd,dkf->btkf", x, mm.w_v[...])
+        lg = lambda w: jnp.einsum("btd,de->bte", x, w[...])  # noqa: E731
+        g, aux_ref = variants.head_gates(lg(mm.w_router), top_k=2, mix_logits=lg(mm.w_mix), num_shared=1)
+        o = variants.mixture_of_heads_attention_reference(qq, kk, vv, g, mask=masks.causal())
+        return y, jnp.einsum("bthf,hfd->btd", o, mm.w_o[...]), aux, aux_ref
+
+    y, y_ref, aux, aux_ref = run(state, x)
+    tk.assert_close(y, y_ref, name="moh mixer vs gates on hand-projected attention")
+    tk.assert_close(aux, aux_ref, name="sown load-balance loss")
+    with pytest.raises(ValueError, match="^top_k:"):
+        mixers.get("moh")(16, 4, rngs=nnx.Rngs(0), num_shared=1, top_k=4)
+    with pytest.raises(ValueError, match="^gates:"):
+        variants.mixture_of_heads_attention(q, k, v, gates[..., :3])

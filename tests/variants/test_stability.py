@@ -81,8 +81,7 @@ def test_multihead_attention_monitor_sows_the_statistics():
     @tk.fast_jit
     def run(state, x):
         mm = nnx.merge(graphdef, state)
-        mm(x)
-        inter = nnx.state(mm, nnx.Intermediate)
+        _, inter = nnx.capture(mm, nnx.Intermediate)(x)
         (ent,), (mx,) = inter["attention_entropy"].get_value(), inter["attention_logit_max"].get_value()
         q = jnp.einsum("btd,dhf->bthf", x, mm.w_q[...])
         k = jnp.einsum("btd,dkf->btkf", x, mm.w_k[...])
