@@ -120,8 +120,10 @@ def selective_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B 
                                                 selection_head)
     V.check_positive_scalar("scale", scale)
     scale = dims.Dk ** -0.5 if scale is None else scale
-    visible = visible_pairs(mask, dims.B, dims.H, dims.T, dims.S)[:, selection_head]
-    qz, kz, _ = zero_unused(q, k, v, visible[:, None].repeat(dims.H, axis=1))
+    visible = visible_pairs(mask, dims.B, dims.H, dims.T, dims.S)[:, selection_head]      # [B, T, S]
+    # rows / columns the selection head never uses are zeroed (NaN padding cannot reach the scores)
+    qz = jnp.where(visible.any(axis=2)[:, :, None, None], q, 0)
+    kz = jnp.where(visible.any(axis=1)[:, :, None, None], k, 0)
     sel = selection_scores(qz, kz, visible, q_pos, protected, selection_head=selection_head, scale=scale)
     F = F0[:, None, :] + jnp.cumsum(sel, axis=1) - sel                 # exclusive: queries before i
     bias = -F[:, None]

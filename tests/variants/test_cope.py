@@ -33,6 +33,7 @@ def test_matches_reference_values_and_gradients(case):
     if case != "causal_clipped":
         seg = jnp.asarray(np.array([[1] * 5 + [2] * 4, [1] * 6 + [0] * 3], np.int32))
         mask, sinks = mask & masks.segments(seg), jnp.array([0.5, -1.0, 0.0, 1.5], jnp.float32)
+        q, k, v = (x.at[1, 6:].set(jnp.nan) for x in (q, k, v))      # NaN padding must not leak
     key = jax.random.key(1)
 
     def both(*p):

@@ -30,6 +30,7 @@ def test_matches_reference_values_and_gradients(elementwise):
     # segments with a padding tail: fully masked rows must stay exactly zero through the gate
     seg = jnp.asarray(np.array([[1] * 5 + [2] * 4, [1] * 6 + [0] * 3], np.int32))
     mask = masks.causal() & masks.segments(seg)
+    q, k, v = (x.at[1, 6:].set(jnp.nan) for x in (q, k, v))          # NaN padding must not leak
     sinks = jnp.array([0.5, -1.0, 0.0, 1.5], jnp.float32)
     key = jax.random.key(1)
 

@@ -26,6 +26,7 @@ def test_matches_reference_values_and_gradients():
     q, k, v, p_l, p_w = _inputs(0)
     # bottom-right causal with T < S, and a key-padding row whose first query sees nothing
     mask = masks.causal() & masks.key_padding(jnp.array([S, 2], jnp.int32))
+    k, v = k.at[1, 2:].set(jnp.nan), v.at[1, 2:].set(jnp.nan)      # NaN padding must not leak
     key = jax.random.key(1)
 
     def both(*p):

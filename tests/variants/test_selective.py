@@ -36,6 +36,7 @@ def test_matches_reference_values_and_gradients(case):
         seg = jnp.asarray(np.array([[1] * 5 + [2] * 4, [1] * 6 + [0] * 3], np.int32))
         kw = dict(mask=masks.segments(seg), sinks=jnp.array([0.5, -1.0, 0.0, 1.5], jnp.float32),
                   protected=jnp.asarray(np.array([[1] + [0] * 4 + [1] + [0] * 3, [1] + [0] * 8], bool)))
+        q, k, v = (x.at[1, 6:].set(jnp.nan) for x in (q, k, v))      # NaN padding must not leak
         extra = ()
     else:   # 3 new queries at positions L = (4, 6) over a 9-slot cache with carried selection
         q, k, v = _qkv(2, T=3, S=T)
@@ -56,7 +57,7 @@ def test_matches_reference_values_and_gradients(case):
         tk.assert_close(a, b, grad=True, name=f"d{name}")
     if case == "full_segments_sinks":
         # F_j = sum over the queries i > j of the same document of ReLU(head-0 logit), j not protected
-        r = _relu_scores(q, k)
+        r = np.nan_to_num(_relu_scores(q, k))
         segn, prot = np.asarray(seg), np.asarray(kw["protected"])
         i, j = np.arange(T)[:, None], np.arange(T)[None, :]
         votes = r * (i > j) * (segn[:, :, None] == segn[:, None, :]) * (segn[:, :, None] > 0) * ~prot[:, None, :]
