@@ -24,12 +24,18 @@ Options
   ``"l2"`` — QKNorm (Henry et al., 2020, arXiv:2010.04245): ``q^ = q/||q||``,
   ``k^ = k/||k||``, logits ``= g * q^.k^`` with a learned scalar ``g`` (init
   ``sqrt(Dk)``, so initial logits have the scale of standard attention).
-* softcap ``c``: logits ``c * tanh(s / c)``; sinks: a learned logit per head added to the
-  softmax denominator; attention dropout with keys from the module's ``rngs``.
+* softcap ``c``: logits ``c * tanh(s / c)``; sinks: ``True`` — a learned logit per head added to
+  the softmax denominator; ``"off_by_one"`` — the fixed logit 0, i.e. softmax-off-by-one
+  ``exp(s_j) / (1 + sum_j' exp(s_j'))`` (E. Miller, "Attention Is Off By One", 2023, blog post);
+  attention dropout with keys from the module's ``rngs``.
 * output gate ("Gated Attention for Large Language Models", Qiu et al., 2025,
   arXiv:2505.06708, position G1): ``o'_h = o_h * sigmoid(x W^G)`` applied to the attention
   output before ``W^O`` — ``"headwise"`` (``W^G: [d, H]``, one gate per head) or
   ``"elementwise"`` (``W^G: [d, H, Dv]``).
+* ``monitor=True`` (opt-in): each full forward (no cache, self-attention) sows the largest
+  visible logit and the attention entropy per query and head, float32 ``[B, T, H]``, as NNX
+  intermediates ``attention_logit_max`` / ``attention_entropy``
+  (:func:`attn_jax.variants.stability.attention_statistics`; costs one dense attention pass).
 * ``cross=True``: keys/values come from ``context`` (no positional scheme, not causal);
   decode with :meth:`MultiHeadAttention.cross_cache` (the context's K/V, computed once).
 
@@ -53,15 +59,18 @@ from attn_jax.positional import T5RelativeBias, alibi, apply_rope
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.decode import prefill
 from attn_jax.softmax.kv_cache import KVCache, PagedKVCache, RingKVCache
+from attn_jax.variants.gated import output_gate
+from attn_jax.variants.stability import attention_statistics
 from attn_jax.nn.layers import (check_mixer_input, check_positive_int, check_segment_ids, default_kernel_init,
                                 mixer_positions, param)
 
 __all__ = ["MultiHeadAttention", "CrossAttentionCache", "sliding_window_attention", "POSITIONAL", "QK_NORMS",
-           "GATES"]
+           "GATES", "SINKS"]
 
 POSITIONAL = ("rope", "alibi", "t5", "none")
 QK_NORMS = (None, "rms", "l2")
 GATES = (None, "headwise", "elementwise")
+SINKS = (False, True, "off_by_one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +98,11 @@ class MultiHeadAttention(nnx.Module):
       causal: causal self-attention (decoder).  window: sliding window ``w`` — a query at
         ``i`` sees keys ``i - w .. i`` (``.. i + w`` when not causal).
       positional: one of :data:`POSITIONAL`; default ``"rope"`` (``"none"`` for cross).
-      qk_norm: one of :data:`QK_NORMS`.  softcap: logit cap.  sinks: learned sink logits.
+      qk_norm: one of :data:`QK_NORMS`.  softcap: logit cap.  sinks: one of :data:`SINKS` (learned
+        sink logits, or the fixed zero logit of softmax-off-by-one).
       gate: one of :data:`GATES`.  dropout_rate: attention-probability dropout.
       cross: cross-attention (keys/values from ``context``).
+      monitor: sow attention-logit and entropy statistics (see the module docstring).
       ring_cache: for ``window``: decode with a :class:`RingKVCache` of ``window + 1``
         slots (default) instead of a full-length :class:`KVCache` with a window mask.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
@@ -113,7 +124,7 @@ class MultiHeadAttention(nnx.Module):
                  window: int | None = None, positional: str | None = None, rope_base: float = 10000.0,
                  t5_num_buckets: int = 32, t5_max_distance: int = 128, qk_norm: str | None = None,
                  softcap: float | None = None, sinks: bool = False, gate: str | None = None,
-                 dropout_rate: float = 0.0, cross: bool = False, ring_cache: bool = True,
+                 dropout_rate: float = 0.0, cross: bool = False, ring_cache: bool = True, monitor: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, impl="auto", attention_fn=None, rngs: nnx.Rngs):
         check_positive_int("d_model", d_model)
         check_positive_int("num_heads", num_heads)
@@ -187,15 +198,19 @@ class MultiHeadAttention(nnx.Module):
         elif gate == "elementwise":
             self.w_gate = param(rngs, default_kernel_init, (d, H, Dv), ("embed", "heads", "head_dim"), param_dtype,
                                 in_axis=0, out_axis=(1, 2))
-        if sinks:
+        if sinks not in SINKS:
+            raise ValueError(f"sinks: expected one of {SINKS}, got {sinks!r}")
+        if sinks != "off_by_one" and sinks:
             self.sinks = param(None, nnx.initializers.zeros, (H,), ("heads",), jnp.float32)
         else:
             self.sinks = None
+        self.off_by_one = sinks == "off_by_one"
         if positional == "t5":
             self.t5_table = param(rngs, nnx.initializers.normal(0.02), (t5_num_buckets, H), (None, "heads"),
                                   param_dtype)
             self.t5_max_distance = int(t5_max_distance)
         self.dropout_rngs = rngs if dropout_rate > 0 else None
+        self.monitor = bool(monitor)
 
     # ------------------------------------------------------------------ caches
 
@@ -270,7 +285,8 @@ class MultiHeadAttention(nnx.Module):
         scale = 1.0 if self.qk_norm == "l2" else None
         rate = 0.0 if deterministic else self.dropout_rate
         drop_rng = self.dropout_rngs.dropout() if rate > 0 else None
-        kw = dict(scale=scale, softcap=self.softcap, sinks=None if self.sinks is None else self.sinks[...],
+        sinks = jnp.zeros((self.num_heads,), jnp.float32) if self.off_by_one else None
+        kw = dict(scale=scale, softcap=self.softcap, sinks=sinks if self.sinks is None else self.sinks[...],
                   dropout_rate=rate, dropout_rng=drop_rng, impl=self.impl)
 
         if self.cross:
@@ -278,34 +294,23 @@ class MultiHeadAttention(nnx.Module):
         else:
             if context is not None:
                 raise ValueError("context: only cross-attention modules (cross=True) take a context")
-            if cache is not None and not isinstance(cache, (KVCache, RingKVCache, PagedKVCache)):
-                raise TypeError(f"cache: expected a KVCache or RingKVCache from init_cache, got "
-                                f"{type(cache).__name__}")
+            self._check_cache(cache)
             k, v = self._kv(x)
             if self.positional == "rope":
                 pos = mixer_positions(positions, B, T, cache)
                 q = apply_rope(q, pos, base=self.rope_base)
                 k = apply_rope(k, pos, base=self.rope_base)
-            bias = self._bias()
+            if self.monitor and cache is None:
+                logit_max, entropy = attention_statistics(q, k, mask=self._mask(segment_ids), bias=self._bias(),
+                                                          scale=scale, softcap=self.softcap)
+                self.sow(nnx.Intermediate, "attention_logit_max", logit_max)
+                self.sow(nnx.Intermediate, "attention_entropy", entropy)
             if self.attention_fn is not None:
                 o, cache = self._custom(q, k, v, x, segment_ids, cache, scale)
-            elif cache is None:
-                o = attention(q, k, v, mask=self._mask(segment_ids), bias=bias, **kw)
             else:
-                n_new = None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
-                dt = cache.dtype
-                window = None if isinstance(cache, RingKVCache) else self.window
-                decode_kw = {("attention_impl" if name == "impl" else name): x for name, x in kw.items()}
-                o, cache = prefill(q.astype(dt), k.astype(dt), v.astype(dt), cache, n_new=n_new, window=window,
-                                   bias=bias, **decode_kw)
-                o = o.astype(self.dtype)
+                o, cache = self._attend(q, k, v, segment_ids=segment_ids, cache=cache, bias=self._bias(), kw=kw)
 
-        if self.gate is not None:
-            if self.gate == "headwise":
-                g = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, self._w(self.w_gate)))[..., None]
-            else:
-                g = jax.nn.sigmoid(jnp.einsum("btd,dhf->bthf", x, self._w(self.w_gate)))
-            o = o * g.astype(o.dtype)
+        o = self._gate_output(x, o)
         y = jnp.einsum("bthf,hfd->btd", o.astype(self.dtype), self._w(self.w_o))
         return y, cache
 
@@ -331,6 +336,36 @@ class MultiHeadAttention(nnx.Module):
         o = self.attention_fn(q.astype(dt), cache.k, cache.v, mask=mask, scale=scale, x=x)
         o = jnp.where((jnp.arange(T)[None, :] < n[:, None])[:, :, None, None], o, 0).astype(self.dtype)
         return o, cache
+
+    def _gate_output(self, x, o):
+        """The ``gate`` option on the attention output ``o [B, T, H, Dv]`` (a hook: head gating
+        variants replace it)."""
+        if self.gate is None:
+            return o
+        if self.gate == "headwise":
+            return output_gate(o, jnp.einsum("btd,dh->bth", x, self._w(self.w_gate)))
+        return output_gate(o, jnp.einsum("btd,dhf->bthf", x, self._w(self.w_gate)))
+
+    # Hooks for the attention variants of attn_jax.nn.variant_attention, which keep the projections,
+    # positional schemes, gate and caches of this class and replace only the attention itself.
+
+    def _check_cache(self, cache):
+        if cache is not None and not isinstance(cache, (KVCache, RingKVCache, PagedKVCache)):
+            raise TypeError(f"cache: expected a KVCache or RingKVCache from init_cache, got "
+                            f"{type(cache).__name__}")
+
+    def _attend(self, q, k, v, *, segment_ids, cache, bias, kw):
+        """Self-attention of the projected ``q [B, T, H, Dk]``, ``k``, ``v`` (after RoPE); returns
+        ``(o [B, T, H, Dv], cache)``.  ``kw``: scale, softcap, sinks, dropout and impl."""
+        if cache is None:
+            return attention(q, k, v, mask=self._mask(segment_ids), bias=bias, **kw), None
+        n_new = None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+        dt = cache.dtype
+        window = None if isinstance(cache, RingKVCache) else self.window
+        decode_kw = {("attention_impl" if name == "impl" else name): x for name, x in kw.items()}
+        o, cache = prefill(q.astype(dt), k.astype(dt), v.astype(dt), cache, n_new=n_new, window=window,
+                           bias=bias, **decode_kw)
+        return o.astype(self.dtype), cache
 
     def _mask(self, segment_ids):
         m = None

@@ -17,6 +17,15 @@ from attn_jax.variants.clipped_softmax import clipped_softmax, clipped_softmax_r
 from attn_jax.variants.entmax import (entmax_attention, entmax_attention_reference, entmax_bisect, sparsemax,
                                       sparsemax_attention, sparsemax_attention_reference)
 from attn_jax.variants.cog import cog_attention, cog_attention_reference
+from attn_jax.variants.cope import cope_attention, cope_attention_reference, cope_position_logits, cope_positions
+from attn_jax.variants.gated import gated_attention, gated_attention_reference, output_gate
+from attn_jax.variants.mixture_of_heads import (head_gates, mixture_of_heads_attention,
+                                               mixture_of_heads_attention_reference)
+from attn_jax.variants.persistent_memory import persistent_memory_attention, persistent_memory_attention_reference
+from attn_jax.variants.selective import (selection_scores, selective_attention, selective_attention_reference,
+                                        selective_keep)
+from attn_jax.variants.stability import attention_statistics, sigma_reparam, spectral_norm
+from attn_jax.variants.talking_heads import talking_heads_attention, talking_heads_attention_reference
 
 # the public names are the ones imported above (each module's own file lists its functions once)
 __all__ = sorted(_n for _n, _v in dict(globals()).items()
