@@ -18,6 +18,7 @@ from attn_jax.core import testing as tk
 from attn_jax.nn.protocol import FEATURE_KEYS, TokenMixer
 
 B, T, D, H = 2, 16, 32, 4
+CACHE_LEN = T + 4   # one cache size for every test, so the decode-step program compiles once per mixer
 
 
 @pytest.fixture(scope="module", params=mixers.names(causal=True))
@@ -72,7 +73,7 @@ def test_prefill_then_decode_equals_full(mixer):
     name, m, state, call = mixer
     x = _x(3)
     full = call(state, x)[0]
-    cache = m.init_cache(B, T, jnp.float32)
+    cache = m.init_cache(B, CACHE_LEN, jnp.float32)
     y, cache = call(state, x[:, :9], cache=cache)
     outs = [y]
     for t in range(9, T):
@@ -87,7 +88,7 @@ def test_ragged_prefill_matches_rows(mixer):
     x = _x(4)
     lengths = np.array([T, 11])
     valid = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int32)
-    cache = m.init_cache(B, T + 4, jnp.float32)
+    cache = m.init_cache(B, CACHE_LEN, jnp.float32)
     y, cache = call(state, x, segment_ids=jnp.asarray(valid), cache=cache)
     full = call(state, x)[0]
     tk.assert_close(y[0], full[0], name=f"{name}: full row")
@@ -103,15 +104,18 @@ def test_ragged_prefill_matches_rows(mixer):
 def test_packed_equals_padded(mixer):
     """Two documents packed in one row (positions restart) == each document alone, right-padded."""
     name, m, state, call = mixer
-    x = _x(6, b=1)
-    seg = np.array([[1] * 7 + [2] * 6 + [0] * 3], np.int32)
-    pos = np.array([list(range(7)) + list(range(6)) + [0] * 3], np.int32)
+    # Both calls take [B=2, T] with explicit positions and segment ids: one compiled program.
+    x = jnp.broadcast_to(_x(6, b=1), (B, T, D))
+    seg = np.array([[1] * 7 + [2] * 6 + [0] * 3] * B, np.int32)
+    pos = np.array([list(range(7)) + list(range(6)) + [0] * 3] * B, np.int32)
     packed = call(state, x, positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg))[0]
     padded_x = jnp.zeros((2, T, D)).at[0, :7].set(x[0, :7]).at[1, :6].set(x[0, 7:13])
     padded_seg = np.zeros((2, T), np.int32)
     padded_seg[0, :7] = 1
     padded_seg[1, :6] = 1
-    padded = call(state, padded_x, segment_ids=jnp.asarray(padded_seg))[0]
+    padded_pos = np.tile(np.arange(T, dtype=np.int32), (2, 1))
+    padded = call(state, padded_x, positions=jnp.asarray(padded_pos), segment_ids=jnp.asarray(padded_seg))[0]
+    tk.assert_close(packed[1], packed[0], name=f"{name}: identical packed rows")
     tk.assert_close(packed[0, :7], padded[0, :7], name=f"{name}: document 1")
     tk.assert_close(packed[0, 7:13], padded[1, :6], name=f"{name}: document 2")
     assert float(jnp.abs(packed[0, 13:]).max()) == 0.0, "padding tokens must give zero output"
