@@ -33,6 +33,9 @@ def mixer(request):
     return request.param, m, state, call
 
 
+_ARANGE = jnp.tile(jnp.arange(T, dtype=jnp.int32), (B, 1))
+
+
 def _x(seed=0, b=B, t=T):
     return jax.random.normal(jax.random.key(seed), (b, t, D), jnp.float32)
 
@@ -77,7 +80,7 @@ def test_padded_rows_equal_rows_alone(mixer):
     x = _x(4)
     n = 11
     valid = jnp.asarray((np.arange(T)[None, :] < np.array([[T], [n]])).astype(np.int32))
-    y = call(state, x, segment_ids=valid)
+    y = call(state, x, positions=_ARANGE, segment_ids=valid)   # the signature of the packed test: one program
     tk.assert_close(y[0], call(state, x)[0], name=f"{name}: full row")
     tk.assert_close(y[1, :n], call(state, x[:, :n])[1], name=f"{name}: padded row vs the row alone")
     assert float(jnp.abs(y[1, n:]).max()) == 0.0, "padding tokens must give zero output"
@@ -87,9 +90,9 @@ def test_packed_equals_padded(mixer):
     """Two documents packed in one row (positions restart) == each document alone, right-padded;
     a mixer that does not claim "segments" must refuse packed rows."""
     name, m, state, call = mixer
-    x = _x(6, b=1)
-    seg = np.array([[1] * 7 + [2] * 6 + [0] * 3], np.int32)
-    pos = np.array([list(range(7)) + list(range(6)) + [0] * 3], np.int32)
+    x = jnp.broadcast_to(_x(6, b=1), (B, T, D))   # two identical packed rows: [B, T] like the padded call
+    seg = np.array([[1] * 7 + [2] * 6 + [0] * 3] * B, np.int32)
+    pos = np.array([list(range(7)) + list(range(6)) + [0] * 3] * B, np.int32)
     if "segments" not in mixers.features(name):
         with pytest.raises(ValueError, match="segment_ids"):
             m(x, positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg))
@@ -99,7 +102,8 @@ def test_packed_equals_padded(mixer):
     padded_seg = np.zeros((2, T), np.int32)
     padded_seg[0, :7] = 1
     padded_seg[1, :6] = 1
-    padded = call(state, padded_x, segment_ids=jnp.asarray(padded_seg))
+    padded = call(state, padded_x, positions=_ARANGE, segment_ids=jnp.asarray(padded_seg))
+    tk.assert_close(packed[1], packed[0], name=f"{name}: identical packed rows")
     tk.assert_close(packed[0, :7], padded[0, :7], name=f"{name}: document 1")
     tk.assert_close(packed[0, 7:13], padded[1, :6], name=f"{name}: document 2")
     assert float(jnp.abs(packed[0, 13:]).max()) == 0.0, "padding tokens must give zero output"
