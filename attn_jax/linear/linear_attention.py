@@ -224,6 +224,7 @@ def cosformer_attention_reference(q, k, v, *, causal: bool = True, max_len: int 
     """cosFormer written densely: ``A_ij = φ(q_i)·φ(k_j) cos(π(i−j)/2M)`` on visible pairs."""
     eps = _check_eps(eps)
     check_qkv(q, k, v)
+    q, k, v = zero_padding(segment_ids, q, k, v)   # before φ: NaN padding must not reach a gradient
     B, T, H = q.shape[:3]
     M = _check_max_len(max_len, T)
     dt = _compute_dtype(q)
@@ -341,7 +342,7 @@ def _cosformer_dense(x, *, causal, segment_ids, initial_state, eps=1e-6):
     so a first-document query ``i`` reads ``[φq_i cos(πi/2M), φq_i sin(πi/2M)] · S_0``
     (numerator columns and, last column, normaliser) — the definition of
     :func:`cosformer_attention` with ``initial_state``."""
-    q, k, v = x["q"], x["k"], x["v"]
+    q, k, v = zero_padding(segment_ids, x["q"], x["k"], x["v"])   # before the ReLU (NaN-safe gradients)
     B, T, H = q.shape[:3]
     fq, fk = jnp.maximum(q, 0.0), expand_kv_heads(jnp.maximum(k, 0.0), H)
     lay = segment_layout(segment_ids, B, T)
