@@ -11,8 +11,10 @@ its declared refusals are checked).  For every (case, runner):
 * otherwise values (``o``, ``lse``) and all gradients (``dq, dk, dv, dbias, dsinks`` and the
   leaves of structured biases, random cotangents) must match the **float64** reference within
   the tolerance of the case's dtype (:data:`attn_jax.core.testing.TOLERANCES`), fully masked
-  rows must give exactly zero output and zero, finite gradients, and NaN placed in every
-  position that no (query, key) pair uses must not reach any output or gradient.
+  rows must give exactly zero output and zero, finite gradients, and NaN / +-Inf placed in every
+  position that no (query, key) pair uses (``nan_padding`` cases: padding, fully masked rows,
+  keys no query sees, keys only the block padding past ``T`` would see) must not reach any
+  output or gradient.
 
 Each (case, runner) is one compiled program (forward + VJP); the float64 reference of a case is
 computed once and shared by every runner.  Inputs are drawn with NumPy (no XLA program).
