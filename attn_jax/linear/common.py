@@ -31,8 +31,8 @@ from attn_jax.core import checks
 from attn_jax.core.validation import check_float_array, check_qkv, shape_str
 
 __all__ = ["RecurrentProblem", "RecurrentCall", "compute_dtype", "init_state", "finish", "fixed_decay_log_gates",
-           "validate", "SegmentLayout", "segment_layout", "zero_padding", "expand_kv_heads", "default_scale", "segmented_cumsum",
-           "segmented_cumlogsumexp"]
+           "validate", "SegmentLayout", "segment_layout", "zero_padding", "expand_kv_heads", "default_scale",
+           "segmented_cumsum", "segmented_cumlogsumexp"]
 
 
 @dataclass(frozen=True)

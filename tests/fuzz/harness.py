@@ -78,8 +78,8 @@ def exact_inputs(case):
     rng = np.random.default_rng(case["seed"])
     dt = jnp.dtype(case["dtype"])
     gain = 3.0 if case["softcap"] else 1.0
-    d = {"q": (gain * rng.standard_normal((B, T, H, Dk))).astype(dt), "k": rng.standard_normal((B, S, K, Dk)).astype(dt),
-         "v": rng.standard_normal((B, S, K, Dv)).astype(dt)}
+    d = {"q": (gain * rng.standard_normal((B, T, H, Dk))).astype(dt),
+         "k": rng.standard_normal((B, S, K, Dk)).astype(dt), "v": rng.standard_normal((B, S, K, Dv)).astype(dt)}
     vis = oracle.visibility(case["mask"], B, H, T, S)
     bias = None
     if case["bias"] == "alibi":

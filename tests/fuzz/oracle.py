@@ -128,7 +128,7 @@ def _used(vis, K):
 def _forward(q, k, v, vis, bias, scale, softcap, sinks):
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, T, H, Dk = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K = k.shape[2]
     G = H // K
     scale = Dk ** -0.5 if scale is None else scale
     rows, cols = _used(vis, K)
