@@ -228,8 +228,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     _c("causal_negative_offset_nan", B=1, T=24, S=24, H=2, K=1,       # rows 0-3 see no key, keys 20-23
        mask=lambda *a: masks.causal(offset=-4), nan_padding=True),     # are seen by no query
     _c("segments_unused_keys_nan", B=1, T=16, S=32, H=2, K=1, mask=_segments_unused_keys, nan_padding=True),
-    _c("window_unbounded_left", mask=lambda *a: masks.sliding_window(UNBOUNDED)),   # == causal()
-    _c("window_unbounded_right", T=40, S=40, mask=lambda *a: masks.sliding_window(0, UNBOUNDED)),  # j >= i
+    _c("window_unbounded_right", T=40, S=40, mask=lambda *a: masks.sliding_window(2, UNBOUNDED)),  # j >= i - 2
     _c("key_padding_and_causal", mask=lambda *a: masks.key_padding(jnp.array([17, 56])) & masks.causal()),
     _c("chunked_prefix_key_padding_t_gt_s", T=36, S=30, H=2, K=1, Dv=32, bias="B 1 T S", scale=0.3,
        mask=lambda *a: masks.chunked(12) & masks.prefix_lm(5) & masks.key_padding(jnp.array([30, 17]))),
