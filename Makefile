@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: demo test test-slow bench matrix hardware-check clean
+.PHONY: demo test test-slow fuzz bench matrix hardware-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q -m slow
+
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz.campaign --minutes $(or $(MINUTES),10)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -36,6 +36,10 @@ What is checked (each ignores padding, where any value is allowed):
   keys (padding) may hold NaN: by design their values never reach an output.  Visibility is
   decided by the mask alone (a ``-inf`` bias does not hide a NaN); with checks on, the mask
   predicate is evaluated ``256`` query rows at a time (``T x S`` work, ``256 x S`` memory).
+* ``segment_ids`` (``q_segment_ids`` / ``kv_segment_ids`` of :func:`attn_jax.masks.segments`, the
+  ``segment_ids`` of the linear family): ids ``>= 0`` (0 is padding, positive ids are documents).
+  Concrete (non-traced) ids are checked always, at trace time, with a ``ValueError``
+  (:func:`check_segment_ids`); traced ids only under :func:`checked`.
 * ``k_new`` of a cache append (:class:`attn_jax.softmax.kv_cache.KVCache`,
   :class:`~attn_jax.softmax.kv_cache.PagedKVCache`): ``lengths + n_new <= max_len`` and, for a
   paged cache, every written position on an allocated page; otherwise the tokens would be
@@ -49,11 +53,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 from jaxtyping import Array, Bool, Float, Int
 
 __all__ = ["ERRORS", "check", "checked", "check_log_gates", "check_token_ids", "check_attention_inputs",
-           "check_capacity"]
+           "check_capacity", "check_segment_ids"]
 
 #: The checkify error set :func:`checked` enables by default: the library's checks (and any
 #: ``checkify.check`` of your own).  Pass ``errors=checkify.all_checks`` to add checkify's automatic
@@ -198,3 +203,22 @@ def check_capacity(name: str, lengths: Int[Array, "B"], n_new: Int[Array, "B"], 
     check(total <= capacity, f"{name}: appending past the cache capacity max_len={capacity}: a row holding {{}} "
                              f"tokens receives {{}} more (the extra tokens would be dropped); size the cache "
                              f"for the longest sequence", lengths.reshape(-1)[worst], n_new.reshape(-1)[worst])
+
+
+def check_segment_ids(name: str, segment_ids: Int[Array, "*batch"]) -> None:
+    """Segment ids must be ``>= 0``: 0 is padding, every positive id a document.
+
+    One meaning everywhere (the reference, xla, Pallas, decode and the linear family): negative ids
+    are refused.  Concrete ids (NumPy, or JAX arrays outside ``jit``) are checked now and raise
+    ``ValueError`` naming ``name``; traced ids are checked by the opt-in value check
+    (:func:`checked`), which is free when checks are off.
+    """
+    if isinstance(segment_ids, jax.core.Tracer):
+        ids = jnp.asarray(segment_ids)
+        check(ids >= 0, f"{name}: segment ids must be >= 0 (0 = padding, 1, 2, ... = documents); got {{}} "
+                        f"negative ids (smallest {{}})", jnp.sum(ids < 0), jnp.min(ids))
+        return
+    ids = np.asarray(segment_ids)
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"{name}: segment ids must be >= 0 (0 = padding, 1, 2, ... = documents); got "
+                         f"{int((ids < 0).sum())} negative ids (smallest {int(ids.min())})")

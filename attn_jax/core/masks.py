@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn_jax.core.checks import check_segment_ids
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 __all__ = [
@@ -195,16 +197,18 @@ class SlidingWindow(PositionalMask):
     right: int = 0
     offset: Any = None
 
+    # Bounds are compared as differences (p - j <= left, j - p <= right), never as sums such as
+    # p + right: with a window up to 2**31 - 1 the sum would wrap around in int32.
+
     def _visible(self, p, j):
-        return (j >= p - self.left) & (j <= p + self.right)
+        return (p - j <= self.left) & (j - p <= self.right)
 
     def _classify(self, pmin, pmax, kmin, kmax, xp):
         # Some query in [pmin, pmax] sees some key in [kmin, kmax] iff the query range
-        # intersects [kmin - right, kmax + left].
-        lo = xp.maximum(pmin, kmin - self.right)
-        hi = xp.minimum(pmax, kmax + self.left)
-        empty = lo > hi
-        full = (kmax <= pmin + self.right) & (kmin >= pmax - self.left)
+        # intersects [kmin - right, kmax + left]: empty iff it lies wholly after (pmin - kmax > left)
+        # or wholly before (kmin - pmax > right) that range.
+        empty = (pmin - kmax > self.left) | (kmin - pmax > self.right)
+        full = (kmax - pmin <= self.right) & (pmax - kmin <= self.left)
         return empty, full
 
     def __repr__(self):
@@ -249,11 +253,17 @@ class PrefixLM(PositionalMask):
         return f"prefix_lm(prefix_len={self.prefix_len}, offset={self.offset!r})"
 
 
+#: The largest window bound, chunk size or prefix length a mask accepts: positions are int32.
+MAX_INT32 = int(np.iinfo(np.int32).max)
+
+
 def _check_nonneg_int(name, v):
     if not is_concrete_int(v):
         raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
     if v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
+    if v > MAX_INT32:
+        raise ValueError(f"{name} must be <= 2**31 - 1 = {MAX_INT32} (positions are int32), got {v}")
 
 
 def causal(offset=None) -> Mask:
@@ -266,7 +276,9 @@ def sliding_window(left: int, right: int = 0, *, offset=None) -> Mask:
 
     Both bounds are inclusive: ``sliding_window(w)`` lets a query see itself and the
     ``w`` keys before it (``w + 1`` keys in all).  It is *not* causal by itself when
-    ``right > 0``; ``sliding_window(w)`` with the default ``right=0`` is causal.
+    ``right > 0``; ``sliding_window(w)`` with the default ``right=0`` is causal.  ``left`` and
+    ``right`` may be as large as ``2**31 - 1`` (an unbounded side); the bounds are evaluated as
+    differences ``p - j`` and ``j - p``, so they never overflow int32.
     """
     _check_nonneg_int("left", left)
     _check_nonneg_int("right", right)
@@ -332,20 +344,22 @@ class Segments(Mask):
 
     def classify(self, T, S, bq, bk):
         _check_block_sizes(T, S, bq, bk)
-        big = jnp.iinfo(jnp.int32).max
+        big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
         q = self.q_ids.astype(jnp.int32)
         k = self.kv().astype(jnp.int32)
-        # Padding (id 0) never matches: treat it as "absent" for the range test.
-        # Ranges over real tokens only; a block of pure padding gets max = -1.
-        qmin = _block_minmax(jnp.where(q == 0, big, q), T, bq, big, -1)[0]
-        qmax = _block_minmax(jnp.where(q == 0, -1, q), T, bq, big, -1)[1]
-        kmin = _block_minmax(jnp.where(k == 0, big, k), S, bk, big, -1)[0]
-        kmax = _block_minmax(jnp.where(k == 0, -1, k), S, bk, big, -1)[1]
+        # Padding (id 0) never matches: treat it as "absent" for the range test.  Ranges over
+        # real tokens only; a block of pure padding gets max = int32 min (a sentinel no id can
+        # take, so even unchecked negative ids are classified as the predicate sees them).
+        qmin = _block_minmax(jnp.where(q == 0, big, q), T, bq, big, small)[0]
+        qmax = _block_minmax(jnp.where(q == 0, small, q), T, bq, big, small)[1]
+        kmin = _block_minmax(jnp.where(k == 0, big, k), S, bk, big, small)[0]
+        kmax = _block_minmax(jnp.where(k == 0, small, k), S, bk, big, small)[1]
         qmin_, qmax_ = qmin[:, :, None], qmax[:, :, None]
         kmin_, kmax_ = kmin[:, None, :], kmax[:, None, :]
-        empty = (qmax_ < kmin_) | (kmax_ < qmin_) | (qmax_ < 0) | (kmax_ < 0)
-        q_all_real = _block_minmax(q, T, bq, big, -1)[0] > 0
-        k_all_real = _block_minmax(k, S, bk, big, -1)[0] > 0
+        empty = (qmax_ < kmin_) | (kmax_ < qmin_) | (qmax_ == small) | (kmax_ == small)
+        # a block is all real when none of its tokens is padding (positions past the end are ignored)
+        q_all_real = _block_minmax((q != 0).astype(jnp.int32), T, bq, 1, 0)[0] > 0
+        k_all_real = _block_minmax((k != 0).astype(jnp.int32), S, bk, 1, 0)[0] > 0
         full = ((qmin_ == qmax_) & (kmin_ == kmax_) & (qmin_ == kmin_)
                 & q_all_real[:, :, None] & k_all_real[:, None, :])
         cls = jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
@@ -440,6 +454,11 @@ def segments(q_segment_ids, kv_segment_ids=None) -> Mask:
     """Packed documents: visible iff the segment ids match and are non-zero (0 = padding).
 
     ``q_segment_ids: int[B, T]``; ``kv_segment_ids: int[B, S]`` (defaults to the query ids).
+    Ids must be ``>= 0``: 0 marks padding and every positive id a document.  Negative ids are
+    refused -- with a ``ValueError`` here when the ids are concrete, and by the opt-in value check
+    (:func:`attn_jax.checked`, :func:`attn_jax.core.checks.check_segment_ids`) when they are traced
+    -- so every backend (reference, xla, Pallas, decode) and the linear family's ``segment_ids``
+    agree on one meaning.
     """
     q = _int_array("q_segment_ids", q_segment_ids)
     kv = None if kv_segment_ids is None else _int_array("kv_segment_ids", kv_segment_ids)
@@ -447,6 +466,9 @@ def segments(q_segment_ids, kv_segment_ids=None) -> Mask:
         raise ValueError(f"q_segment_ids: expected shape [B, T], got {tuple(q.shape)}")
     if kv is not None and kv.ndim != 2:
         raise ValueError(f"kv_segment_ids: expected shape [B, S], got {tuple(kv.shape)}")
+    check_segment_ids("q_segment_ids", q)
+    if kv is not None:
+        check_segment_ids("kv_segment_ids", kv)
     return Segments(q, kv)
 
 

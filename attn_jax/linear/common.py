@@ -7,8 +7,11 @@ with ``H % K == 0`` (k/v heads are shared by ``H // K`` query heads); gates are 
 float arrays ``[B, T, H]`` (one decay per head) or ``[B, T, H, Dk]`` (one per key channel);
 states are float32 ``[B, H, Dk, Dv]``.
 
-Packed sequences: ``segment_ids: int [B, T]``, id 0 = padding.  Padding is *transparent*:
-a padding token writes nothing to the state, does not decay it and outputs zero.  A
+Packed sequences: ``segment_ids: int [B, T]``, id 0 = padding, ids ``>= 0`` (negative ids are
+refused, as by ``masks.segments``: :func:`attn_jax.core.checks.check_segment_ids`).  Padding is
+*transparent*: a padding token writes nothing to the state, does not decay it and outputs zero,
+and whatever it holds (NaN, +-Inf) reaches no output or gradient: ops zero padding inputs
+*before* any nonlinearity (a feature map), since ``0 * f'(NaN)`` is NaN.  A
 document starts at a token whose id is non-zero and differs from the id of the last
 non-padding token before it; the state resets (to zero) there.  ``initial_state`` is the
 state before the first token, so it belongs to the first document of each row.
@@ -24,11 +27,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attn_jax.core import checks
 from attn_jax.core.validation import check_float_array, check_qkv, shape_str
 
 __all__ = ["RecurrentProblem", "RecurrentCall", "compute_dtype", "init_state", "finish", "fixed_decay_log_gates",
-           "validate", "SegmentLayout", "segment_layout", "expand_kv_heads", "default_scale", "segmented_cumsum",
-           "segmented_cumlogsumexp"]
+           "validate", "SegmentLayout", "segment_layout", "zero_padding", "expand_kv_heads", "default_scale",
+           "segmented_cumsum", "segmented_cumlogsumexp"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ def check_segment_ids(segment_ids, B: int, T: int) -> None:
                         f"{getattr(segment_ids, 'dtype', type(segment_ids))}")
     if getattr(segment_ids, "shape", None) != (B, T):
         raise ValueError(f"segment_ids: expected shape [B, T] = {[B, T]}, got {shape_str(segment_ids)}")
+    checks.check_segment_ids("segment_ids", segment_ids)   # ids >= 0, as masks.segments
 
 
 def validate(mechanism: str, q, k, v, gate=None, *, gate_name: str = "log_g", allow_vector_gate: bool = True,
@@ -139,6 +144,24 @@ def validate(mechanism: str, q, k, v, gate=None, *, gate_name: str = "log_g", al
         raise TypeError(f"causal: expected a bool, got {causal!r}")
     return RecurrentProblem(mechanism, B, T, H, dims.K, dims.Dk, dims.Dv, jnp.dtype(q.dtype).name, kind, causal,
                             segment_ids is not None, initial_state is not None)
+
+
+def zero_padding(segment_ids, *xs):
+    """``xs`` (arrays ``[B, T, ...]``) with every padding token (``segment_ids == 0``) set to zero;
+    unchanged without ``segment_ids`` (or when its shape is not ``[B, T]``: validation reports it).
+
+    Call it on the raw inputs *before* a feature map or any other nonlinearity: masking after
+    ``φ`` leaves ``0 * φ'(NaN) = NaN`` in the gradient of a padding token that holds NaN."""
+    if segment_ids is None:
+        return xs if len(xs) != 1 else xs[0]
+    out = []
+    for x in xs:
+        if getattr(segment_ids, "shape", None) != tuple(x.shape[:2]):
+            out.append(x)
+            continue
+        valid = (jnp.asarray(segment_ids) != 0).reshape(tuple(x.shape[:2]) + (1,) * (x.ndim - 2))
+        out.append(jnp.where(valid, x, jnp.zeros((), x.dtype)))
+    return tuple(out) if len(out) != 1 else out[0]
 
 
 def expand_kv_heads(x, H: int):

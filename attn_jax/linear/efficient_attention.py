@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from attn_jax.core.validation import check_qkv
-from attn_jax.linear.common import expand_kv_heads, segment_layout, validate
+from attn_jax.linear.common import expand_kv_heads, segment_layout, validate, zero_padding
 from attn_jax.linear.gated import gated_linear_attention
 
 __all__ = ["efficient_attention", "efficient_attention_reference"]
@@ -73,6 +73,7 @@ def efficient_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"]
     _check(q, k, v, causal, segment_ids)
     dt = _dt(q)
     H = q.shape[2]
+    q, k, v = zero_padding(segment_ids, q, k, v)   # before the softmaxes: NaN padding reaches no gradient
     rq = jax.nn.softmax(q.astype(dt), axis=-1)
     if segment_ids is None:
         rk = jax.nn.softmax(k.astype(dt), axis=1)
@@ -95,6 +96,7 @@ def efficient_attention_reference(q, k, v, *, causal: bool = False, segment_ids=
     """
     _check(q, k, v, causal, segment_ids)
     dt = _dt(q)
+    q, k, v = zero_padding(segment_ids, q, k, v)   # before the softmaxes: NaN padding reaches no gradient
     B, T, H = q.shape[:3]
     S = k.shape[1]
     kk = expand_kv_heads(k.astype(dt), H)

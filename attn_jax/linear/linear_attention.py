@@ -43,7 +43,7 @@ from jaxtyping import Array, Float, Real
 
 from attn_jax.core.array_types import ArrayLike, InitialState, RecurrentOutput, SegmentIds
 from attn_jax.core.validation import check_qkv, shape_str
-from attn_jax.linear.common import expand_kv_heads, segment_layout, validate
+from attn_jax.linear.common import expand_kv_heads, segment_layout, validate, zero_padding
 from attn_jax.linear.feature_maps import resolve_feature_map
 from attn_jax.linear.gated import DEFAULT_CHUNK, gated_linear_attention
 
@@ -118,10 +118,11 @@ def linear_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B T K
         raise TypeError(f"normalize: expected a bool, got {normalize!r}")
     eps = _check_eps(eps)
     scale = _check_scale(scale)
+    # padding is zeroed before the feature map (a NaN there would reach the gradient as 0 * φ'(NaN)),
+    # and φ(q) of padding after it (φ(0) may be non-zero; the engine ignores padding keys/values)
+    q, k, v = zero_padding(segment_ids, q, k, v)
     fq, fk, vc = _featurize(q, k, v, feature_map)
-    if segment_ids is not None and getattr(segment_ids, "shape", None) == q.shape[:2]:
-        # padding queries are zeroed too: a NaN there would reach the state's gradient (NaN * 0)
-        fq = jnp.where((segment_ids != 0)[:, :, None, None], fq, 0.0)
+    fq = zero_padding(segment_ids, fq)
     o, state = gated_linear_attention(fq, fk, _augment(vc, normalize), None, scale=scale,
                                       initial_state=initial_state, return_final_state=return_final_state,
                                       segment_ids=segment_ids, causal=causal, impl=impl, chunk_size=chunk_size,
@@ -147,6 +148,7 @@ def linear_attention_reference(q, k, v, *, feature_map="elu", normalize: bool = 
     """
     eps = _check_eps(eps)
     scale = _check_scale(scale)
+    q, k, v = zero_padding(segment_ids, q, k, v)   # before φ: NaN padding must not reach a gradient
     fq, fk, vc = _featurize(q, k, v, feature_map)
     _check_reference_args(fq, fk, vc, normalize, initial_state, segment_ids, causal)
     if return_final_state and not causal:
@@ -222,6 +224,7 @@ def cosformer_attention_reference(q, k, v, *, causal: bool = True, max_len: int 
     """cosFormer written densely: ``A_ij = φ(q_i)·φ(k_j) cos(π(i−j)/2M)`` on visible pairs."""
     eps = _check_eps(eps)
     check_qkv(q, k, v)
+    q, k, v = zero_padding(segment_ids, q, k, v)   # before φ: NaN padding must not reach a gradient
     B, T, H = q.shape[:3]
     M = _check_max_len(max_len, T)
     dt = _compute_dtype(q)
@@ -339,7 +342,7 @@ def _cosformer_dense(x, *, causal, segment_ids, initial_state, eps=1e-6):
     so a first-document query ``i`` reads ``[φq_i cos(πi/2M), φq_i sin(πi/2M)] · S_0``
     (numerator columns and, last column, normaliser) — the definition of
     :func:`cosformer_attention` with ``initial_state``."""
-    q, k, v = x["q"], x["k"], x["v"]
+    q, k, v = zero_padding(segment_ids, x["q"], x["k"], x["v"])   # before the ReLU (NaN-safe gradients)
     B, T, H = q.shape[:3]
     fq, fk = jnp.maximum(q, 0.0), expand_kv_heads(jnp.maximum(k, 0.0), H)
     lay = segment_layout(segment_ids, B, T)

@@ -15,6 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from attn_jax.linear.common import zero_padding
+
 __all__ = ["standard_inputs", "gated_call", "first", "with_normaliser", "feature_state"]
 
 
@@ -39,8 +41,12 @@ def first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _unit_keys(k):
-    return k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+def _unit_keys(k, segment_ids=None):
+    """Keys over their L2 norm; padding keys are zeroed first (a NaN there must not reach the
+    gradient through the normalisation) and stay zero."""
+    k = zero_padding(segment_ids, k)
+    n = jnp.linalg.norm(k, axis=-1, keepdims=True)
+    return k / jnp.where(n == 0, 1.0, n)
 
 
 def gated_call(fn: Callable, *gate_names: str, normalize_keys: bool = False, **fixed) -> Callable:
@@ -51,7 +57,7 @@ def gated_call(fn: Callable, *gate_names: str, normalize_keys: bool = False, **f
         kw = dict(fixed, impl=impl, segment_ids=segment_ids, initial_state=initial_state)
         if not causal:
             kw["causal"] = False
-        k = _unit_keys(x["k"]) if normalize_keys else x["k"]
+        k = _unit_keys(x["k"], segment_ids) if normalize_keys else x["k"]
         return fn(x["q"], k, x["v"], *(x[g] for g in gate_names), **kw)[0]
 
     return call

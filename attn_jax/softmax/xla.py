@@ -42,10 +42,17 @@ No array has a ``T x S`` extent (apart from a user's dense bias or dense mask).
 
 Deviations from the reference, all within the test kit's tolerances: summation order (tiled);
 for bfloat16/float16 inputs the ``P V``, ``dS K`` and ``dS^T Q`` products take ``P``/``dS``
-rounded to the input dtype (as FlashAttention does), with float32 accumulation; NaN-safety
-zeroes, per partial tile, the key/value columns and query rows that no pair *of that tile* uses
-(the reference does it per whole row/column, so the two differ only when a NaN sits in a
-position that is used elsewhere -- where the reference itself returns NaN).
+rounded to the input dtype (as FlashAttention does), with float32 accumulation.
+
+NaN safety.  The rule every backend follows: a query row or key/value column that no visible
+(query, key) pair uses may hold NaN or +-Inf without touching any valid output or gradient.
+Here, per partial tile, the key/value columns and query rows that no pair *of that tile* uses
+are zeroed before any product (the reference does it per whole row/column, so the two differ
+only when a NaN sits in a position that is used elsewhere -- where the reference itself returns
+NaN).  "Pairs" are real ones: the zero padding that fills a ragged last block (rows past ``T``,
+keys past ``S``) is hidden by the tile predicate, so a key that only phantom rows past ``T``
+would see counts as unused.  (A FULL tile needs no predicate: every key in it is used by a real
+row, and the zero rows past ``T`` contribute exactly zero to ``dK``/``dV``.)
 """
 
 from __future__ import annotations
@@ -251,8 +258,12 @@ class _Kernel:
         return None
 
     def visible(self, mask, qidx, kidx):
+        """Visibility of a tile [B|1, K|1, G|1, bq, bk]: the mask predicate, and neither a query row
+        past T nor a key past S (the zero padding of ragged blocks is no query and no key: a key
+        that only phantom rows could see is unused, and may hold NaN)."""
         c = self.c
-        vis = (kidx < c.S)[None, None, None, None, :]
+        vis = (qidx < c.T)[:, None] & (kidx < c.S)[None, :]
+        vis = vis[None, None, None]
         if mask is not None:
             vis = vis & _heads5(mask.predicate(qidx, kidx, c.T, c.S), c)
         return vis

@@ -30,9 +30,16 @@ cost nothing: on TPU through scalar-prefetched block indices in the BlockSpec in
 as the trip count of the in-kernel loop.  Positional terms (query position ``p = i + offset``)::
 
     ("causal", offset)              j <= p
-    ("window", offset, left, right) p - left <= j <= p + right
+    ("window", offset, left, right) p - left <= j <= p + right  (as p - j <= left, j - p <= right)
     ("chunked", offset, size)       p // size == j // size
     ("prefix", offset, n)           j < n  or  j <= p
+
+NaN safety: a query row or key/value column that no visible pair uses may hold NaN or +-Inf
+without touching any valid output or gradient.  Every kernel (forward, dQ, dK/dV, on both
+backends) zeroes, per tile, the q rows and k/v rows that no visible pair of that tile uses before
+any product (:func:`tile_operands`): visibility includes the predicate, the segment ids and the
+block padding (``i < T``, ``j < S``), so unused rows/columns, padding tokens and phantom rows
+past ``T`` are all covered.
 
 Deviations from the textbook algorithm: the kernels work on ``[B, H, T, D]`` (this module
 transposes from and to the ``[B, T, H, D]`` API layout); ``T``/``S`` are padded to block
@@ -58,7 +65,7 @@ from pallas_kernels.common import backend_module, next_pow2
 from pallas_kernels.dropout import dropout_keep
 from pallas_kernels.flash_attention.block_sizes import BlockSizes, get_block_sizes
 
-__all__ = ["flash_attention", "block_lists", "Config", "evaluate_terms", "dropout_keep"]
+__all__ = ["flash_attention", "block_lists", "Config", "evaluate_terms", "tile_operands", "dropout_keep"]
 
 _TERM_ARITY = {"causal": 2, "window": 4, "chunked": 3, "prefix": 3}
 
@@ -122,8 +129,8 @@ def evaluate_terms(terms, i, j):
         p = i + off
         if kind == "causal":
             v = j <= p
-        elif kind == "window":
-            v = (j >= p - term[2]) & (j <= p + term[3])
+        elif kind == "window":  # differences, not p + right: a window of 2**31 - 1 must not wrap int32
+            v = (p - j <= term[2]) & (j - p <= term[3])
         elif kind == "chunked":
             size = term[2]
             # Floor division of possibly negative positions via a shift that keeps both >= 0.
@@ -146,6 +153,22 @@ def tile_visible(c: Config, i, j, q_seg=None, kv_seg=None):
     if q_seg is not None:
         vis = vis & (q_seg == kv_seg) & (q_seg != 0)
     return vis
+
+
+def tile_operands(c: Config, vis, q, k, v):
+    """``(q, k, v)`` of one tile with the query rows and key/value rows that no visible pair *of the
+    tile* uses set to zero, so NaN/Inf there never reaches a product (``0 * NaN`` is NaN).
+
+    ``vis: bool [bq, bk]``; ``q: [bq, Dk]``, ``k: [bk, Dk]``, ``v: [bk, Dv]``.  Row usage is a lane
+    reduction; column usage is ``vis^T @ ones`` (a transposed-lhs matmul, as the dK/dV products
+    already do) reduced over its lanes, which keeps every value in a 2-D ``[n, 1]`` layout."""
+    visf = vis.astype(jnp.float32)
+    row = jnp.max(visf, axis=1, keepdims=True) > 0                                    # [bq, 1]
+    ones = jnp.ones((visf.shape[0], 128 if c.platform == "tpu" else 16), jnp.float32)
+    col = jnp.max(lax.dot_general(visf, ones, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32),
+                  axis=1, keepdims=True) > 0                                          # [bk, 1]
+    zero = lambda x, used: jnp.where(used, x, jnp.zeros((), x.dtype))  # noqa: E731
+    return zero(q, row), zero(k, col), zero(v, col)
 
 
 def tile_logits(c: Config, q, k, i, j, bias=None, slope=None):

@@ -24,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.call_cache import PallasCallCache
-from pallas_kernels.flash_attention import Config, tile_dropout, tile_grads, tile_logits, tile_visible
+from pallas_kernels.flash_attention import (Config, tile_dropout, tile_grads, tile_logits, tile_operands,
+                                            tile_visible)
 
 _TN = (((0,), (0,)), ((), ()))   # a.T @ b
 
@@ -94,8 +95,8 @@ def _fwd_kernel(*refs, c: Config, names):
         i, j = _ij(c, qb, kb)
         bias = r.bias[:, cols] if c.has_bias else None
         vis = _vis(c, i, j, q_seg, r.kv_seg[cols] if c.has_segments else None)
-        k, v = r.k[cols, :], r.v[cols, :]
-        s, _ = tile_logits(c, q, k, i, j, bias, slope)
+        qt, k, v = tile_operands(c, vis, q, r.k[cols, :], r.v[cols, :])
+        s, _ = tile_logits(c, qt, k, i, j, bias, slope)
         s = jnp.where(vis, s, -jnp.inf)
         m_new = jnp.maximum(m_prev, s.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -193,8 +194,8 @@ def _dq_kernel(*refs, c: Config, names):
         i, j = _ij(c, qb, kb)
         bias = r.bias[:, cols] if c.has_bias else None
         vis = _vis(c, i, j, q_seg, r.kv_seg[cols] if c.has_segments else None)
-        k, v = r.k[cols, :], r.v[cols, :]
-        s, th = tile_logits(c, q, k, i, j, bias, slope)
+        qt, k, v = tile_operands(c, vis, q, r.k[cols, :], r.v[cols, :])
+        s, th = tile_logits(c, qt, k, i, j, bias, slope)
         _, ds, ds_raw = tile_grads(c, s, th, vis, lse, delta, do, v, _z(c, r, b, h, i, j))
         dq = dq + jnp.dot(ds_raw.astype(k.dtype), k, preferred_element_type=jnp.float32)
         if dbias_ref is not None:
@@ -276,8 +277,9 @@ def _dkdv_kernel(*refs, c: Config, names):
             lse, delta = r.lse[g, rows][:, None], r.delta[g, rows][:, None]
             bias = r.bias[gb, rows, :] if c.has_bias else None
             vis = _vis(c, i, j, r.q_seg[rows] if c.has_segments else None, kv_seg)
-            s, th = tile_logits(c, q, k, i, j, bias, slope)
-            p, _, ds_raw = tile_grads(c, s, th, vis, lse, delta, do, v, _z(c, r, b, h, i, j))
+            q, kt, vt = tile_operands(c, vis, q, k, v)
+            s, th = tile_logits(c, q, kt, i, j, bias, slope)
+            p, _, ds_raw = tile_grads(c, s, th, vis, lse, delta, do, vt, _z(c, r, b, h, i, j))
             dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
             dk = dk + lax.dot_general(ds_raw.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
             return dk, dv

@@ -26,7 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.call_cache import PallasCallCache
-from pallas_kernels.flash_attention import Config, tile_dropout, tile_grads, tile_logits, tile_visible
+from pallas_kernels.flash_attention import (Config, tile_dropout, tile_grads, tile_logits, tile_operands,
+                                            tile_visible)
 
 _NT = (((1,), (1,)), ((), ()))   # a @ b.T
 _TN = (((0,), (0,)), ((), ()))   # a.T @ b
@@ -133,14 +134,14 @@ def _fwd_kernel(kv_idx, kv_cnt, *refs, c: Config, names):
     @pl.when(t < kv_cnt[row])
     def _step():
         i, j, bias, slope, vis, z = _tile_inputs(c, r, b, qb, kb, h)
-        s, _ = tile_logits(c, r.q[...], r.k[...], i, j, bias, slope)
+        q, k, v = tile_operands(c, vis, r.q[...], r.k[...], r.v[...])
+        s, _ = tile_logits(c, q, k, i, j, bias, slope)
         s = jnp.where(vis, s, -jnp.inf)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe)
         alpha = jnp.exp(m_prev - m_safe)
-        v = r.v[...]
         l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
         pz = p if z is None else p * z
         acc_sc[...] = alpha * acc_sc[...] + jnp.dot(pz.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -224,7 +225,7 @@ def _dq_kernel(kv_idx, kv_cnt, *refs, c: Config, names):
     @pl.when(t < cnt)
     def _step():
         i, j, bias, slope, vis, z = _tile_inputs(c, r, b, qb, kb, h)
-        q, k, v = r.q[...], r.k[...], r.v[...]
+        q, k, v = tile_operands(c, vis, r.q[...], r.k[...], r.v[...])
         s, th = tile_logits(c, q, k, i, j, bias, slope)
         _, ds, ds_raw = tile_grads(c, s, th, vis, r.lse[...], r.delta[...], r.do[...], v, z)
         dq_sc[...] += jnp.dot(ds_raw.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -310,7 +311,8 @@ def _dkdv_kernel(q_idx, q_cnt, *refs, c: Config, names):
     @pl.when(slot < q_cnt[row])
     def _step():
         i, j, bias, slope, vis, z = _tile_inputs(c, r, b, qb, kb, h)
-        q, k, v, do = r.q[...], r.k[...], r.v[...], r.do[...]
+        q, k, v = tile_operands(c, vis, r.q[...], r.k[...], r.v[...])
+        do = r.do[...]
         s, th = tile_logits(c, q, k, i, j, bias, slope)
         p, _, ds_raw = tile_grads(c, s, th, vis, r.lse[...], r.delta[...], do, v, z)
         dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)

@@ -11,8 +11,10 @@ its declared refusals are checked).  For every (case, runner):
 * otherwise values (``o``, ``lse``) and all gradients (``dq, dk, dv, dbias, dsinks`` and the
   leaves of structured biases, random cotangents) must match the **float64** reference within
   the tolerance of the case's dtype (:data:`attn_jax.core.testing.TOLERANCES`), fully masked
-  rows must give exactly zero output and zero, finite gradients, and NaN placed in every
-  position that no (query, key) pair uses must not reach any output or gradient.
+  rows must give exactly zero output and zero, finite gradients, and NaN / +-Inf placed in every
+  position that no (query, key) pair uses (``nan_padding`` cases: padding, fully masked rows,
+  keys no query sees, keys only the block padding past ``T`` would see) must not reach any
+  output or gradient.
 
 Each (case, runner) is one compiled program (forward + VJP); the float64 reference of a case is
 computed once and shared by every runner.  Inputs are drawn with NumPy (no XLA program).
@@ -142,6 +144,17 @@ def _segments_mid_padding(rng, B, T, S, H):
     return masks.segments(jnp.asarray(ids))
 
 
+def _segments_unused_keys(rng, B, T, S, H):
+    """Every query in document 1; the keys of the second half in document 2: no query sees them."""
+    kv = np.ones((B, S), np.int32)
+    kv[:, S // 2:] = 2
+    return masks.segments(jnp.ones((B, T), jnp.int32), jnp.asarray(kv))
+
+
+#: The largest window bound a mask accepts (positions are int32): "unbounded" on that side.
+UNBOUNDED = 2 ** 31 - 1
+
+
 def _dense_rows(rng, B, T, S, H):
     m = rng.random((B, 1, T, S)) < 0.3
     m[:, :, 5] = False                 # a fully masked row in every batch row
@@ -173,7 +186,7 @@ class Case:
     sinks: str | None = None          # "random" | "zeros" | "ones"
     dropout_rate: float = 0.0
     q_gain: float = 1.0               # large logits so a softcap bites
-    nan_padding: bool = False         # NaN in every q/k/v position that no (query, key) pair uses
+    nan_padding: bool = False         # NaN/+-Inf in every q/k/v position that no (query, key) pair uses
     return_lse: bool = True
     seed: int = 0
 
@@ -209,6 +222,13 @@ CASES: dict[str, Case] = {c.name: c for c in [
        mask=lambda *a: _segments_mid_padding(*a) & masks.sliding_window(9, 3)),
     _c("key_padding_empty_row_nan", T=33, mask=lambda *a: masks.key_padding(jnp.array([56, 0])),
        nan_padding=True),
+    # NaN placement: every q row / k-v column that no (query, key) pair uses holds NaN (issue 25)
+    _c("ragged_rows_phantom_key_nan", B=1, T=33, S=34, H=2, K=1,      # key 33: only a padded row past T
+       mask=lambda *a: masks.causal(offset=0), nan_padding=True),      # would see it (T % block != 0)
+    _c("causal_negative_offset_nan", B=1, T=24, S=24, H=2, K=1,       # rows 0-3 see no key, keys 20-23
+       mask=lambda *a: masks.causal(offset=-4), nan_padding=True),     # are seen by no query
+    _c("segments_unused_keys_nan", B=1, T=16, S=32, H=2, K=1, mask=_segments_unused_keys, nan_padding=True),
+    _c("window_unbounded_right", T=40, S=40, mask=lambda *a: masks.sliding_window(2, UNBOUNDED)),  # j >= i - 2
     _c("key_padding_and_causal", mask=lambda *a: masks.key_padding(jnp.array([17, 56])) & masks.causal()),
     _c("chunked_prefix_key_padding_t_gt_s", T=36, S=30, H=2, K=1, Dv=32, bias="B 1 T S", scale=0.3,
        mask=lambda *a: masks.chunked(12) & masks.prefix_lm(5) & masks.key_padding(jnp.array([30, 17]))),
@@ -366,15 +386,15 @@ def unused_positions(case: Case):
 
 
 def backend_inputs(case: Case) -> dict:
-    """The case inputs, with NaN in every unused q/k/v position when ``case.nan_padding``."""
+    """The case inputs, with NaN / +Inf / -Inf in every unused q/k/v position when ``case.nan_padding``."""
     d = dict(inputs(case))
     if case.nan_padding:
         q_unused, kv_unused = unused_positions(case)
-        if not (q_unused.any() and kv_unused.any()):
-            raise AssertionError(f"case {case.name}: nan_padding needs unused query and key positions")
-        d["q"] = np.where(q_unused[..., None], np.nan, d["q"]).astype(d["q"].dtype)
-        d["k"] = np.where(kv_unused[..., None], np.nan, d["k"]).astype(d["k"].dtype)
-        d["v"] = np.where(kv_unused[..., None], np.nan, d["v"]).astype(d["v"].dtype)
+        if not (q_unused.any() or kv_unused.any()):
+            raise AssertionError(f"case {case.name}: nan_padding needs unused query or key positions")
+        for n, unused in (("q", q_unused), ("k", kv_unused), ("v", kv_unused)):
+            bad = np.resize(np.array([np.nan, np.inf, -np.inf], np.float32), d[n].shape)  # NaN, +Inf, -Inf mixed
+            d[n] = np.where(unused[..., None], bad, d[n]).astype(d[n].dtype)
     return d
 
 

@@ -40,7 +40,7 @@ def test_runner_table_is_consistent():
 #: TPU interpret mode (race detection on) costs ~5x the GPU interpret run per case: the default run
 #: covers these cases on it (every kernel feature at least once); the rest are under ``slow``.
 TPU_INTERPRET_DEFAULT = ("causal_t_gt_s", "segments_window_bias_nan", "chunked_prefix_key_padding_t_gt_s",
-                         "all_features", "bf16_causal_square", "fp16_single_query_d24")
+                         "all_features", "bf16_causal_square", "fp16_single_query_d24", "causal_negative_offset_nan")
 
 
 def _matrix():
@@ -173,3 +173,52 @@ def test_lse_merge_over_key_halves(runner):
 
     out, grads = C.run(case, runner, fn=merged)
     C.compare(case, out, grads, what=f"{runner.name} merged: ")
+
+
+# ----------------------------------------------------------------------------- issue 25: edge cases
+
+
+def test_unbounded_windows_do_not_wrap_int32():
+    """A window bound of 2**31 - 1 means "unbounded" on that side: ``sliding_window(2, 2**31 - 1)``
+    is ``j >= i - 2`` (``p + right`` used to wrap around in int32), in the predicate the
+    reference materialises (the case ``window_unbounded_right`` holds every backend to it) and in
+    the tile classification."""
+    T = C.CASES["window_unbounded_right"].T
+    vis = C.reference(C.CASES["window_unbounded_right"])[2][0, 0]
+    np.testing.assert_array_equal(vis, np.triu(np.ones((T, T), bool), -2))
+    cls = np.asarray(masks.sliding_window(0, C.UNBOUNDED).classify(T, T, 16, 16))[0, 0]
+    assert (cls[np.tril_indices(3, -1)] == masks.EMPTY).all() and (cls[np.triu_indices(3, 1)] == masks.FULL).all()
+
+
+def test_negative_segment_ids_are_refused():
+    """One meaning for segment ids everywhere: ``>= 0`` (0 = padding).  Concrete negative ids raise
+    ValueError when the mask is built; traced ones under the opt-in checks (``aj.checked``)."""
+    d = C.inputs(C.CASES["segments"])
+    bad = np.array([[1, 1, -2, 0]], np.int32)
+    with pytest.raises(ValueError, match=r"q_segment_ids: segment ids must be >= 0.*smallest -2"):
+        masks.segments(bad)
+    with pytest.raises(ValueError, match=r"kv_segment_ids: segment ids must be >= 0"):
+        masks.segments(np.ones((1, 4), np.int32), bad)
+    q, k, v = d["q"][:1, :4], d["k"][:1, :4], d["v"][:1, :4]
+    f = aj.checked(lambda ids: aj.attention(q, k, v, mask=masks.segments(ids), impl="xla"), jit=True,
+                   compiler_options=tk.FAST_COMPILE)
+    with pytest.raises(ValueError, match="q_segment_ids: segment ids must be >= 0"):
+        f(bad)
+    assert np.isfinite(np.asarray(f(np.abs(bad)))).all()     # valid ids pass the same checked program
+
+
+@pytest.mark.parametrize("runner", _executing(slow_on_tpu_interpret=True))
+def test_unchecked_negative_ids_agree_with_reference(runner):
+    """With checks off, traced negative ids still mean the same thing in every backend as in the
+    reference (a non-zero id is a document): the tile classifier has no id it treats as empty."""
+    runner = BY_NAME[runner]
+    case = C.CASES["segments"]
+    d = C.inputs(case)
+    ids = np.asarray(d["mask"].q_ids).copy()
+    ids[ids == 2] = -3                      # a whole document with a negative id
+    f = lambda ids, fn: fn(d["q"], d["k"], d["v"], mask=masks.segments(ids))  # noqa: E731
+    with runner.context():
+        out = tk.fast_jit(lambda i: f(i, runner.fn))(ids)
+    ref = tk.fast_jit(lambda i: f(i, BY_NAME["reference"].fn))(ids)
+    assert np.abs(np.asarray(ref)).max() > 0.1
+    tk.assert_close(out, ref, name=f"{runner.name} with negative segment ids")
