@@ -4,7 +4,6 @@ smoke test is tests/experiments/test_demo.py)."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 
