@@ -83,3 +83,17 @@ def test_watchdog_kills_a_deadlocked_worker_and_continues(tmp_path, monkeypatch)
         ("a", 0, "ok"), ("hang", 1, "hung"), ("a", 2, "ok"), ("crash", 0, "error"), ("b", 1, "ok")]
     assert "deadlock" in rows[1]["error"] and "code 3" in rows[3]["error"]
     assert len(lines) == 2
+
+
+def test_demo_config_uses_a_constant_lr_after_warmup():
+    from experiments.common.optim import make_schedule
+    c = demo.demo_config("linear", seed=1, steps=200, d_model=16)
+    assert c.model.d_model == 16 and c.task.seed == 1 and c.model.mixer_kwargs.linear.short_conv
+    sched = make_schedule(c.optim, 200)
+    w = c.optim.warmup_steps
+    assert float(sched(0)) == 0.0 and 0 < float(sched(w // 2)) < demo.LR
+    assert math.isclose(float(sched(w)), demo.LR, rel_tol=1e-6) and math.isclose(float(sched(199)), demo.LR,
+                                                                               rel_tol=1e-6)
+    c.optim.schedule = "linear"
+    with pytest.raises(ValueError, match="'cosine' or 'constant'"):
+        make_schedule(c.optim, 200)
