@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: demo test test-slow fuzz bench matrix hardware-check clean
+.PHONY: demo demo-figure test test-slow fuzz bench matrix hardware-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo
+
+demo-figure: $(STAMP)
+	$(BIN)/python -m experiments.demo --write_results
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -1,4 +1,5 @@
-"""AdamW with linear warmup then cosine decay to 0 and global-norm gradient clipping."""
+"""AdamW with linear warmup then cosine decay to 0 (``schedule="cosine"``) or a constant learning
+rate (``schedule="constant"``), and global-norm gradient clipping."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ __all__ = ["make_schedule", "make_optimizer"]
 
 
 def make_schedule(optim, steps: int):
-    if optim.schedule != "cosine":
-        raise ValueError(f"config.optim.schedule: expected 'cosine', got {optim.schedule!r}")
+    if optim.schedule not in ("cosine", "constant"):
+        raise ValueError(f"config.optim.schedule: expected 'cosine' or 'constant', got {optim.schedule!r}")
     warmup = min(int(optim.warmup_steps), max(steps - 1, 0))
     if warmup < optim.warmup_steps:
         logging.warning("config.optim.warmup_steps=%d >= train.steps=%d: warming up over %d steps (no decay)",
                         optim.warmup_steps, steps, warmup)
+    if optim.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, max(warmup, 1)),
+                                     optax.constant_schedule(optim.lr)], [max(warmup, 1)])
     return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup_steps=max(warmup, 1),
                                               decay_steps=max(steps, warmup + 1), end_value=0.0)
 

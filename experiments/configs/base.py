@@ -25,7 +25,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=50, weight_decay=0.01, b1=0.9, b2=0.98, clip_norm=1.0,
         z_loss=0.0,                                       # z_loss * mean(logsumexp(logits)^2), lm / image
-        schedule="cosine",                                # linear warmup then cosine decay to 0
+        schedule="cosine",                                # "cosine": linear warmup then cosine decay to 0; "constant": linear warmup then constant
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=500, batch_size=32, seed=0,

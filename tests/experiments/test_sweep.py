@@ -1,10 +1,9 @@
-"""experiments.sweep on a 2 mixers x 1 width x 2 LRs x 1 seed grid of a tiny MQAR, and a
-smoke run of experiments.demo (2 mixers x 10 steps)."""
+"""experiments.sweep on a 2 mixers x 1 width x 2 LRs x 1 seed grid of a tiny MQAR (the demo's
+smoke test is tests/experiments/test_demo.py)."""
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 
@@ -155,19 +154,3 @@ def test_command_line_parsing(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'steps'"):
         sweep.parse_argv(["sweep", f"--config={cfg}", "--mixers=softmax", f"--workdir={tmp_path}",
                           "--config.train.step=3"])
-
-
-def test_demo_smoke(tmp_path):
-    from experiments import demo
-    lines = []
-    payload = demo.run_demo(mixers=["softmax", "sliding_window"], steps=10, workdir=str(tmp_path / "runs"),
-                            out_dir=str(tmp_path / "out"), log=lines.append, isolate=False)
-    assert [r["mixer"] for r in payload["results"]] == ["softmax", "sliding_window"]
-    assert all(r["status"] == "ok" and 0 <= r["valid_accuracy"] <= 1 for r in payload["results"])
-    for name in ("results.md", "results.json", "mqar_accuracy.png", "loss_curves.png"):
-        assert os.path.getsize(tmp_path / "out" / name) > 0
-    with open(tmp_path / "out" / "results.json") as f:
-        assert json.load(f)["train"]["steps"] == 10
-    assert "| softmax |" in "\n".join(lines)
-    with pytest.raises(sweep.SweepError, match="did you mean"):
-        demo.run_demo(mixers=["softmaxx"], steps=10, workdir=str(tmp_path / "r2"), out_dir=str(tmp_path / "o2"))
