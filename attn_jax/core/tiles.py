@@ -31,7 +31,7 @@ from attn_jax.core import masks as M
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Tiling", "tiling", "split_static", "reduce_kinds", "tile_lists",
            "TileSchedule", "pad_axis", "layout_q", "unlayout_q", "layout_kv", "unlayout_kv", "kv_tile", "heads5",
-           "tile_columns", "sum_to"]
+           "tile_visibility", "tile_columns", "sum_to"]
 
 EMPTY, PARTIAL, FULL = M.EMPTY, M.PARTIAL, M.FULL
 
@@ -209,6 +209,17 @@ def heads5(x, t: Tiling):
     if h == 1:
         return x.reshape(b, 1, 1, tq, tk)
     return x.reshape(b, t.K, t.G, tq, tk)
+
+
+def tile_visibility(t: Tiling, mask, qidx, kidx):
+    """Which (query, key) pairs of a tile are real and visible, ``[B|1, K|1, G|1, bq, bk]``: the mask
+    predicate, and neither a query row past ``T`` nor a key past ``S``.  The zero padding of a ragged
+    last block is no query and no key, so a key that only phantom rows past ``T`` could see counts as
+    unused (it may hold NaN; the tile zeroes it before any product)."""
+    vis = ((qidx < t.T)[:, None] & (kidx < t.S)[None, :])[None, None, None]
+    if mask is not None:
+        vis = vis & heads5(mask.predicate(qidx, kidx, t.T, t.S), t)
+    return vis
 
 
 def tile_columns(vis):

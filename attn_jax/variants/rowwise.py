@@ -268,9 +268,7 @@ class _Kernel:
         if partial:
             qidx = qi * t.bq + jnp.arange(t.bq, dtype=jnp.int32)
             kidx = kj * t.bk + jnp.arange(t.bk, dtype=jnp.int32)
-            vis = (kidx < t.S)[None, None, None, None, :]
-            if mask is not None:
-                vis = vis & TL.heads5(mask.predicate(qidx, kidx, t.T, t.S), t)
+            vis = TL.tile_visibility(t, mask, qidx, kidx)
             qb = jnp.where(vis.any(axis=4)[..., None], qb, 0)
             kb = jnp.where(TL.tile_columns(vis), kb, 0)
         s = jnp.einsum("bkgqd,bskd->bkgqs", qb, kb, preferred_element_type=c.cdt, precision=c.precision)

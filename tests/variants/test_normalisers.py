@@ -61,6 +61,24 @@ def test_tiled_segments_fully_masked_rows_zero():
     assert float(jnp.abs(dq[0, 13:]).max()) == 0.0
 
 
+@pytest.mark.parametrize("name", ["sigmoid", "softplus"])
+def test_tiled_nan_in_key_only_phantom_rows_see(name):
+    """Issue 25's phantom-row case on the normalisers' tiles: T = 13 is ragged for bq = 4, so the
+    last query block holds 3 zero rows past T; under causal(offset=0) with S = T + 1 the last key is
+    seen by none of the 13 real queries (only by a phantom row), so a NaN there must not reach any
+    output or gradient."""
+    B, T, S, H = 1, 13, 14, 2
+    q, k, v = tk.random_qkv_compiled(jax.random.key(3), B=B, T=T, S=S, H=H, K=H, Dk=8, Dv=8)
+    k, v = k.at[:, S - 1].set(jnp.nan), v.at[:, S - 1].set(jnp.nan)
+    mask = masks.causal(offset=0)
+    fn = lambda *a: RW.rowwise_blockwise(*a, score=SCORES[name], mask=mask, scale=0.7, block_q=4, block_k=8)
+    o, grads = tk.compiled_vjp(fn, (q, k, v), jax.random.key(4))
+    for x, n in zip((o, *grads), ("o", "dq", "dk", "dv")):
+        x = np.asarray(x)
+        x = x[:, :S - 1] if n in ("dk", "dv") else x
+        assert np.isfinite(x).all(), f"{name}: NaN from an unused key reached {n}"
+
+
 def test_tiled_single_query_row():
     """T = 1 (a decode-like call) over 21 keys, MQA (K = 1)."""
     _tiled_vs_reference(RW.SIGMOID, masks.causal(), (2, 1, 21, 4, 1, 8, 8), offset=-math.log(21))
