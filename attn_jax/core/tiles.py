@@ -127,15 +127,16 @@ class TileSchedule:
         _, dyn = split_static(mask)
         return reduce_kinds(dyn.classify(self.t.T, self.t.S, self.t.bq, self.t.bk), jnp)
 
-    def visit(self, mask, row, body: Callable[[Any, int, Any], Any], carry, *, backward: bool = False):
+    def visit(self, dkinds, row, body: Callable[[Any, int, Any], Any], carry, *, backward: bool = False):
         """Run ``carry = body(col, kind, carry)`` over the FULL then PARTIAL tiles of ``row``.
 
         Forward: ``row`` is a query block and ``col`` a key block; ``backward=True`` swaps them
         (``row`` a key block, ``col`` a query block).  ``kind`` is the static label the body
-        may specialise on (FULL: no predicate needed).
+        may specialise on (FULL: no predicate needed).  ``dkinds``: :meth:`dynamic_kinds` of the
+        traced mask, computed once by the caller outside its loop over rows (None without a
+        dynamic part).
         """
         lists = self.backward_lists if backward else self.forward_lists
-        dkinds = self.dynamic_kinds(mask)
         for kind in (FULL, PARTIAL):
             idx_np, cnt_np = lists[kind]
             if cnt_np.max() == 0:

@@ -62,11 +62,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
 
 from attn_jax.core import masks as M
+from attn_jax.core import tiles as TL
 from attn_jax.core.array_types import ArrayLike
 from attn_jax.core import random as aj_random
 from attn_jax.core.bias import StructuredBias
@@ -97,36 +97,6 @@ def unsupported(platform: str, p) -> list[str]:
     return []
 
 
-# ----------------------------------------------------------------------------- masks
-
-
-def _split_static(mask):
-    """(static part, dynamic part) whose conjunction is ``mask`` (either may be None)."""
-    if mask is None:
-        return None, None
-    if mask.is_static:
-        return mask, None
-    parts = mask.conjuncts()
-    return M.all_of(*(p for p in parts if p.is_static)), M.all_of(*(p for p in parts if not p.is_static))
-
-
-def _reduce_kinds(cls, xp):
-    """[B|1, H|1, nq, nk] tile labels -> one label per tile valid for every (b, h)."""
-    lo = cls.min(axis=(0, 1))
-    hi = cls.max(axis=(0, 1))
-    return xp.where(hi == EMPTY, EMPTY, xp.where(lo == FULL, FULL, PARTIAL)).astype(xp.int32)
-
-
-def _lists(kinds: np.ndarray, kind: int):
-    """Per row of ``kinds``: padded column indices with that label, and their count."""
-    rows = [np.nonzero(r == kind)[0] for r in kinds]
-    width = max(1, max(len(r) for r in rows))
-    idx = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        idx[i, :len(r)] = r
-    return idx, np.array([len(r) for r in rows], np.int32)
-
-
 # ----------------------------------------------------------------------------- configuration
 
 
@@ -153,66 +123,6 @@ class _Cfg:
     precision: Any
 
 
-def _pad_axis(x, axis, n):
-    if x.shape[axis] == n:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, n - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
-def _layout_q(x, c: _Cfg):
-    """[B, T, H, D] -> [nq, B, K, G, bq, D]."""
-    D = x.shape[-1]
-    x = _pad_axis(x, 1, c.nq * c.bq).reshape(c.B, c.nq, c.bq, c.K, c.G, D)
-    return x.transpose(1, 0, 3, 4, 2, 5)
-
-
-def _unlayout_q(x, c: _Cfg):
-    """[nq, B, K, G, bq, D] -> [B, T, H, D]  (or without the trailing D)."""
-    if x.ndim == 6:
-        x = x.transpose(1, 0, 4, 2, 3, 5).reshape(c.B, c.nq * c.bq, c.H, x.shape[-1])
-    else:
-        x = x.transpose(1, 0, 4, 2, 3).reshape(c.B, c.nq * c.bq, c.H)
-    return x[:, :c.T]
-
-
-def _layout_kv(x, c: _Cfg):
-    """[B, S, K, D] -> [B, nk, bk, K, D]: a free reshape (no copy of a KV cache) unless S is ragged."""
-    return _pad_axis(x, 1, c.nk * c.bk).reshape(c.B, c.nk, c.bk, c.K, x.shape[-1])
-
-
-def _kv_tile(x_l, j):
-    return lax.dynamic_index_in_dim(x_l, j, axis=1, keepdims=False)  # [B, bk, K, D]
-
-
-def _unlayout_kv(x, c: _Cfg):
-    """[nk, B, bk, K, D] -> [B, S, K, D]."""
-    return x.transpose(1, 0, 2, 3, 4).reshape(c.B, c.nk * c.bk, c.K, x.shape[-1])[:, :c.S]
-
-
-def _heads5(x, c: _Cfg):
-    """[B|1, H|1, tq, tk] -> [B|1, K|1, G|1, tq, tk] (grouped heads)."""
-    x = jnp.asarray(x)
-    if x.ndim < 4:
-        x = x.reshape((1,) * (4 - x.ndim) + x.shape)
-    b, h, tq, tk = x.shape
-    if h == 1:
-        return x.reshape(b, 1, 1, tq, tk)
-    return x.reshape(b, c.K, c.G, tq, tk)
-
-
-def _cols(vis):
-    """[B|1, K|1, G|1, bq, bk] visibility -> key columns used by the tile, [B|1, bk, K|1, 1]."""
-    return vis.any(axis=(2, 3)).transpose(0, 2, 1)[..., None]
-
-
-def _sum_to(x, shape):
-    """Sum ``x`` down to the broadcast-compatible ``shape`` (same rank)."""
-    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
-    return x.sum(axis=axes, keepdims=True) if axes else x
-
-
 # ----------------------------------------------------------------------------- the tiled kernel
 
 
@@ -226,58 +136,33 @@ class _Kernel:
         self.bias_static = bias_static      # a non-pytree StructuredBias (closed over), else None
         self.bias_shape = bias_shape        # dense bias: padded 4-D shape
         self.has_sinks = has_sinks
-        static, dynamic = _split_static(mask)
-        kinds = np.full((c.nq, c.nk), FULL, np.int32)
-        if static is not None:
-            kinds = np.minimum(kinds, _reduce_kinds(np.asarray(static.classify(c.T, c.S, c.bq, c.bk)), np))
-        if c.S % c.bk:  # keys past S are padding: the predicate must hide them
-            kinds[:, -1] = np.minimum(kinds[:, -1], PARTIAL)
-        self.kinds = kinds
-        self.dynamic = dynamic
-        self.fwd_lists = {k: _lists(kinds, k) for k in (FULL, PARTIAL)}
-        self.bwd_lists = {k: _lists(kinds.T, k) for k in (FULL, PARTIAL)}
+        self.schedule = TL.TileSchedule(c, mask)   # c has the Tiling fields (B, T, S, H, K, G, bq, bk, nq, nk)
+        self.kinds = self.schedule.kinds
 
     # -- per-tile pieces -------------------------------------------------------------------
-
-    def dyn_kinds(self, mask):
-        if self.dynamic is None:
-            return None
-        _, dyn = _split_static(mask)
-        return _reduce_kinds(dyn.classify(self.c.T, self.c.S, self.c.bq, self.c.bk), jnp)
 
     def bias_tile(self, bias, qi, kj, qidx, kidx):
         c = self.c
         if self.bias_kind == "dense":
             b0, h0 = bias.shape[:2]
             t = lax.dynamic_slice(bias, (0, 0, qi * c.bq, kj * c.bk), (b0, h0, c.bq, c.bk))
-            return _heads5(t, c).astype(c.cdt)
+            return TL.heads5(t, c).astype(c.cdt)
         if self.bias_kind == "structured":
-            return _heads5(bias.tile(qidx, kidx, c.T, c.S), c).astype(c.cdt)
+            return TL.heads5(bias.tile(qidx, kidx, c.T, c.S), c).astype(c.cdt)
         if self.bias_kind == "structured_const":
-            return _heads5(self.bias_static.tile(qidx, kidx, c.T, c.S), c).astype(c.cdt)
+            return TL.heads5(self.bias_static.tile(qidx, kidx, c.T, c.S), c).astype(c.cdt)
         return None
-
-    def visible(self, mask, qidx, kidx):
-        """Visibility of a tile [B|1, K|1, G|1, bq, bk]: the mask predicate, and neither a query row
-        past T nor a key past S (the zero padding of ragged blocks is no query and no key: a key
-        that only phantom rows could see is unused, and may hold NaN)."""
-        c = self.c
-        vis = (qidx < c.T)[:, None] & (kidx < c.S)[None, :]
-        vis = vis[None, None, None]
-        if mask is not None:
-            vis = vis & _heads5(mask.predicate(qidx, kidx, c.T, c.S), c)
-        return vis
 
     def scores(self, qb, kb, bias, mask, qi, kj, partial):
         """Logits of one tile [B, K, G, bq, bk] (cdt), tanh (softcap) and visibility."""
         c = self.c
         qidx = qi * c.bq + jnp.arange(c.bq, dtype=jnp.int32)
         kidx = kj * c.bk + jnp.arange(c.bk, dtype=jnp.int32)
-        vis = self.visible(mask, qidx, kidx) if partial else None
+        vis = TL.tile_visibility(c, mask, qidx, kidx) if partial else None
         if vis is not None:
             # Zero operands no pair of this tile uses: NaN padding must not reach a product.
             row_used = vis.any(axis=4)[..., None]                   # [B|1, K|1, G|1, bq, 1]
-            col_used = _cols(vis)                                   # [B|1, bk, K|1, 1]
+            col_used = TL.tile_columns(vis)                                   # [B|1, bk, K|1, 1]
             qb = jnp.where(row_used, qb, 0)
             kb = jnp.where(col_used, kb, 0)
         s = jnp.einsum("bkgqd,bskd->bkgqs", qb, kb, preferred_element_type=c.cdt, precision=c.precision)
@@ -302,35 +187,13 @@ class _Kernel:
 
     # -- loops -------------------------------------------------------------------------------
 
-    def _visit(self, lists, dkinds, row, body, carry, dyn_row_major: bool):
-        """Run ``body(col, kind, carry)`` over the FULL then PARTIAL tiles of ``row``."""
-        for kind in (FULL, PARTIAL):
-            idx_np, cnt_np = lists[kind]
-            if cnt_np.max() == 0:
-                continue
-            idx, cnt = jnp.asarray(idx_np), jnp.asarray(cnt_np)
-
-            def step(t, carry, kind=kind, idx=idx):
-                col = idx[row, t]
-                if dkinds is None:
-                    return body(col, kind, carry)
-                dk = dkinds[row, col] if dyn_row_major else dkinds[col, row]
-                dk = jnp.minimum(dk, kind)
-                branches = [lambda cr: cr, lambda cr: body(col, PARTIAL, cr)]
-                if kind == FULL:
-                    branches.append(lambda cr: body(col, FULL, cr))
-                return lax.switch(dk, branches, carry)
-
-            carry = lax.fori_loop(0, cnt[row], step, carry)
-        return carry
-
     def forward(self, q_l, k_l, v_l, bias, sinks, seed, mask):
         """q_l [nq,B,K,G,bq,Dk], k_l/v_l [B,nk,bk,K,D] -> o_l [nq,B,K,G,bq,Dv] (cdt), lse_l (cdt).
 
         Also sets ``self.tiles_visited`` (traced int32): the number of tiles computed.
         """
         c = self.c
-        dkinds = self.dyn_kinds(mask)
+        dkinds = self.schedule.dynamic_kinds(mask)
         inv_keep = 1.0 / (1.0 - c.rate)
 
         def q_block(_, xs):
@@ -338,11 +201,11 @@ class _Kernel:
 
             def tile(kj, kind, st):
                 m, l, acc, n = st
-                s, _, vis, _, _, qidx, kidx = self.scores(qb, _kv_tile(k_l, kj), bias, mask, qi, kj,
+                s, _, vis, _, _, qidx, kidx = self.scores(qb, TL.kv_tile(k_l, kj), bias, mask, qi, kj,
                                                           kind == PARTIAL)
-                vb = _kv_tile(v_l, kj)
+                vb = TL.kv_tile(v_l, kj)
                 if vis is not None:
-                    vb = jnp.where(_cols(vis), vb, 0)
+                    vb = jnp.where(TL.tile_columns(vis), vb, 0)
                 m_new = jnp.maximum(m, s.max(axis=-1))
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 p = jnp.exp(s - m_safe[..., None])
@@ -362,7 +225,7 @@ class _Kernel:
                 m0 = jnp.full(shape, -jnp.inf, c.cdt)
                 l0 = jnp.zeros(shape, c.cdt)
             acc0 = jnp.zeros(shape + (c.Dv,), c.cdt)
-            m, l, acc, n = self._visit(self.fwd_lists, dkinds, qi, tile, (m0, l0, acc0, jnp.int32(0)), True)
+            m, l, acc, n = self.schedule.visit(dkinds, qi, tile, (m0, l0, acc0, jnp.int32(0)))
             has_mass = l > 0
             safe_l = jnp.where(has_mass, l, 1.0)
             o = acc * (jnp.where(has_mass, inv_keep / safe_l, 0.0))[..., None]
@@ -377,7 +240,7 @@ class _Kernel:
     def backward(self, q_l, k_l, v_l, bias, sinks, seed, mask, lse_l, do_l, delta_l):
         """Gradients (dq_l, dk_l, dv_l, dbias, dsinks) in laid-out form; delta_l = D - dlse."""
         c = self.c
-        dkinds = self.dyn_kinds(mask)
+        dkinds = self.schedule.dynamic_kinds(mask)
         inv_keep = 1.0 / (1.0 - c.rate)
         lse_safe = jnp.where(jnp.isfinite(lse_l), lse_l, 0.0)
 
@@ -389,7 +252,7 @@ class _Kernel:
 
         def kv_block(carry, kj):
             dq_buf, dbias_acc = carry
-            kb_full, vb_full = _kv_tile(k_l, kj), _kv_tile(v_l, kj)
+            kb_full, vb_full = TL.kv_tile(k_l, kj), TL.kv_tile(v_l, kj)
 
             def tile(qi, kind, st):
                 dk, dv, dq_buf, dbias_acc = st
@@ -398,7 +261,7 @@ class _Kernel:
                 s, t, vis, qb, kb, qidx, kidx = self.scores(qb, kb_full, bias, mask, qi, kj, kind == PARTIAL)
                 vb = vb_full
                 if vis is not None:
-                    vb = jnp.where(_cols(vis), vb, 0)
+                    vb = jnp.where(TL.tile_columns(vis), vb, 0)
                 p = jnp.exp(s - lse_safe[qi][..., None])
                 dp = jnp.einsum("bkgqd,bskd->bkgqs", dob, vb, preferred_element_type=c.cdt, precision=c.precision)
                 pd = p
@@ -412,15 +275,15 @@ class _Kernel:
                 if vis is not None:
                     ds = jnp.where(vis, ds, 0.0)
                 if self.bias_kind == "dense":
-                    g = _sum_to(ds, (dbias_acc.shape[0], 1 if dbias_acc.shape[1] == 1 else c.K,
+                    g = TL.sum_to(ds, (dbias_acc.shape[0], 1 if dbias_acc.shape[1] == 1 else c.K,
                                      1 if dbias_acc.shape[1] == 1 else c.G, c.bq, c.bk))
                     g = g.reshape(dbias_acc.shape[0], dbias_acc.shape[1], c.bq, c.bk)
                     dbias_acc = lax.dynamic_update_slice(dbias_acc, g, (0, 0, qi * c.bq, kj * c.bk))
                 elif self.bias_kind == "structured":
                     def tile_fn(bo):
-                        return _heads5(bo.tile(qidx, kidx, c.T, c.S), c).astype(c.cdt)
+                        return TL.heads5(bo.tile(qidx, kidx, c.T, c.S), c).astype(c.cdt)
                     out, pull = jax.vjp(tile_fn, bias)
-                    (gb,) = pull(_sum_to(ds, out.shape))
+                    (gb,) = pull(TL.sum_to(ds, out.shape))
                     dbias_acc = jax.tree.map(lambda a, g: a + g.astype(c.cdt), dbias_acc, gb)
                 if t is not None:
                     ds = ds * (1.0 - t * t)
@@ -434,8 +297,8 @@ class _Kernel:
 
             dk0 = jnp.zeros((c.B, c.bk, c.K, c.Dk), c.cdt)
             dv0 = jnp.zeros((c.B, c.bk, c.K, c.Dv), c.cdt)
-            dk, dv, dq_buf, dbias_acc = self._visit(self.bwd_lists, dkinds, kj, tile,
-                                                    (dk0, dv0, dq_buf, dbias_acc), False)
+            dk, dv, dq_buf, dbias_acc = self.schedule.visit(dkinds, kj, tile, (dk0, dv0, dq_buf, dbias_acc),
+                                                            backward=True)
             return (dq_buf, dbias_acc), (dk, dv)
 
         dq0 = jnp.zeros(q_l.shape, c.cdt)
@@ -508,42 +371,42 @@ def attention_blockwise(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B 
             return b
         b4 = b.reshape((1,) * (4 - b.ndim) + b.shape)
         b4 = jnp.broadcast_to(b4, b4.shape[:2] + (T, S))
-        return _pad_axis(_pad_axis(b4, 2, nq * bq), 3, nk * bk)
+        return TL.pad_axis(TL.pad_axis(b4, 2, nq * bq), 3, nk * bk)
 
     def run_fwd(q, k, v, b, sinks, seed, mask_leaves):
         m = jax.tree.unflatten(jax.tree.structure(mask), mask_leaves)
-        o_l, lse_l = kernel.forward(_layout_q(q, c), _layout_kv(k, c), _layout_kv(v, c), prep_bias(b), sinks,
+        o_l, lse_l = kernel.forward(TL.layout_q(q, c), TL.layout_kv(k, c), TL.layout_kv(v, c), prep_bias(b), sinks,
                                     seed, m)
         return o_l, lse_l
 
     @jax.custom_vjp
     def core(q, k, v, b, sinks, seed, mask_leaves):
         o_l, lse_l = run_fwd(q, k, v, b, sinks, seed, mask_leaves)
-        return _unlayout_q(o_l, c).astype(dtype), _unlayout_q(lse_l, c)
+        return TL.unlayout_q(o_l, c).astype(dtype), TL.unlayout_q(lse_l, c)
 
     def core_fwd(q, k, v, b, sinks, seed, mask_leaves):
         o_l, lse_l = run_fwd(q, k, v, b, sinks, seed, mask_leaves)
-        out = (_unlayout_q(o_l, c).astype(dtype), _unlayout_q(lse_l, c))
+        out = (TL.unlayout_q(o_l, c).astype(dtype), TL.unlayout_q(lse_l, c))
         return out, (q, k, v, b, sinks, seed, mask_leaves, o_l, lse_l)
 
     def core_bwd(res, cts):
         q, k, v, b, sinks, seed, mask_leaves, o_l, lse_l = res
         do, dlse = cts
         m = jax.tree.unflatten(jax.tree.structure(mask), mask_leaves)
-        do_l = _layout_q(do.astype(dtype), c)
+        do_l = TL.layout_q(do.astype(dtype), c)
         delta = (do_l.astype(cdt) * o_l).sum(axis=-1)
-        delta = delta - _layout_q(dlse.astype(cdt)[..., None], c)[..., 0]
+        delta = delta - TL.layout_q(dlse.astype(cdt)[..., None], c)[..., 0]
         bp = prep_bias(b)
         dq_l, dk_l, dv_l, dbias, dsinks = kernel.backward(
-            _layout_q(q, c), _layout_kv(k, c), _layout_kv(v, c), bp, sinks, seed, m, lse_l, do_l, delta)
-        dq = _unlayout_q(dq_l, c).astype(q.dtype)
-        dk = _unlayout_kv(dk_l, c).astype(k.dtype)
-        dv = _unlayout_kv(dv_l, c).astype(v.dtype)
+            TL.layout_q(q, c), TL.layout_kv(k, c), TL.layout_kv(v, c), bp, sinks, seed, m, lse_l, do_l, delta)
+        dq = TL.unlayout_q(dq_l, c).astype(q.dtype)
+        dk = TL.unlayout_kv(dk_l, c).astype(k.dtype)
+        dv = TL.unlayout_kv(dv_l, c).astype(v.dtype)
         db = None
         if bias_kind == "dense":
             g = dbias[:, :, :T, :S]
             g4 = b.reshape((1,) * (4 - b.ndim) + b.shape)
-            db = _sum_to(g, g4.shape).reshape(b.shape).astype(b.dtype)
+            db = TL.sum_to(g, g4.shape).reshape(b.shape).astype(b.dtype)
         elif bias_kind == "structured":
             db = jax.tree.map(lambda g, x: g.astype(x.dtype), dbias, b)
         ds = None if sinks is None else dsinks.astype(sinks.dtype)
@@ -577,5 +440,5 @@ def forward_tile_count(q, k, v, *, mask=None, block_q: int | None = None, block_
     c = _Cfg(B, T, S, H, K, H // K, Dk, Dv, bq, bk, nq, nk, float(Dk ** -0.5), None, 0.0, q.dtype, jnp.float32,
              jnp.float32, lax.Precision.HIGHEST)
     kernel = _Kernel(c, mask, "none", None, None, False)
-    kernel.forward(_layout_q(q, c), _layout_kv(k, c), _layout_kv(v, c), None, None, None, mask)
+    kernel.forward(TL.layout_q(q, c), TL.layout_kv(k, c), TL.layout_kv(v, c), None, None, None, mask)
     return kernel.tiles_visited

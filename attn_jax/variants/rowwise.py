@@ -276,6 +276,7 @@ class _Kernel:
 
     def forward(self, q_l, k_l, v_l, mask):
         c, t, score = self.c, self.c.t, self.score
+        dkinds = self.schedule.dynamic_kinds(mask)
 
         def q_block(_, xs):
             qi, qb = xs
@@ -295,7 +296,8 @@ class _Kernel:
                 return acc, l
 
             shape = (t.B, t.K, t.G, t.bq)
-            acc, l = self.schedule.visit(mask, qi, tile, (jnp.zeros(shape + (t.Dv,), c.cdt), jnp.zeros(shape, c.cdt)))
+            acc0, l0 = jnp.zeros(shape + (t.Dv,), c.cdt), jnp.zeros(shape, c.cdt)
+            acc, l = self.schedule.visit(dkinds, qi, tile, (acc0, l0))
             r = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0) if score.l1 else jnp.ones(shape, c.cdt)
             return None, (acc * r[..., None], r)
 
@@ -304,6 +306,7 @@ class _Kernel:
 
     def backward(self, q_l, k_l, v_l, mask, r_l, do_l, delta_l):
         c, t, score = self.c, self.c.t, self.score
+        dkinds = self.schedule.dynamic_kinds(mask)
 
         def kv_block(dq_buf, kj):
             kb_full, vb_full = TL.kv_tile(k_l, kj), TL.kv_tile(v_l, kj)
@@ -332,7 +335,7 @@ class _Kernel:
 
             dk0 = jnp.zeros((t.B, t.bk, t.K, t.Dk), c.cdt)
             dv0 = jnp.zeros((t.B, t.bk, t.K, t.Dv), c.cdt)
-            dk, dv, dq_buf = self.schedule.visit(mask, kj, tile, (dk0, dv0, dq_buf), backward=True)
+            dk, dv, dq_buf = self.schedule.visit(dkinds, kj, tile, (dk0, dv0, dq_buf), backward=True)
             return dq_buf, (dk, dv)
 
         dq_l, (dk_l, dv_l) = lax.scan(kv_block, jnp.zeros(q_l.shape, c.cdt), jnp.arange(t.nk, dtype=jnp.int32))
