@@ -13,8 +13,9 @@ module holds the parts that do not depend on what a tile computes:
 * layouts: ``[B, T, H, D] -> [nq, B, K, G, bq, D]`` for queries and ``[B, S, K, D] ->
   [B, nk, bk, K, D]`` for keys/values (GQA by grouping: no K/V repeat), and back.
 
-The row-local normalisers of :mod:`attn_jax.variants` use it; the exact-softmax XLA path
-(:mod:`attn_jax.softmax.xla`) keeps private copies of the same logic and could adopt this module.
+The exact-softmax XLA path (:mod:`attn_jax.softmax.xla`) and the row-local normalisers of
+:mod:`attn_jax.variants` both run on it; :func:`tile_visibility` holds the NaN-safety rule (rows past
+``T`` and keys past ``S`` are no pairs).
 No function here builds a ``T x S`` array.
 """
 
