@@ -65,7 +65,7 @@ def _check_pos_emb(pos_emb, H: int, Dk: int):
                      f"{tuple(pos_emb.shape)}")
 
 
-def cope_positions(gates: Float[ArrayLike, "B H T S"], max_position: int) -> Float[Array, "B H T S"]:
+def cope_positions(gates: Float[ArrayLike, "B H T S"], max_position: int | float) -> Float[Array, "B H T S"]:
     """``p_ij = min(sum_{t >= j} gates_it, max_position)``: the reverse cumulative sum over keys
     (gates of hidden keys must already be 0)."""
     gates = jnp.asarray(gates)
