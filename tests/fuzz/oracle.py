@@ -264,10 +264,9 @@ def _layout(segment_ids, B, T):
     return valid, reset, first
 
 
-def gated_loop(q, k, v, log_g=None, *, scale=None, initial_state=None, segment_ids=None):
-    """Causal gated linear attention, token by token: ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``,
-    ``o_t = scale q_t S_t`` (``log_g``: None, ``[B, T, H]`` or ``[B, T, H, Dk]``).  Returns
-    ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv])``."""
+def _token_loop(q, k, v, update, *, scale, initial_state, segment_ids):
+    """The recurrences' shared token loop: per (batch, query head), skip padding, reset the state at
+    a document start, ``S = update(S, b, t, h, k_t, v_t)``, ``o_t = scale q_t S``."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, T, H, Dk = q.shape
     K, Dv = k.shape[2], v.shape[3]
@@ -284,41 +283,37 @@ def gated_loop(q, k, v, log_g=None, *, scale=None, initial_state=None, segment_i
                     continue
                 if reset[b, t]:
                     St = np.zeros((Dk, Dv))
-                if log_g is not None:
-                    g = np.asarray(log_g, np.float64)[b, t, h]
-                    St = np.exp(g).reshape(-1, 1) * St if np.ndim(g) else math.exp(float(g)) * St
-                kt, vt = k[b, t, h // G], v[b, t, h // G]
-                St = St + np.outer(kt, vt)
+                St = update(St, b, t, h, k[b, t, h // G], v[b, t, h // G])
                 o[b, t, h] = scale * q[b, t, h] @ St
             state[b, h] = St
     return o, state
+
+
+def gated_loop(q, k, v, log_g=None, *, scale=None, initial_state=None, segment_ids=None):
+    """Causal gated linear attention, token by token: ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``,
+    ``o_t = scale q_t S_t`` (``log_g``: None, ``[B, T, H]`` or ``[B, T, H, Dk]``).  Returns
+    ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv])``."""
+
+    def update(St, b, t, h, kt, vt):
+        if log_g is not None:
+            g = np.asarray(log_g, np.float64)[b, t, h]
+            St = np.exp(g).reshape(-1, 1) * St if np.ndim(g) else math.exp(float(g)) * St
+        return St + np.outer(kt, vt)
+
+    return _token_loop(q, k, v, update, scale=scale, initial_state=initial_state, segment_ids=segment_ids)
 
 
 def delta_loop(q, k, v, beta, log_g=None, *, scale=None, initial_state=None, segment_ids=None):
     """(Gated) delta rule, token by token: ``S_t = a_t (I - b_t k_t^T k_t) S_{t-1} + b_t k_t^T v_t``,
     ``o_t = scale q_t S_t`` (``a_t = exp(log_g)`` or 1).  Returns ``(o, final_state)``."""
-    q, k, v, beta = (np.asarray(x, np.float64) for x in (q, k, v, beta))
-    B, T, H, Dk = q.shape
-    K, Dv = k.shape[2], v.shape[3]
-    G = H // K
-    scale = Dk ** -0.5 if scale is None else scale
-    valid, reset, _ = _layout(segment_ids, B, T)
-    o = np.zeros((B, T, H, Dv))
-    state = np.zeros((B, H, Dk, Dv)) if initial_state is None else np.array(initial_state, np.float64)
-    for b in range(B):
-        for h in range(H):
-            St = state[b, h].copy()
-            for t in range(T):
-                if not valid[b, t]:
-                    continue
-                if reset[b, t]:
-                    St = np.zeros((Dk, Dv))
-                a = 1.0 if log_g is None else math.exp(float(np.asarray(log_g, np.float64)[b, t, h]))
-                kt, vt, bt = k[b, t, h // G], v[b, t, h // G], beta[b, t, h]
-                St = a * (np.eye(Dk) - bt * np.outer(kt, kt)) @ St + bt * np.outer(kt, vt)
-                o[b, t, h] = scale * q[b, t, h] @ St
-            state[b, h] = St
-    return o, state
+    beta = np.asarray(beta, np.float64)
+
+    def update(St, b, t, h, kt, vt):
+        a = 1.0 if log_g is None else math.exp(float(np.asarray(log_g, np.float64)[b, t, h]))
+        bt = beta[b, t, h]
+        return a * (np.eye(len(kt)) - bt * np.outer(kt, kt)) @ St + bt * np.outer(kt, vt)
+
+    return _token_loop(q, k, v, update, scale=scale, initial_state=initial_state, segment_ids=segment_ids)
 
 
 def elu_plus_one(x):
