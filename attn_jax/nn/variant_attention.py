@@ -142,7 +142,9 @@ class CachedVariantAttention(MultiHeadAttention):
             raise TypeError(f"cache: expected a KVCache from init_cache, got {type(cache).__name__}")
 
     def _variant(self, q, k, v, mask, kw):
-        raise NotImplementedError
+        """The variant's attention of ``q [B, T, H, Dk]`` over ``k, v`` under ``mask`` (chunk or cache
+        coordinates); ``kw``: scale, softcap, sinks, dropout, impl.  Every subclass defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define _variant (the attention it computes)")
 
     def _attend(self, q, k, v, *, segment_ids, cache, bias, kw):
         if cache is None:
