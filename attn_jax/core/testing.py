@@ -230,6 +230,18 @@ def check_prefill_decode(full_fn: Callable, prefill_fn: Callable, step_fn: Calla
     assert_close(jnp.concatenate(outs, axis=1), full, dtype=dtype, name="prefill + decode vs full forward")
 
 
+def prefill_then_decode(step: Callable, x, cache, n_prefill: int):
+    """Run a cached layer over ``x [B, T, ...]``: ``step(x[:, :n_prefill], cache)`` then one token at
+    a time; returns ``(outputs concatenated over T, final cache)``.  ``step(chunk, cache) -> (y, cache)``
+    (usually one jitted callable, so the prefill and the one-token step compile once each)."""
+    y, cache = step(x[:, :n_prefill], cache)
+    outs = [y]
+    for t in range(n_prefill, x.shape[1]):
+        y, cache = step(x[:, t:t + 1], cache)
+        outs.append(y)
+    return jnp.concatenate(outs, axis=1), cache
+
+
 def check_packed_equals_padded(fn_packed: Callable, fn_single: Callable, q, k, v, segment_ids, *,
                                dtype=None) -> None:
     """Packed sequences (``fn_packed(q, k, v, segment_ids)``) equal each document run alone.

@@ -73,13 +73,9 @@ def test_prefill_then_decode_equals_full(mixer):
     name, m, state, call = mixer
     x = _x(3)
     full = call(state, x)[0]
-    cache = m.init_cache(B, CACHE_LEN, jnp.float32)
-    y, cache = call(state, x[:, :9], cache=cache)
-    outs = [y]
-    for t in range(9, T):
-        y, cache = call(state, x[:, t:t + 1], cache=cache)
-        outs.append(y)
-    tk.assert_close(jnp.concatenate(outs, axis=1), full, name=f"{name}: prefill + decode vs full")
+    y, _ = tk.prefill_then_decode(lambda c, cache: call(state, c, cache=cache), x,
+                                  m.init_cache(B, CACHE_LEN, jnp.float32), 9)
+    tk.assert_close(y, full, name=f"{name}: prefill + decode vs full")
 
 
 def test_ragged_prefill_matches_rows(mixer):

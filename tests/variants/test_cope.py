@@ -88,12 +88,8 @@ def test_mixer_decode_equals_full_forward_with_a_learned_table():
     state = nnx.split(m)[1]
     full = call(state, x, None)[0]
     assert float(jnp.abs(full - without_table).max()) > 1e-3   # the table takes part
-    y, cache = call(state, x[:, :6], m.init_cache(2, 11))
-    outs = [y]
-    for t in range(6, 11):
-        y, cache = call(state, x[:, t:t + 1], cache)
-        outs.append(y)
-    tk.assert_close(jnp.concatenate(outs, axis=1), full, name="prefill + decode vs full")
+    y, _ = tk.prefill_then_decode(lambda c, cache: call(state, c, cache), x, m.init_cache(2, 11), 6)
+    tk.assert_close(y, full, name="prefill + decode vs full")
     tk.check_causality_by_perturbation(lambda a, b, c: call(state, a, None)[0], x, x, x)
 
 

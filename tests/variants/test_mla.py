@@ -80,13 +80,8 @@ def test_prefill_decode_equals_full_forward_low_rank_query_and_bf16():
     x = _normal(jax.random.key(1), (2, T, d))
     call = _jitted(m)
     full = call(x)[0]
-    cache = m.init_cache(2, T, jnp.float32)
-    y, cache = call(x[:, :7], cache)
-    outs = [y]
-    for t in range(7, T):
-        y, cache = call(x[:, t:t + 1], cache)
-        outs.append(y)
-    tk.assert_close(jnp.concatenate(outs, axis=1), full, name="prefill + decode vs full")
+    y, cache = tk.prefill_then_decode(call, x, m.init_cache(2, T, jnp.float32), 7)
+    tk.assert_close(y, full, name="prefill + decode vs full")
     assert cache.latent.shape == (2, T, 12 + 2 * m.rope_head_dim) and int(cache.lengths[0]) == T
     m.dtype = jnp.bfloat16   # same parameters, bfloat16 compute
     y16 = _jitted(m)(x)[0]

@@ -103,12 +103,7 @@ def test_mixer_context_budget():
         m = mixers.get("selective")(16, 4, rngs=nnx.Rngs(0), num_kv_heads=2, context_budget=budget)
         graphdef, state = nnx.split(m)
         call = tk.fast_jit(lambda s, x, cache: nnx.merge(graphdef, s)(x, cache=cache))
-        y, cache = call(state, x[:, :8], m.init_cache(2, 12))
-        ys = [y]
-        for t in range(8, 12):
-            y, cache = call(state, x[:, t:t + 1], cache)
-            ys.append(y)
-        outs[budget] = jnp.concatenate(ys, axis=1)
+        outs[budget], _ = tk.prefill_then_decode(lambda c, cache: call(state, c, cache), x, m.init_cache(2, 12), 8)
         if budget == 12:
             outs[None] = call(state, x, None)[0]      # the full forward (no cache, no pruning)
     tk.assert_close(outs[12], outs[None], name="budget >= length is exact")
