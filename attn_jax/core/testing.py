@@ -230,6 +230,22 @@ def check_prefill_decode(full_fn: Callable, prefill_fn: Callable, step_fn: Calla
     assert_close(jnp.concatenate(outs, axis=1), full, dtype=dtype, name="prefill + decode vs full forward")
 
 
+def check_vjp_parity(fast: Callable, ref: Callable, args: Sequence, names: Sequence[str], key=None):
+    """``fast(*args)`` against ``ref(*args)`` on the output and the VJP of every argument (one random
+    cotangent, both in one compiled program; the kit's tolerances for the dtype).  ``names`` name the
+    arguments in failure messages.  Returns ``(out, grads)`` of ``fast`` for further assertions."""
+    key = jax.random.key(1) if key is None else key
+
+    def both(*p):
+        return vjp_with_random_cotangent(fast, p, key), vjp_with_random_cotangent(ref, p, key)
+
+    (o, grads), (o_ref, grads_ref) = compiled(both, *args)
+    assert_close(o, o_ref, name="output")
+    for name, a, b in zip(names, grads, grads_ref, strict=True):
+        assert_close(a, b, grad=True, name=f"d{name}")
+    return o, grads
+
+
 def prefill_then_decode(step: Callable, x, cache, n_prefill: int):
     """Run a cached layer over ``x [B, T, ...]``: ``step(x[:, :n_prefill], cache)`` then one token at
     a time; returns ``(outputs concatenated over T, final cache)``.  ``step(chunk, cache) -> (y, cache)``

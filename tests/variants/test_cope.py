@@ -34,17 +34,9 @@ def test_matches_reference_values_and_gradients(case):
         seg = jnp.asarray(np.array([[1] * 5 + [2] * 4, [1] * 6 + [0] * 3], np.int32))
         mask, sinks = mask & masks.segments(seg), jnp.array([0.5, -1.0, 0.0, 1.5], jnp.float32)
         q, k, v = (x.at[1, 6:].set(jnp.nan) for x in (q, k, v))      # NaN padding must not leak
-    key = jax.random.key(1)
-
-    def both(*p):
-        fast = lambda q, k, v, e: cope_attention(q, k, v, e, mask=mask, sinks=sinks)  # noqa: E731
-        ref = lambda q, k, v, e: cope_attention_reference(q, k, v, e, mask=mask, sinks=sinks)  # noqa: E731
-        return tk.vjp_with_random_cotangent(fast, p, key), tk.vjp_with_random_cotangent(ref, p, key)
-
-    (o, grads), (o_ref, grads_ref) = tk.compiled(both, q, k, v, e)
-    tk.assert_close(o, o_ref, name="output")
-    for name, a, b in zip(("q", "k", "v", "pos_emb"), grads, grads_ref):
-        tk.assert_close(a, b, grad=True, name=f"d{name}")
+    o, grads = tk.check_vjp_parity(lambda q, k, v, e: cope_attention(q, k, v, e, mask=mask, sinks=sinks),
+                                   lambda q, k, v, e: cope_attention_reference(q, k, v, e, mask=mask, sinks=sinks),
+                                   (q, k, v, e), ("q", "k", "v", "pos_emb"))
     assert float(jnp.abs(grads[3]).max()) > 0
     if case != "causal_clipped":   # padding rows: zero output and gradient
         assert float(jnp.abs(o[1, 6:]).max()) == 0.0 and float(jnp.abs(grads[0][1, 6:]).max()) == 0.0

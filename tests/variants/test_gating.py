@@ -32,17 +32,9 @@ def test_matches_reference_values_and_gradients(elementwise):
     mask = masks.causal() & masks.segments(seg)
     q, k, v = (x.at[1, 6:].set(jnp.nan) for x in (q, k, v))          # NaN padding must not leak
     sinks = jnp.array([0.5, -1.0, 0.0, 1.5], jnp.float32)
-    key = jax.random.key(1)
-
-    def both(*p):
-        fast = lambda q, k, v, g: gated_attention(q, k, v, g, mask=mask, sinks=sinks)  # noqa: E731
-        ref = lambda q, k, v, g: gated_attention_reference(q, k, v, g, mask=mask, sinks=sinks)  # noqa: E731
-        return tk.vjp_with_random_cotangent(fast, p, key), tk.vjp_with_random_cotangent(ref, p, key)
-
-    (o, grads), (o_ref, grads_ref) = tk.compiled(both, q, k, v, g)
-    tk.assert_close(o, o_ref, name="output")
-    for name, a, b in zip("q k v gate".split(), grads, grads_ref):
-        tk.assert_close(a, b, grad=True, name=f"d{name}")
+    o, grads = tk.check_vjp_parity(lambda q, k, v, g: gated_attention(q, k, v, g, mask=mask, sinks=sinks),
+                                   lambda q, k, v, g: gated_attention_reference(q, k, v, g, mask=mask, sinks=sinks),
+                                   (q, k, v, g), ("q", "k", "v", "gate"))
     assert float(jnp.abs(o[1, 6:]).max()) == 0.0 and float(jnp.abs(grads[0][1, 6:]).max()) == 0.0
     assert float(jnp.abs(grads[3]).max()) > 0
 

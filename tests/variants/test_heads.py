@@ -27,17 +27,9 @@ def test_matches_reference_values_and_gradients():
     # bottom-right causal with T < S, and a key-padding row whose first query sees nothing
     mask = masks.causal() & masks.key_padding(jnp.array([S, 2], jnp.int32))
     k, v = k.at[1, 2:].set(jnp.nan), v.at[1, 2:].set(jnp.nan)      # NaN padding must not leak
-    key = jax.random.key(1)
-
-    def both(*p):
-        fast = lambda *a: talking_heads_attention(*a, mask=mask)  # noqa: E731
-        ref = lambda *a: talking_heads_attention_reference(*a, mask=mask)  # noqa: E731
-        return tk.vjp_with_random_cotangent(fast, p, key), tk.vjp_with_random_cotangent(ref, p, key)
-
-    (o, grads), (o_ref, grads_ref) = tk.compiled(both, q, k, v, p_l, p_w)
-    tk.assert_close(o, o_ref, name="output")
-    for name, a, b in zip(("q", "k", "v", "logits_proj", "weights_proj"), grads, grads_ref):
-        tk.assert_close(a, b, grad=True, name=f"d{name}")
+    o, grads = tk.check_vjp_parity(lambda *a: talking_heads_attention(*a, mask=mask),
+                                   lambda *a: talking_heads_attention_reference(*a, mask=mask),
+                                   (q, k, v, p_l, p_w), ("q", "k", "v", "logits_proj", "weights_proj"))
     # row 1 sees keys 0, 1 only; its query 0 sits at position S - T = 2 and sees both
     assert float(jnp.abs(grads[1][1, 2:]).max()) == 0.0 and float(jnp.abs(grads[4]).max()) > 0
 
@@ -116,17 +108,9 @@ def test_moh_op_matches_reference_and_mixer_wiring():
     q, k, v, _, _ = _inputs(8)
     k, v = k[:, :T], v[:, :T]
     gates = jnp.abs(jax.random.normal(jax.random.key(9), (B, T, H)))
-    key = jax.random.key(1)
-
-    def both(*p):
-        fast = lambda *a: variants.mixture_of_heads_attention(*a, mask=masks.causal())  # noqa: E731
-        ref = lambda *a: variants.mixture_of_heads_attention_reference(*a, mask=masks.causal())  # noqa: E731
-        return tk.vjp_with_random_cotangent(fast, p, key), tk.vjp_with_random_cotangent(ref, p, key)
-
-    (o, grads), (o_ref, grads_ref) = tk.compiled(both, q, k, v, gates)
-    tk.assert_close(o, o_ref, name="output")
-    for name, a, b in zip(("q", "k", "v", "gates"), grads, grads_ref):
-        tk.assert_close(a, b, grad=True, name=f"d{name}")
+    tk.check_vjp_parity(lambda *a: variants.mixture_of_heads_attention(*a, mask=masks.causal()),
+                        lambda *a: variants.mixture_of_heads_attention_reference(*a, mask=masks.causal()),
+                        (q, k, v, gates), ("q", "k", "v", "gates"))
 
     m = mixers.get("moh")(16, 4, rngs=nnx.Rngs(0), num_kv_heads=2, num_shared=1, top_k=2, positional="none",
                           monitor=True)

@@ -30,17 +30,9 @@ def test_matches_reference_values_and_gradients():
     q, k, v, mk, mv = _inputs(0)
     seg = jnp.asarray(np.array([[1] * 5 + [2] * 4, [1] * 6 + [0] * 3], np.int32))
     kw = dict(mask=masks.causal() & masks.segments(seg), sinks=jnp.array([0.5, -1.0, 0.0, 1.5]), softcap=3.0)
-    key = jax.random.key(1)
-
-    def both(*p):
-        fast = lambda *a: persistent_memory_attention(*a, **kw)  # noqa: E731
-        ref = lambda *a: persistent_memory_attention_reference(*a, **kw)  # noqa: E731
-        return tk.vjp_with_random_cotangent(fast, p, key), tk.vjp_with_random_cotangent(ref, p, key)
-
-    (o, grads), (o_ref, grads_ref) = tk.compiled(both, q, k, v, mk, mv)
-    tk.assert_close(o, o_ref, name="output")
-    for name, a, b in zip(("q", "k", "v", "memory_k", "memory_v"), grads, grads_ref):
-        tk.assert_close(a, b, grad=True, name=f"d{name}")
+    o, grads = tk.check_vjp_parity(lambda *a: persistent_memory_attention(*a, **kw),
+                                   lambda *a: persistent_memory_attention_reference(*a, **kw),
+                                   (q, k, v, mk, mv), ("q", "k", "v", "memory_k", "memory_v"))
     # padding queries see no sequence key but still read the memory
     assert float(jnp.abs(o[1, 6:]).max()) > 0
 
