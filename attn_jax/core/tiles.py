@@ -29,6 +29,7 @@ import numpy as np
 from jax import lax
 
 from attn_jax.core import masks as M
+from attn_jax.core.validation import AttentionDims
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Tiling", "tiling", "split_static", "reduce_kinds", "tile_lists",
            "TileSchedule", "pad_axis", "layout_q", "unlayout_q", "layout_kv", "unlayout_kv", "kv_tile", "heads5",
@@ -38,22 +39,16 @@ EMPTY, PARTIAL, FULL = M.EMPTY, M.PARTIAL, M.FULL
 
 
 @dataclass(frozen=True)
-class Tiling:
-    """Static sizes of one tiled call: ``q [B, T, H, Dk]``, ``k/v [B, S, K, D]``, ``G = H / K``."""
+class Tiling(AttentionDims):
+    """Static sizes of one tiled call: the problem's :class:`~attn_jax.core.validation.AttentionDims`
+    (``q [B, T, H, Dk]``, ``k/v [B, S, K, D]``) plus the block sizes; ``G = H / K``."""
 
-    B: int
-    T: int
-    S: int
-    H: int
-    K: int
-    Dk: int
-    Dv: int
     bq: int
     bk: int
 
     @property
     def G(self) -> int:
-        return self.H // self.K
+        return self.groups
 
     @property
     def nq(self) -> int:
