@@ -108,3 +108,40 @@ class LowRankBias:
 
     def __repr__(self):
         return f"LowRankBias(u={tuple(self.u.shape)}, v={tuple(self.v.shape)})"
+
+
+class QueryDependentBias(StructuredBias):
+    """A bias that reads the queries as well as the positions, evaluated per tile.
+
+    Relative embeddings (Shaw et al. 2018; Music Transformer) add ``q_i · E_{r(i, j)}`` to the
+    logits: a function of the query *vector* and of the positions, so it cannot be a position-only
+    :class:`StructuredBias` tile, yet it needs no ``T x S`` array either.  Fast paths call
+
+    * ``tile_q(q, q_idx, k_idx, T, S)`` with ``q: [B, K, G, tq, Dk]`` the **scaled** queries
+      ``scale * q`` of the tile (grouped heads ``h = k * G + g``, compute dtype), ``q_idx``/``k_idx``
+      contiguous ascending int32 runs (absolute indices, bottom-right alignment as for every
+      structured bias); it returns the bias ``[B, K, G, tq, tk]`` in ``q``'s dtype;
+    * ``materialize_q(q, T, S)`` (references and tests): the same for the whole ``[B, K, G, T, S]``;
+      by default ``tile_q`` over all indices, a subclass may give a simpler independent form.
+
+    Gradients: implementations differentiate ``tile_q`` with respect to the bias pytree *and*
+    ``q`` and add the ``q`` part to ``dq``.  ``tile`` (position only) is undefined and raises.
+    Backends that evaluate only position tiles (the Pallas kernels, cuDNN) refuse it.
+    """
+
+    query_dependent = True
+
+    def tile(self, q_idx, k_idx, T: int, S: int):
+        raise ValueError(f"bias: {type(self).__name__} depends on the queries; it has no position-only tile "
+                         "(backends call tile_q(q, q_idx, k_idx, T, S))")
+
+    def tile_q(self, q, q_idx, k_idx, T: int, S: int):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def materialize_q(self, q, T: int, S: int):
+        return self.tile_q(q, jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32), T, S)
+
+
+def is_query_dependent(bias) -> bool:
+    """Whether ``bias`` is a :class:`QueryDependentBias` (or wraps one: ``query_dependent`` is True)."""
+    return bool(getattr(bias, "query_dependent", False))

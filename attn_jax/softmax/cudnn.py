@@ -61,6 +61,8 @@ def unsupported(platform: str, p) -> list[str]:
         r.append("return_lse is not exposed by jax.nn.dot_product_attention")
     if p.bias_kind == "structured":
         r.append("structured biases (ALiBi, T5) would have to be materialised as T x S")
+    if p.bias_kind == "query":
+        r.append(f"query-dependent bias {type(p.bias).__name__} would have to be materialised as T x S")
     if p.mask is not None:
         try:
             off = _causal_offset(p.mask)

@@ -1,8 +1,8 @@
 """``impl="dense"``: exact attention as one fused block, for small problems on CPU.
 
 "Attention Is All You Need", Vaswani et al., 2017, arXiv:1706.03762; the function computed is
-exactly that of :mod:`attn_jax.softmax.reference` (GQA by grouping, masks, dense or structured
-bias, softcap before bias, learned sinks, dropout, ``return_lse``).  For a small ``T x S`` the
+exactly that of :mod:`attn_jax.softmax.reference` (GQA by grouping, masks, dense, structured or
+query-dependent bias (its ``q`` gradient added to ``dQ``), softcap before bias, learned sinks, dropout, ``return_lse``).  For a small ``T x S`` the
 tiled online softmax of :mod:`attn_jax.softmax.xla` pays for its loop and its rescaling; here the
 whole score block ``[B, K, G, T, S]`` is formed at once, in float32 (float64 for float64 inputs)::
 
@@ -42,7 +42,7 @@ from jaxtyping import Array, Float
 
 from attn_jax.core import masks as M
 from attn_jax.core import random as aj_random
-from attn_jax.core.bias import StructuredBias
+from attn_jax.core.bias import StructuredBias, is_query_dependent
 
 #: Largest ``B * H * T * S`` served by the dense path (elements of one score array; float32:
 #: 4 bytes each, so 512 KiB).  Measured on a shared 2-core CPU (B=1, H=8, D=64, causal fp32, fwd
@@ -107,7 +107,9 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
         return jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32)
 
     bias_kind, bias_in, bias_const = "none", None, None
-    if isinstance(bias, StructuredBias):
+    if is_query_dependent(bias):       # bias(scale * q, i, j): differentiated w.r.t. itself and q
+        bias_kind, bias_in = "query", bias
+    elif isinstance(bias, StructuredBias):
         leaves = jax.tree.leaves(bias)
         if not leaves or (len(leaves) == 1 and leaves[0] is bias):
             bias_kind, bias_const = "structured_const", bias
@@ -116,8 +118,10 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
     elif bias is not None:
         bias_kind, bias_in = "dense", jnp.asarray(bias)
 
-    def bias5(b):
+    def bias5(b, q5):
         qidx, kidx = idx()
+        if bias_kind == "query":
+            return b.tile_q(q5 * scale, qidx, kidx, T, S).astype(cdt)
         if bias_kind == "dense":
             return _heads5(b, B, K, G).astype(cdt)
         if bias_kind == "structured":
@@ -169,7 +173,7 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
         if softcap is not None:
             t = jnp.tanh(s / softcap)
             s = softcap * t
-        bb = bias5(b)
+        bb = bias5(b, q5)
         if bb is not None:
             s = s + bb
         if vis is not None:
@@ -235,10 +239,18 @@ def attention_dense(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K Dk"], v:
             out, pull = jax.vjp(lambda bo: _heads5(bo.tile(qidx, kidx, T, S), B, K, G).astype(cdt), b)
             (gb,) = pull(_sum_to(ds, out.shape))
             db = jax.tree.map(lambda g, x: g.astype(x.dtype), gb, b)
+        dq5_bias = None
+        if bias_kind == "query":
+            qidx, kidx = idx()
+            _, pull = jax.vjp(lambda bo, qq: bo.tile_q(qq * scale, qidx, kidx, T, S).astype(cdt), b, q5)
+            gb, dq5_bias = pull(ds)
+            db = jax.tree.map(lambda g, x: g.astype(x.dtype), gb, b)
         if t is not None:
             ds = ds * (1.0 - t * t)
         ds = ds * scale
         dq5 = jnp.einsum("bkgts,bksd->bkgtd", ds, k4, preferred_element_type=cdt)
+        if dq5_bias is not None:
+            dq5 = dq5 + dq5_bias
         dk4 = jnp.einsum("bkgts,bkgtd->bksd", ds, q5, preferred_element_type=cdt)
         dq = dq5.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dk).astype(q.dtype)
         dk = dk4.transpose(0, 2, 1, 3).astype(k.dtype)

@@ -95,6 +95,9 @@ def unsupported(platform: str, p) -> list[str]:
     if p.bias_kind == "structured" and not _is_alibi(p.bias):
         r.append(f"structured bias {type(p.bias).__name__} has no in-kernel form (only ALiBi is evaluated in the "
                  "kernel; materialising it would cost T x S)")
+    if p.bias_kind == "query":
+        r.append(f"query-dependent bias {type(p.bias).__name__} (q · E per tile) has no in-kernel form; the xla "
+                 "path evaluates it per tile")
     d = p.dims
     if platform == "cuda" and max(d.Dk, d.Dv) > 256:
         r.append(f"head_dim > 256 exceeds the Triton kernel's register budget (Dk={d.Dk}, Dv={d.Dv})")

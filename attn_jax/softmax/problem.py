@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from attn_jax.core import validation as V
-from attn_jax.core.bias import StructuredBias
+from attn_jax.core.bias import StructuredBias, is_query_dependent
 from attn_jax.core.masks import Mask, as_mask
 
 __all__ = ["AttentionProblem", "attention_problem"]
@@ -26,7 +26,7 @@ class AttentionProblem:
     dims: V.AttentionDims
     dtype: Any
     mask: Mask | None
-    bias: Any            # None, an array [B|1, H|1, T, S] or a StructuredBias
+    bias: Any            # None, an array [B|1, H|1, T, S], a StructuredBias or a QueryDependentBias
     scale: float | None
     softcap: float | None
     has_sinks: bool
@@ -37,6 +37,8 @@ class AttentionProblem:
     def bias_kind(self) -> str:
         if self.bias is None:
             return "none"
+        if is_query_dependent(self.bias):
+            return "query"        # QueryDependentBias: tile_q(q, ...), e.g. relative embeddings
         return "structured" if isinstance(self.bias, StructuredBias) else "dense"
 
 

@@ -7,7 +7,8 @@ arXiv:2305.13245, computed by grouping, never by repeating K/V):
 
     s_ij  = scale * q_i . k_j                         (scale defaults to Dk ** -0.5)
     s_ij  = c * tanh(s_ij / c)                        if softcap c is given (Gemma 2)
-    s_ij += bias_ij                                   dense array or structured (ALiBi, T5)
+    s_ij += bias_ij                                   dense array or structured (ALiBi, T5), or
+                                                      query-dependent: bias(scale * q_i, i, j)
     s_ij  = -inf where the mask hides (i, j)
     l_i   = sum_j exp(s_ij - m_i) + exp(sink_h - m_i) the sink term only with learned sinks
                                                       ("gpt-oss" style: one logit per head,
@@ -34,7 +35,7 @@ from jaxtyping import Array
 
 from attn_jax.core import random as aj_random
 from attn_jax.core.array_types import ArrayLike, Float
-from attn_jax.core.bias import StructuredBias
+from attn_jax.core.bias import StructuredBias, is_query_dependent
 from attn_jax.core.masks import Mask
 
 
@@ -78,7 +79,11 @@ def attention_reference(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B 
     s = s.reshape(B, H, T, S) * scale
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
-    b = dense_bias(bias, T, S)
+    if is_query_dependent(bias):       # q_i · E[...] style: materialised from the (zeroed) scaled queries
+        q5 = (qf * scale).transpose(0, 2, 3, 1, 4)                                # [B, K, G, T, Dk]
+        b = bias.materialize_q(q5, T, S).reshape(B, H, T, S)
+    else:
+        b = dense_bias(bias, T, S)
     if b is not None:
         s = s + b.astype(cdt)
     if visible is not None:

@@ -40,6 +40,11 @@ offsets) the traced labels pick, per tile, ``lax.switch(skip | partial | full)``
 ``static & dynamic`` uses the static part for the lists and the dynamic part for the switch.
 No array has a ``T x S`` extent (apart from a user's dense bias or dense mask).
 
+Query-dependent biases (:class:`~attn_jax.core.bias.QueryDependentBias`, e.g. relative
+embeddings ``q_i · E[r]``) are evaluated per tile from the tile's queries, ``tile_q(scale * Q, ...)``;
+the backward differentiates that tile with respect to the bias parameters and ``Q`` and adds the
+``Q`` part (``dS``-weighted) to the ``dQ`` buffer.
+
 Deviations from the reference, all within the test kit's tolerances: summation order (tiled);
 for bfloat16/float16 inputs the ``P V``, ``dS K`` and ``dS^T Q`` products take ``P``/``dS``
 rounded to the input dtype (as FlashAttention does), with float32 accumulation.
@@ -69,7 +74,7 @@ from attn_jax.core import masks as M
 from attn_jax.core import tiles as TL
 from attn_jax.core.array_types import ArrayLike
 from attn_jax.core import random as aj_random
-from attn_jax.core.bias import StructuredBias
+from attn_jax.core.bias import StructuredBias, is_query_dependent
 
 EMPTY, PARTIAL, FULL = M.EMPTY, M.PARTIAL, M.FULL
 
@@ -132,7 +137,7 @@ class _Kernel:
     def __init__(self, c: _Cfg, mask, bias_kind: str, bias_static, bias_shape, has_sinks: bool):
         self.c = c
         self.mask = mask
-        self.bias_kind = bias_kind          # "none" | "dense" | "structured" | "structured_const"
+        self.bias_kind = bias_kind          # "none" | "dense" | "structured" | "structured_const" | "query"
         self.bias_static = bias_static      # a non-pytree StructuredBias (closed over), else None
         self.bias_shape = bias_shape        # dense bias: padded 4-D shape
         self.has_sinks = has_sinks
@@ -141,8 +146,10 @@ class _Kernel:
 
     # -- per-tile pieces -------------------------------------------------------------------
 
-    def bias_tile(self, bias, qi, kj, qidx, kidx):
+    def bias_tile(self, bias, qi, kj, qidx, kidx, qb):
         c = self.c
+        if self.bias_kind == "query":
+            return self.query_bias_tile(bias, qb.astype(c.cdt), qidx, kidx)
         if self.bias_kind == "dense":
             b0, h0 = bias.shape[:2]
             t = lax.dynamic_slice(bias, (0, 0, qi * c.bq, kj * c.bk), (b0, h0, c.bq, c.bk))
@@ -152,6 +159,11 @@ class _Kernel:
         if self.bias_kind == "structured_const":
             return TL.heads5(self.bias_static.tile(qidx, kidx, c.T, c.S), c).astype(c.cdt)
         return None
+
+    def query_bias_tile(self, bias, qf, qidx, kidx):
+        """A query-dependent bias's tile from the tile's (unscaled, compute-dtype) queries."""
+        c = self.c
+        return bias.tile_q(qf * c.scale, qidx, kidx, c.T, c.S).astype(c.cdt)
 
     def scores(self, qb, kb, bias, mask, qi, kj, partial):
         """Logits of one tile [B, K, G, bq, bk] (cdt), tanh (softcap) and visibility."""
@@ -171,7 +183,7 @@ class _Kernel:
         if c.softcap is not None:
             t = jnp.tanh(s / c.softcap)
             s = c.softcap * t
-        b = self.bias_tile(bias, qi, kj, qidx, kidx)
+        b = self.bias_tile(bias, qi, kj, qidx, kidx, qb)
         if b is not None:
             s = s + b
         if vis is not None:
@@ -247,7 +259,7 @@ class _Kernel:
         dbias0 = None
         if self.bias_kind == "dense":
             dbias0 = jnp.zeros(bias.shape, c.cdt)
-        elif self.bias_kind == "structured":
+        elif self.bias_kind in ("structured", "query"):
             dbias0 = jax.tree.map(lambda x: jnp.zeros(x.shape, c.cdt), bias)
 
         def kv_block(carry, kj):
@@ -285,6 +297,12 @@ class _Kernel:
                     out, pull = jax.vjp(tile_fn, bias)
                     (gb,) = pull(TL.sum_to(ds, out.shape))
                     dbias_acc = jax.tree.map(lambda a, g: a + g.astype(c.cdt), dbias_acc, gb)
+                elif self.bias_kind == "query":    # d/dE and the bias's own d/dq (before the softcap rule)
+                    _, pull = jax.vjp(lambda bo, qf: self.query_bias_tile(bo, qf, qidx, kidx), bias,
+                                      qb.astype(c.cdt))
+                    gb, dq_bias = pull(ds)
+                    dbias_acc = jax.tree.map(lambda a, g: a + g.astype(c.cdt), dbias_acc, gb)
+                    dq_buf = dq_buf.at[qi].add(dq_bias)
                 if t is not None:
                     ds = ds * (1.0 - t * t)
                 ds = (ds * c.scale).astype(c.mdt)
@@ -349,7 +367,9 @@ def attention_blockwise(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B 
 
     # Bias: dense arrays and pytree structured biases are differentiable inputs.
     bias_kind, bias_in, bias_static, bias_shape = "none", None, None, None
-    if isinstance(bias, StructuredBias):
+    if is_query_dependent(bias):       # evaluated per tile from the tile's queries (QueryDependentBias)
+        bias_kind, bias_in = "query", bias
+    elif isinstance(bias, StructuredBias):
         leaves = jax.tree.leaves(bias)
         if len(leaves) == 1 and leaves[0] is bias or not leaves:
             bias_kind, bias_static = "structured_const", bias
@@ -407,7 +427,7 @@ def attention_blockwise(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B 
             g = dbias[:, :, :T, :S]
             g4 = b.reshape((1,) * (4 - b.ndim) + b.shape)
             db = TL.sum_to(g, g4.shape).reshape(b.shape).astype(b.dtype)
-        elif bias_kind == "structured":
+        elif bias_kind in ("structured", "query"):
             db = jax.tree.map(lambda g, x: g.astype(x.dtype), dbias, b)
         ds = None if sinks is None else dsinks.astype(sinks.dtype)
         return dq, dk, dv, db, ds, None, [None] * len(mask_leaves)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attn_jax.core.bias import StructuredBias
+from attn_jax.core.bias import StructuredBias, is_query_dependent
 
 __all__ = ["PositionedBias", "positioned"]
 
@@ -40,6 +40,24 @@ class PositionedBias(StructuredBias):
             return out[0] if out.shape[0] == 1 else out[bi]
 
         return jax.vmap(one)(self.q_offset, self.k_offset, self.batch_index)
+
+    @property
+    def query_dependent(self) -> bool:
+        """True when the inner bias reads the queries (then ``tile_q`` is the tile)."""
+        return is_query_dependent(self.inner)
+
+    def tile_q(self, q, q_idx, k_idx, T: int, S: int):
+        """``inner.tile_q`` per row at the row's positions; ``q: [R, K, G, tq, Dk]`` (scaled queries)."""
+        q_idx = jnp.asarray(q_idx, jnp.int32)
+        k_idx = jnp.asarray(k_idx, jnp.int32)
+
+        def one(qo, ko, q_row):
+            return self.inner.tile_q(q_row[None], q_idx + (qo - (S - T)), k_idx + ko, T, S)[0]
+
+        return jax.vmap(one)(self.q_offset, self.k_offset, q)
+
+    def materialize_q(self, q, T: int, S: int):
+        return self.tile_q(q, jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32), T, S)
 
     def parameters(self):
         return self.inner.parameters()
