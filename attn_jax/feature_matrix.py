@@ -49,6 +49,7 @@ def _attention_rows() -> list[tuple[str, str, dict]]:
     """(row title, feature key used by mixers, attention problem)."""
     from attn_jax import masks
     from attn_jax.positional import ALiBi, LowRankBias, T5RelativeBias, alibi_slopes
+    from attn_jax.positional.relative import RelativeEmbedding
 
     B, T, H, D = 2, 64, 4, 64
     ids = jnp.ones((B, T), jnp.int32)
@@ -67,6 +68,8 @@ def _attention_rows() -> list[tuple[str, str, dict]]:
         ("Additive bias (dense, with dbias)", "bias", dict(bias=_sds(1, H, T, T))),
         ("ALiBi (evaluated per tile)", "alibi", dict(bias=ALiBi(alibi_slopes(H)))),
         ("T5 relative bias (per tile, learned)", "t5", dict(bias=T5RelativeBias(jnp.zeros((32, H))))),
+        ("Relative embeddings q·E (Shaw / Music Transformer, skewed per tile)", "relative",
+         dict(bias=RelativeEmbedding(jnp.zeros((15, H, D))))),
         ("Low-rank bias folded into q/k (FlashBias)", "low_rank_bias",
          dict(bias=LowRankBias(_sds(1, T, H, 2), _sds(1, T, 1, 2)))),
         ("Logit softcap", "softcap", dict(softcap=30.0)),
@@ -137,13 +140,14 @@ def _decode_serves(feature: str, spec: dict) -> bool:
 
 
 def _mixer_serves(feature: str) -> bool:
-    """Whether the registered "softmax" mixer claims ``feature`` (its SUPPORTED_FEATURES)."""
+    """Whether the registered "softmax" mixer claims ``feature`` (its SUPPORTED_FEATURES), or a mixer is
+    registered under the feature's own name (``"relative"``: its own layer)."""
     try:
         mixers = importlib.import_module("attn_jax.mixers")
         cls = mixers.get("softmax")
     except (ImportError, ValueError, KeyError):
         return False
-    return feature in getattr(cls, "SUPPORTED_FEATURES", frozenset())
+    return feature in getattr(cls, "SUPPORTED_FEATURES", frozenset()) or feature in mixers.names()
 
 
 def positional_rows() -> list[tuple[str, str, Callable[[], bool]]]:

@@ -239,3 +239,17 @@ def relative_attention_reference(q: Float[ArrayLike, "B T H Dk"], k: Float[Array
         s = jnp.where(relative_distances(T, S) <= 0, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bhts,bshd->bthd", p, v, precision=lax.Precision.HIGHEST)
+
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="relative", family="positional", title="Relative embeddings (Shaw; Music Transformer skew, per tile)",
+    papers=(Paper("Self-Attention with Relative Position Representations", 2018, "1803.02155", "Shaw et al."),
+            Paper("Music Transformer", 2018, "1809.04281", "Huang et al.")),
+    summary="logits_ij = scale (q_i.k_j + q_i.E[row(j - i)]); row = clip(j - i, ±R) + R, causal: clip(i - j, 0, R)",
+    op=relative_attention, forms=("xla", "dense"), directions=("causal", "bidirectional"),
+    layer="attn_jax.nn.relative_mixers:RelativeAttention",
+    notes="a QueryDependentBias: q.E skewed per (bq, bk) tile in the xla/dense paths (no T x S array), dq and dE "
+          "in the custom VJPs; Pallas and cuDNN refuse it; Shaw's value embeddings a^V are not implemented"))

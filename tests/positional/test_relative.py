@@ -168,3 +168,25 @@ def test_bad_inputs_name_the_argument():
         aj.attention(x, x, x, bias=RelativeEmbedding(jnp.zeros((5, 3, 8))))
     with pytest.raises(ValueError, match="depends on the queries"):
         RelativeEmbedding(jnp.zeros((5, 1, 8))).tile(jnp.arange(2), jnp.arange(2), 2, 2)
+
+
+@pytest.mark.parametrize("impl", ["direct", "split_k"])
+def test_decode_one_row_per_batch_equals_full_forward_last_row(impl):
+    """Rows of different lengths (12 and 9 of a 16-slot cache): the decoded query at each row's last
+    position equals the full causal forward's row there (split-K: key chunks at offsets 0, 6, 12)."""
+    from attn_jax.softmax.decode import decode_attention
+    q, k, v = tk.random_qkv_compiled(jax.random.key(9), B=2, T=16, S=16, H=4, K=2, Dk=8)
+    e = _table(jax.random.key(10), 8, 4, 8)
+    lengths = jnp.array([12, 9], jnp.int32)
+
+    def run(q, k, v, e):
+        bias = RelativeEmbedding(e, causal=True)
+        qd = jnp.stack([q[0, 11], q[1, 8]])[:, None]                       # [B, 1, H, Dk]
+        kw = dict(num_splits=3) if impl == "split_k" else {}
+        got = decode_attention(qd, k, v, lengths=lengths, bias=bias, impl=impl, **kw)[:, 0]
+        full12 = aj.attention(q[:, :12], k[:, :12], v[:, :12], bias=bias, mask=masks.causal(), impl="reference")
+        full9 = aj.attention(q[:, :9], k[:, :9], v[:, :9], bias=bias, mask=masks.causal(), impl="reference")
+        return got, jnp.stack([full12[0, 11], full9[1, 8]])
+
+    got, want = tk.compiled(run, q, k, v, e)
+    tk.assert_close(got, want, name=f"decode ({impl}) vs full forward")
