@@ -137,11 +137,22 @@ class RelativeEmbedding(QueryDependentBias):
     Args:
       table: ``[N, H|1, Dk]``: ``N = 2R + 1`` (``causal=False``) or ``R + 1`` (``causal=True``).
       causal: the row convention (module docstring); does not mask by itself.
+      scalar: optional ``[N, H|1]`` per-distance logits added as they are (not scaled): the
+        ``b[r]`` term of Transformer-XL-style scores (RCMHA); skewed with the ``q · E`` window.
     """
 
-    def __init__(self, table: Float[ArrayLike, "N Hr Dk"], *, causal: bool = False):
+    def __init__(self, table: Float[ArrayLike, "N Hr Dk"], *, causal: bool = False,
+                 scalar: Float[ArrayLike, "N Hs"] | None = None):
         table = _check_table(table, causal)
+        if scalar is not None:
+            if not hasattr(scalar, "shape"):
+                scalar = np.asarray(scalar, dtype=np.float32)
+            if scalar.ndim != 2 or scalar.shape[0] != table.shape[0] or scalar.shape[1] not in (1, table.shape[1]):
+                raise ValueError(f"scalar: expected shape [N={table.shape[0]}, {table.shape[1]} or 1], got "
+                                 f"{tuple(scalar.shape)}")
+            scalar = jnp.asarray(scalar)
         self.table = jnp.asarray(table)
+        self.scalar = scalar
         self.causal = causal
         self.num_heads = None if table.shape[1] == 1 else int(table.shape[1])
 
@@ -179,7 +190,15 @@ class RelativeEmbedding(QueryDependentBias):
             x = jnp.take(qe, rows, axis=-1)
         else:           # only the window's rows of E
             x = jnp.einsum("bkgqd,lkgd->bkgql", q, jnp.take(e, rows, axis=0), precision=prec)
+        if self.scalar is not None:
+            x = x + self._scalar5(q.shape[1], q.shape[2], q.dtype)[..., rows]
         return skew(x, tk)
+
+    def _scalar5(self, K: int, G: int, dtype):
+        """``scalar`` as ``[1, K|1, G|1, 1, N]``."""
+        n, h = self.scalar.shape
+        s = self.scalar.astype(dtype).T
+        return s.reshape(1, 1, 1, 1, n) if h == 1 else s.reshape(1, K, G, 1, n)
 
     def materialize_q(self, q: Float[Array, "B K G T Dk"], T: int, S: int) -> Float[Array, "B K G T S"]:
         """The whole bias by the gathered form (independent of the skew; references and tests)."""
@@ -187,18 +206,21 @@ class RelativeEmbedding(QueryDependentBias):
         B, K, G = q.shape[:3]
         q4 = q.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, q.shape[-1])
         out = relative_logits_gathered(q4, self.table.astype(q.dtype), S=S, causal=self.causal)
+        if self.scalar is not None:
+            rows = relative_rows(relative_distances(T, S), self.table.shape[0], causal=self.causal)
+            out = out + jnp.moveaxis(self.scalar.astype(q.dtype)[rows], -1, 0)          # [H|1, T, S]
         return out.reshape(B, K, G, T, S)
 
     def parameters(self):
-        return (self.table,)
+        return (self.table,) if self.scalar is None else (self.table, self.scalar)
 
     def tree_flatten(self):
-        return (self.table,), (self.causal,)
+        return (self.table, self.scalar), (self.causal,)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        obj.table, = children
+        obj.table, obj.scalar = children
         obj.causal, = aux
         shape = getattr(obj.table, "shape", None)
         obj.num_heads = None if shape is None or len(shape) != 3 or shape[1] == 1 else int(shape[1])

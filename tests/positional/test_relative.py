@@ -190,3 +190,16 @@ def test_decode_one_row_per_batch_equals_full_forward_last_row(impl):
 
     got, want = tk.compiled(run, q, k, v, e)
     tk.assert_close(got, want, name=f"decode ({impl}) vs full forward")
+
+
+def test_per_distance_scalar_on_xla_equals_reference_values_and_grads():
+    """RelativeEmbedding(E, scalar=b): the skewed per-tile window (xla, 3 x 4 tiles) vs the reference's
+    gathered materialisation, with gradients to b as well."""
+    q, k, v = tk.random_qkv_compiled(jax.random.key(11), B=1, T=9, S=12, H=2, K=1, Dk=8)
+    e = _table(jax.random.key(12), 7, 2, 8)
+    b = jax.random.normal(jax.random.key(13), (7, 2))
+    fast = lambda q, k, v, e, b: attention_blockwise(  # noqa: E731
+        q, k, v, bias=RelativeEmbedding(e, scalar=b), block_q=3, block_k=4)
+    ref = lambda q, k, v, e, b: aj.attention(q, k, v, bias=RelativeEmbedding(e, scalar=b),  # noqa: E731
+                                             impl="reference")
+    tk.check_vjp_parity(fast, ref, (q, k, v, e, b), ("q", "k", "v", "E", "scalar"))
