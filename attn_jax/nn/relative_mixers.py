@@ -41,12 +41,13 @@ from attn_jax.core import masks
 from attn_jax.nn.attention import MultiHeadAttention
 from attn_jax.nn.layers import check_mixer_input, check_positive_int, default_kernel_init, param
 from attn_jax.nn.short_conv import causal_conv1d
+from attn_jax.positional.fire import FIRE
 from attn_jax.positional.relative import RelativeEmbedding
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.decode import prefill
 from attn_jax.softmax.kv_cache import KVCache
 
-__all__ = ["RelativeAttention", "RCMHA", "RCMHACache"]
+__all__ = ["RelativeAttention", "RCMHA", "RCMHACache", "FIREAttention"]
 
 
 class RelativeAttention(MultiHeadAttention):
@@ -69,6 +70,9 @@ class RelativeAttention(MultiHeadAttention):
             raise ValueError(f"positional: expected 'none' or 'rope' with relative embeddings, got {positional!r}")
         if kwargs.get("cross"):
             raise ValueError("cross: relative embeddings need queries and keys on one axis (self-attention only)")
+        if kwargs.get("monitor"):
+            raise ValueError("monitor: the logit statistics materialise position-only biases; relative embeddings "
+                             "depend on the queries (not supported)")
         super().__init__(d_model, num_heads, positional=positional, param_dtype=param_dtype, rngs=rngs, **kwargs)
         n = max_distance + 1 if self.causal else 2 * max_distance + 1
         self.max_distance = max_distance
@@ -185,6 +189,42 @@ class RCMHA(nnx.Module):
             cache = RCMHACache(kv, tuple(s.astype(c.dtype) for (_, s), c in zip(outs, cache.conv)))
         y = jnp.einsum("bthf,hfd->btd", o.astype(self.dtype), w(self.w_o))
         return y, cache
+
+
+class FIREAttention(MultiHeadAttention):
+    """Softmax attention with the FIRE bias (:mod:`attn_jax.positional.fire`); the ``"fire"`` registry entry.
+
+    Parameters: the MLP ``w1 [width]``, ``b1 [width]``, ``w2 [width, H]``, ``b2 [H]`` (LeCun-normal
+    weights, zero biases) and the scalars ``c`` (init 0.1) and ``L`` (init ``threshold``, 512 in the
+    paper), shared by the heads as in the paper.  No RoPE by default.  The normaliser
+    ``ψ(max(L, i))`` reads the query's position in the row: in a packed row a later document is
+    normalised by its row position, not its position in the document (identical while rows are
+    shorter than ``L``), so "segments" is not claimed.
+    """
+
+    SUPPORTED_FEATURES = frozenset({"mha", "gqa", "dk_ne_dv", "causal", "key_padding", "bf16"})
+
+    def __init__(self, d_model: int, num_heads: int, *, width: int = 32, threshold: float = 512.0,
+                 positional: str = "none", param_dtype=jnp.float32, rngs: nnx.Rngs, **kwargs):
+        check_positive_int("width", width)
+        if positional not in ("none", "rope"):
+            raise ValueError(f"positional: expected 'none' or 'rope' with FIRE, got {positional!r}")
+        if kwargs.get("cross"):
+            raise ValueError("cross: FIRE needs queries and keys on one axis (self-attention only)")
+        super().__init__(d_model, num_heads, positional=positional, param_dtype=param_dtype, rngs=rngs, **kwargs)
+        normal = nnx.initializers.normal(1.0)
+        self.fire_w1 = param(rngs, normal, (width,), (None,), param_dtype)
+        self.fire_b1 = param(None, nnx.initializers.zeros, (width,), (None,), param_dtype)
+        self.fire_w2 = param(rngs, nnx.initializers.normal(width ** -0.5), (width, num_heads), (None, "heads"),
+                             param_dtype)
+        self.fire_b2 = param(None, nnx.initializers.zeros, (num_heads,), ("heads",), param_dtype)
+        self.fire_c = param(None, nnx.initializers.constant(0.1), (), (), param_dtype)
+        self.fire_L = param(None, nnx.initializers.constant(float(threshold)), (), (), param_dtype)
+
+    def _bias(self):
+        """The FIRE bias from this layer's parameters (the parent's hook for ALiBi / T5)."""
+        return FIRE(*(p[...].astype(jnp.float32) for p in (self.fire_w1, self.fire_b1, self.fire_w2, self.fire_b2,
+                                                             self.fire_c, self.fire_L)))
 
 
 # ----------------------------------------------------------------------------- declaration
