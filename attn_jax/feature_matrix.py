@@ -49,6 +49,7 @@ def _attention_rows() -> list[tuple[str, str, dict]]:
     """(row title, feature key used by mixers, attention problem)."""
     from attn_jax import masks
     from attn_jax.positional import ALiBi, LowRankBias, T5RelativeBias, alibi_slopes
+    from attn_jax.positional.fire import init_fire
     from attn_jax.positional.relative import RelativeEmbedding
 
     B, T, H, D = 2, 64, 4, 64
@@ -70,6 +71,7 @@ def _attention_rows() -> list[tuple[str, str, dict]]:
         ("T5 relative bias (per tile, learned)", "t5", dict(bias=T5RelativeBias(jnp.zeros((32, H))))),
         ("Relative embeddings q·E (Shaw / Music Transformer, skewed per tile)", "relative",
          dict(bias=RelativeEmbedding(jnp.zeros((15, H, D))))),
+        ("FIRE (learned functional relative bias, per tile)", "fire", dict(bias=init_fire(jax.random.key(0), H))),
         ("Low-rank bias folded into q/k (FlashBias)", "low_rank_bias",
          dict(bias=LowRankBias(_sds(1, T, H, 2), _sds(1, T, 1, 2)))),
         ("Logit softcap", "softcap", dict(softcap=30.0)),
