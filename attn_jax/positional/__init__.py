@@ -1,4 +1,5 @@
-"""Positional schemes: rotary (RoPE, xPos), additive biases (ALiBi, T5, low-rank factors) and absolute embeddings.
+"""Positional schemes: rotary (RoPE, xPos), additive biases (ALiBi, T5, FIRE, low-rank factors, relative
+embeddings q·E) and absolute embeddings.
 
 Rotary schemes transform queries and keys ``[B, T, H, D]`` before attention; additive biases are
 :class:`attn_jax.core.bias.StructuredBias` pytrees passed as ``bias=`` to attention; absolute
@@ -11,8 +12,10 @@ from attn_jax.positional.absolute import (
     sinusoidal_embedding,
 )
 from attn_jax.positional.alibi import ALiBi, alibi, alibi_slopes
+from attn_jax.positional.fire import FIRE, init_fire
 from attn_jax.positional.low_rank import LowRankBias, alibi_factors, low_rank_bias, low_rank_factors
 from attn_jax.positional.rope import RopeScaling, apply_rope, rope_frequencies, yarn_attention_factor
+from attn_jax.positional.relative import RelativeEmbedding, relative_attention
 from attn_jax.positional.t5 import T5RelativeBias, relative_position_bucket
 from attn_jax.positional.xpos import apply_xpos
 
@@ -30,6 +33,10 @@ __all__ = [
     "alibi_factors",
     "relative_position_bucket",
     "T5RelativeBias",
+    "RelativeEmbedding",
+    "relative_attention",
+    "FIRE",
+    "init_fire",
     "sinusoidal_embedding",
     "learned_absolute_embedding",
     "init_learned_absolute",
