@@ -87,8 +87,9 @@ def run(seq_lens, repeats: int, budget_bytes: int) -> dict:
                 if mem["temp_bytes"] + mem["argument_bytes"] <= budget_bytes:
                     runnable[name] = (jax.jit(fn), args, row)
                 else:
-                    row["skipped"] = (f"compiled temp + arguments {common.fmt_bytes(mem['temp_bytes'] + mem['argument_bytes'])}"
-                                      f" exceed the run budget {common.fmt_bytes(budget_bytes)}")
+                    need = common.fmt_bytes(mem["temp_bytes"] + mem["argument_bytes"])
+                    row["skipped"] = (f"compiled temp + arguments {need} exceed the run budget "
+                                      f"{common.fmt_bytes(budget_bytes)}")
                 rows.append(row)
             for name, (fn, args, row) in runnable.items():
                 row.update(_time(fn, args, repeats))

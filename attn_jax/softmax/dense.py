@@ -2,8 +2,8 @@
 
 "Attention Is All You Need", Vaswani et al., 2017, arXiv:1706.03762; the function computed is
 exactly that of :mod:`attn_jax.softmax.reference` (GQA by grouping, masks, dense, structured or
-query-dependent bias (its ``q`` gradient added to ``dQ``), softcap before bias, learned sinks, dropout, ``return_lse``).  For a small ``T x S`` the
-tiled online softmax of :mod:`attn_jax.softmax.xla` pays for its loop and its rescaling; here the
+query-dependent bias (its ``q`` gradient added to ``dQ``), softcap before bias, learned sinks, dropout,
+``return_lse``).  For a small ``T x S`` the tiled online softmax of :mod:`attn_jax.softmax.xla` pays for its loop and its rescaling; here the
 whole score block ``[B, K, G, T, S]`` is formed at once, in float32 (float64 for float64 inputs)::
 
     S   = softcap(scale * Q K^T) + bias,  -inf where masked

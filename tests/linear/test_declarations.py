@@ -34,8 +34,8 @@ def test_positional_rows_are_the_positional_declarations():
     rows = {title for title, _, _ in feature_matrix.positional_rows()}
     # ALiBi, T5, low-rank factors, relative embeddings and FIRE are biases: rows of the attention matrix, not of the
     # positional block
-    declared = {d.title for d in declaration.declarations("positional") if d.name not in ("alibi", "t5", "low_rank_bias",
-                                                                                         "relative", "fire")}
+    biases = ("alibi", "t5", "low_rank_bias", "relative", "fire")
+    declared = {d.title for d in declaration.declarations("positional") if d.name not in biases}
     assert rows == declared and len(rows) == 3
 
 
