@@ -46,9 +46,9 @@ def test_skew_moves_row_a_left_by_tq_minus_1_minus_a():
     np.testing.assert_array_equal(np.asarray(skew(jnp.asarray(x), tk_)), want)
 
 
-@pytest.mark.parametrize("causal,N,T,S", [(False, 5, 9, 9), (False, 41, 7, 12), (True, 9, 9, 9), (True, 4, 6, 11)])
+@pytest.mark.parametrize("causal,N,T,S", [(False, 5, 7, 12), (True, 11, 6, 11)])
 def test_skewed_equals_gathered_values_and_grads_float64(causal, N, T, S):
-    """N = 5 / 4 clip (Shaw); N = 41 > T + S covers every distance; N = T = 9 is Music Transformer's table."""
+    """N = 5 clips at R = 2 (Shaw); N = S = 11 gives every causal distance its row (Music Transformer)."""
     with tk.float64():
         args = _inputs64(0, T=T, S=S, H=3, K=3, D=6, N=N, He=3)
         f = lambda form: lambda *a: relative_attention_reference(*a, causal=causal, form=form)  # noqa: E731
