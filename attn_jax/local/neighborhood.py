@@ -1,0 +1,514 @@
+"""Neighborhood attention (NA) on 1-, 2- and 3-D token grids: dilation, stride, per-axis causal.
+
+Papers: Hassani, Walton, Li, Li & Shi, "Neighborhood Attention Transformer", 2022,
+arXiv:2204.07143 (NA); Hassani & Shi, "Dilated Neighborhood Attention Transformer", 2022,
+arXiv:2209.15001 (dilation); Hassani et al., "Faster Neighborhood Attention", 2024,
+arXiv:2403.04690 (causal NA, the GEMM / fused forms); "Generalized Neighborhood Attention", 2025,
+arXiv:2504.16922 (stride).  Query ``x`` of a grid ``[n_1, ..., n_d]`` attends, with exact softmax,
+to the keys of its window ``N(x)``, a product of per-axis windows::
+
+    o_x = Σ_{y ∈ N(x)} softmax_y(scale q_x · k_y) v_y,   N(x) = W_1(x_1) × ... × W_d(x_d)
+
+The per-axis window rule is NATTEN's, checked against the source of SHI-Labs/NATTEN (the mask of
+its Flex backend, ``src/natten/backends/flex.py``, and the argument checks of
+``src/natten/utils/checks.py``; notes in ``shared/reference/anchors.md``).  On an axis of length
+``n`` with kernel ``k``, dilation ``δ`` and stride ``s``:
+
+* dilation: the axis splits into ``δ`` interleaved groups (residues ``r = x mod δ``); a query only
+  sees keys of its own group, and everything below is in group coordinates ``i = x // δ``
+  on a group of length ``n_r = ceil((n - r) / δ)``;
+* stride: queries ``i`` with the same ``i // s`` share the window of their group *leader*;
+* non-causal: the leader is the centre-most member, ``min((i // s) s + s // 2, n_r - 1)``; with
+  ``left = k // 2``, ``right = k // 2 + k % 2 - 1`` (even ``k``: one fewer on the right) the
+  window centre is ``clamp(leader, left, n_r - 1 - right)`` and the window is
+  ``[centre - left, centre + right]``: at borders the window is *shifted*, never truncated, so
+  every query sees exactly ``k`` keys per axis (``prod(k)`` in all);
+* causal: the leader is the last member, ``min((i // s) s + s - 1, n_r - 1)``, and key ``j`` is
+  visible iff ``j <= i`` and ``leader - j < k`` (near the start a query sees fewer than ``k``).
+
+Constraints, as NATTEN: ``k * δ <= n`` per axis (so ``n_r >= k``), ``1 <= s <= k``.  Even kernels
+are allowed with and without causal masking (NATTEN's causal rule does not need a centre).
+Deviation from NATTEN: kernel size 1 is accepted (NATTEN asks for >= 2); it is well defined.
+
+Forms (``impl``):
+
+* ``"reference"``: :func:`neighborhood_mask` (``bool[N, N]`` over raster-flattened tokens) and
+  a dense softmax -- the spec the tests trust (quadratic memory).
+* ``"gather"`` (auto): per axis a NumPy table of the ``k`` key indices of every position
+  (``[n, k]``, plus validity for causal); keys and values are gathered axis by axis into
+  ``[B, *grid, *kernel, K, D]`` and the softmax runs over ``prod(k)`` keys per query.  Work and
+  memory are ``N · prod(k)``, the FLOP-sparsity bound; autodiff (the gathers transpose to
+  scatter-adds) gives the gradients.
+* ``"tiled"``: a :class:`NeighborhoodMask` on the flattened tokens through the tiled XLA path of
+  exact attention (:func:`attn_jax.softmax.xla.attention_blockwise`), whose tile schedule skips
+  the EMPTY tiles (classification computed exactly in NumPy at trace time) and whose custom VJP
+  keeps memory linear.  Tokens are reordered so a tile is a compact spatial block (8 x 8 in 2-D,
+  4 x 4 x 4 in 3-D, when the grid divides; raster order otherwise) and put back afterwards.
+
+Which wins: on CPU the gather form (see ``benchmarks/local.py`` and ``results/bench/local.json``);
+the tiled form still computes whole tiles around each window (a ``k = 7`` window over 8 x 8
+query tiles touches up to 3 x 3 key tiles), so it pays about ``9 · 64 / 49`` x the needed
+work, but it is the route to the flash / Pallas kernels (block lists + in-tile predicate).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float
+
+from attn_jax.core import masks as M
+from attn_jax.core import validation as V
+from attn_jax.core.array_types import ArrayLike
+from attn_jax.core.dispatch import Registry, register_explainer
+from attn_jax.softmax.xla import attention_blockwise
+
+__all__ = ["neighborhood", "neighborhood_reference", "neighborhood_mask", "NeighborhoodSpec", "NeighborhoodMask",
+           "neighborhood_spec", "axis_windows", "NEIGHBORHOOD"]
+
+NEIGHBORHOOD = Registry("local.neighborhood")
+
+
+# ----------------------------------------------------------------------------- the window rule
+
+
+@functools.lru_cache(maxsize=256)
+def axis_windows(n: int, kernel: int, dilation: int = 1, stride: int = 1, causal: bool = False):
+    """NATTEN's window rule on one axis (module docstring), as NumPy tables.
+
+    Returns ``(keys int32[n, kernel], valid bool[n, kernel], lo int32[n], hi int32[n])``: the
+    key indices (original coordinates) of every query's window, whether each is visible
+    (always true without causal masking), and the inclusive window bounds in *group*
+    coordinates (``x // dilation``) used by the predicate.  Arguments are assumed validated.
+    """
+    x = np.arange(n)
+    r = x % dilation
+    i = x // dilation
+    n_r = (n - r + dilation - 1) // dilation
+    t = np.arange(kernel)
+    if causal:
+        leader = np.minimum((i // stride) * stride + stride - 1, n_r - 1)
+        lo = leader - kernel + 1
+        hi = i
+        kg = lo[:, None] + t[None, :]
+        valid = (kg >= 0) & (kg <= hi[:, None])
+        lo = np.maximum(lo, 0)
+    else:
+        left, right = kernel // 2, kernel // 2 + kernel % 2 - 1
+        leader = np.minimum((i // stride) * stride + stride // 2, n_r - 1)
+        centre = np.clip(leader, left, n_r - 1 - right)
+        lo, hi = centre - left, centre + right
+        kg = lo[:, None] + t[None, :]
+        valid = np.ones((n, kernel), bool)
+    keys = np.where(valid, kg, 0) * dilation + r[:, None]
+    keys = np.where(valid, keys, x[:, None])   # invalid slots point at the query itself (masked anyway)
+    for a in (keys, valid, lo, hi):
+        a.flags.writeable = False
+    return keys.astype(np.int32), valid, lo.astype(np.int32), hi.astype(np.int32)
+
+
+@dataclass(frozen=True)
+class NeighborhoodSpec:
+    """Validated static configuration: per-axis tuples of the grid and the NA parameters."""
+
+    spatial: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    causal: tuple[bool, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def window(self) -> int:
+        return math.prod(self.kernel_size)
+
+    def axis(self, a: int):
+        """:func:`axis_windows` of axis ``a``."""
+        return axis_windows(self.spatial[a], self.kernel_size[a], self.dilation[a], self.stride[a], self.causal[a])
+
+
+def _per_axis(name: str, value, d: int, *, kind=int) -> tuple:
+    if kind is bool:
+        ok = lambda x: isinstance(x, (bool, np.bool_))  # noqa: E731
+        what = "a bool"
+    else:
+        ok = M.is_concrete_int
+        what = "an int"
+    if ok(value):
+        return (kind(value),) * d
+    if isinstance(value, (tuple, list)) and all(ok(x) for x in value):
+        if len(value) != d:
+            raise ValueError(f"{name}: expected {what} or a tuple of {d} (one per spatial axis), "
+                             f"got {tuple(value)} of length {len(value)}")
+        return tuple(kind(x) for x in value)
+    raise TypeError(f"{name}: expected {what} or a tuple of {d} (one per spatial axis), got {value!r}")
+
+
+def neighborhood_spec(spatial, kernel_size, dilation=1, stride=1, causal=False) -> NeighborhoodSpec:
+    """Validate NA parameters for a grid ``spatial`` (1 to 3 axes); ints broadcast to every axis."""
+    spatial = tuple(int(n) for n in spatial)
+    d = len(spatial)
+    if not 1 <= d <= 3:
+        raise ValueError(f"q: expected 1, 2 or 3 spatial axes ([B, *spatial, H, D], rank 4 to 6), got {d} "
+                         f"spatial axes {spatial}")
+    ks = _per_axis("kernel_size", kernel_size, d)
+    dil = _per_axis("dilation", dilation, d)
+    st = _per_axis("stride", stride, d)
+    ca = _per_axis("causal", causal, d, kind=bool)
+    for a in range(d):
+        if ks[a] < 1:
+            raise ValueError(f"kernel_size: expected >= 1 on every axis, got {ks}")
+        if dil[a] < 1:
+            raise ValueError(f"dilation: expected >= 1 on every axis, got {dil}")
+        if st[a] < 1:
+            raise ValueError(f"stride: expected >= 1 on every axis, got {st}")
+        if ks[a] > spatial[a]:
+            raise ValueError(f"kernel_size: expected <= the grid size on every axis, got kernel_size {ks} "
+                             f"for spatial shape {spatial} (axis {a}: {ks[a]} > {spatial[a]})")
+        if ks[a] * dil[a] > spatial[a]:
+            raise ValueError(f"dilation: expected kernel_size * dilation <= the grid size on every axis, got "
+                             f"kernel_size {ks} * dilation {dil} for spatial shape {spatial} "
+                             f"(axis {a}: {ks[a] * dil[a]} > {spatial[a]})")
+        if st[a] > ks[a]:
+            raise ValueError(f"stride: expected <= kernel_size on every axis, got stride {st} with kernel_size {ks}")
+    return NeighborhoodSpec(spatial, ks, dil, st, ca)
+
+
+def _axis_mask(spec: NeighborhoodSpec, a: int) -> np.ndarray:
+    keys, valid, _, _ = spec.axis(a)
+    n = spec.spatial[a]
+    m = np.zeros((n, n), bool)
+    rows = np.broadcast_to(np.arange(n)[:, None], keys.shape)
+    m[rows[valid], keys[valid]] = True
+    return m
+
+
+def neighborhood_mask(spatial, kernel_size, dilation=1, stride=1, causal=False) -> Bool[np.ndarray, "N N"]:
+    """The NA visibility ``bool[N, N]`` (NumPy) over raster-flattened tokens, ``N = prod(spatial)``.
+
+    Entry ``[x, y]`` says whether query ``x`` sees key ``y`` (the product of the per-axis windows of
+    :func:`axis_windows`).  Quadratic: for references and tests.
+    """
+    spec = neighborhood_spec(spatial, kernel_size, dilation, stride, causal)
+    m = np.ones((1, 1), bool)
+    for a in range(spec.ndim):
+        ma = _axis_mask(spec, a)
+        n = ma.shape[0]
+        m = (m[:, None, :, None] & ma[None, :, None, :]).reshape(m.shape[0] * n, m.shape[1] * n)
+    return m
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _validate(q, k, v, kernel_size, dilation, stride, causal, scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        V.check_float_array(name, x)
+    qs, ks, vs = jnp.shape(q), jnp.shape(k), jnp.shape(v)
+    if not 4 <= len(qs) <= 6:
+        raise ValueError(f"q: expected rank 4, 5 or 6 [B, *spatial, H, D] (1-, 2- or 3-D grid), got rank {len(qs)} "
+                         f"with shape {V.shape_str(q)}")
+    for name, s in (("k", ks), ("v", vs)):
+        if len(s) != len(qs):
+            raise ValueError(f"{name}: expected rank {len(qs)} like q ([B, *spatial, K, D]), got shape {s}")
+        if s[:-2] != qs[:-2]:
+            raise ValueError(f"{name}: expected batch and grid {qs[:-2]} like q, got shape {s}")
+    H, K = qs[-2], ks[-2]
+    if vs[-2] != K:
+        raise ValueError(f"v: expected {K} heads like k, got shape {vs}")
+    if K < 1 or H % K:
+        raise ValueError(f"k: expected a head count dividing q's {H} heads (GQA), got {K} (shape {ks})")
+    if ks[-1] != qs[-1]:
+        raise ValueError(f"k: expected head_dim {qs[-1]} like q, got shape {ks}")
+    if jnp.result_type(q) != jnp.result_type(k) or jnp.result_type(q) != jnp.result_type(v):
+        raise TypeError(f"k, v: expected q's dtype {jnp.result_type(q)}, got {jnp.result_type(k)} and "
+                        f"{jnp.result_type(v)}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    return neighborhood_spec(qs[1:-2], kernel_size, dilation, stride, causal)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    spec: NeighborhoodSpec
+    scale: float
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _group(q, K):
+    """``[B, N, H, D] -> [B, N, K, G, D]`` (query heads grouped by their key/value head)."""
+    B, N, H, D = q.shape
+    return q.reshape(B, N, K, H // K, D)
+
+
+def _softmax_out(s, v_of, dtype):
+    """Safe softmax over the last axis of fp32 logits (-inf = hidden); ``v_of(p)`` contracts."""
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    l = e.sum(axis=-1, keepdims=True)
+    p = e / jnp.where(l > 0, l, 1.0)
+    return v_of(p).astype(dtype)
+
+
+def _reference(p: _Problem, q, k, v):
+    spec = p.spec
+    B, H, Dv, K = q.shape[0], q.shape[-2], v.shape[-1], k.shape[-2]
+    N = spec.tokens
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    qf = _group(q.reshape(B, N, H, -1), K)
+    kf, vf = k.reshape(B, N, K, -1), v.reshape(B, N, K, Dv)
+    mask = jnp.asarray(neighborhood_mask(spec.spatial, spec.kernel_size, spec.dilation, spec.stride, spec.causal))
+    s = jnp.einsum("bnkgd,bmkd->bkgnm", qf, kf, preferred_element_type=acc) * p.scale
+    s = jnp.where(mask, s, -jnp.inf)
+    o = _softmax_out(s, lambda pr: jnp.einsum("bkgnm,bmkd->bnkgd", pr, vf.astype(acc)), q.dtype)
+    return o.reshape(q.shape[:-1] + (Dv,))
+
+
+def neighborhood_reference(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B *spatial K Dk"],
+                           v: Float[ArrayLike, "B *spatial K Dv"], kernel_size, *, dilation=1, stride=1,
+                           causal=False, scale: float | None = None) -> Float[Array, "B *spatial H Dv"]:
+    """Materialised NA: :func:`neighborhood_mask` and a dense softmax (the spec; quadratic memory)."""
+    return neighborhood(q, k, v, kernel_size, dilation=dilation, stride=stride, causal=causal, scale=scale,
+                        impl="reference")
+
+
+# ----------------------------------------------------------------------------- gather form
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_tables(spec: NeighborhoodSpec):
+    """Per axis the key table ``[n, k]``; the joint validity ``bool[N, W]`` (None if all valid)."""
+    keys = tuple(spec.axis(a)[0] for a in range(spec.ndim))
+    if not any(spec.causal):
+        return keys, None
+    valid = np.ones((1, 1), bool)
+    for a in range(spec.ndim):
+        va = spec.axis(a)[1]
+        n, kk = va.shape
+        valid = (valid[:, None, :, None] & va[None, :, None, :]).reshape(valid.shape[0] * n, valid.shape[1] * kk)
+    return keys, valid
+
+
+def _gather_windows(x, spec: NeighborhoodSpec, keys):
+    """``[B, *grid, K, D] -> [B, N, W, K, D]``: every query's window, gathered axis by axis."""
+    d = spec.ndim
+    for a in range(d):
+        # after a axes: [B, n_0, k_0, ..., n_{a-1}, k_{a-1}, n_a, ..., K, D]; axis a sits at 1 + 2a
+        x = jnp.take(x, jnp.asarray(keys[a]), axis=1 + 2 * a)
+    B, Kh, D = x.shape[0], x.shape[-2], x.shape[-1]
+    perm = (0, *range(1, 1 + 2 * d, 2), *range(2, 2 + 2 * d, 2), 1 + 2 * d, 2 + 2 * d)
+    return x.transpose(perm).reshape(B, spec.tokens, spec.window, Kh, D)
+
+
+def _gather(p: _Problem, q, k, v):
+    spec = p.spec
+    keys, valid = _gather_tables(spec)
+    B, H, Dv, K = q.shape[0], q.shape[-2], v.shape[-1], k.shape[-2]
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    qf = _group(q.reshape(B, spec.tokens, H, -1), K)
+    kw = _gather_windows(k, spec, keys)                     # [B, N, W, K, Dk]
+    vw = _gather_windows(v, spec, keys)                     # [B, N, W, K, Dv]
+    s = jnp.einsum("bnkgd,bnwkd->bnkgw", qf, kw, preferred_element_type=acc) * p.scale
+    if valid is not None:
+        s = jnp.where(jnp.asarray(valid)[None, :, None, None, :], s, -jnp.inf)
+    o = _softmax_out(s, lambda pr: jnp.einsum("bnkgw,bnwkd->bnkgd", pr.astype(vw.dtype), vw,
+                                              preferred_element_type=acc), q.dtype)
+    return o.reshape(q.shape[:-1] + (Dv,))
+
+
+# ----------------------------------------------------------------------------- tiled form (mask)
+
+#: Tokens per tile of the tiled form, and the spatial tile shape per grid rank.
+TILE_SHAPES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
+
+
+def tile_shape(spatial: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The spatial block a tile of the tiled form covers, or None (raster order) when the grid
+    does not divide into :data:`TILE_SHAPES`' block."""
+    t = TILE_SHAPES[len(spatial)]
+    if len(spatial) == 1 or any(n % b for n, b in zip(spatial, t)):
+        return None
+    return t
+
+
+@functools.lru_cache(maxsize=64)
+def _order(spatial: tuple[int, ...], block: tuple[int, ...] | None) -> np.ndarray:
+    """``int32[N]``: the raster index of the token at each position of the (blocked) order."""
+    N = math.prod(spatial)
+    raster = np.arange(N).reshape(spatial)
+    if block is None:
+        return raster.reshape(N).astype(np.int32)
+    d = len(spatial)
+    shape = sum(((n // b, b) for n, b in zip(spatial, block)), ())
+    perm = (*range(0, 2 * d, 2), *range(1, 2 * d, 2))
+    out = raster.reshape(shape).transpose(perm).reshape(N).astype(np.int32)
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _coordinate_tables(spec: NeighborhoodSpec, block):
+    """Per position of the order: per axis (residue, group coordinate, window lo, window hi)."""
+    order = _order(spec.spatial, block)
+    coords = np.unravel_index(order, spec.spatial)
+    out = []
+    for a in range(spec.ndim):
+        x = coords[a]
+        _, _, lo, hi = spec.axis(a)
+        out.append(np.stack([x % spec.dilation[a], x // spec.dilation[a], lo[x], hi[x]]).astype(np.int32))
+    return np.stack(out)   # [d, 4, N]
+
+
+def _visible_np(spec, tables, qi, kj):
+    vis = np.ones((len(qi), len(kj)), bool)
+    for a in range(spec.ndim):
+        r, g, lo, hi = tables[a]
+        vis &= (r[qi][:, None] == r[kj][None, :]) & (lo[qi][:, None] <= g[kj][None, :]) & (
+            g[kj][None, :] <= hi[qi][:, None])
+    return vis
+
+
+@dataclass(frozen=True)
+class NeighborhoodMask(M.Mask):
+    """NA as an :mod:`attn_jax.masks` mask over flattened tokens (self-attention, ``T = S = N``).
+
+    Tokens are in raster order, or in blocked order when ``block`` is a spatial tile shape (the
+    order of :func:`tile_shape`: tiles of ``prod(block)`` tokens are compact spatial blocks).
+    ``classify`` is exact (computed in NumPy at trace time, one query block at a time: no
+    ``N x N`` array); ``predicate`` evaluates the per-axis window bounds on traced indices.
+    """
+
+    spec: NeighborhoodSpec
+    block: tuple[int, ...] | None = None
+
+    is_static = True
+
+    def check(self, B, H, T, S):
+        N = self.spec.tokens
+        if T != N or S != N:
+            raise ValueError(f"mask: the neighborhood mask of grid {self.spec.spatial} needs T = S = {N}, "
+                             f"got T={T}, S={S}")
+
+    def predicate(self, q_idx, k_idx, T, S):
+        tab = jnp.asarray(_coordinate_tables(self.spec, self.block))
+        qi = jnp.clip(jnp.asarray(q_idx), 0, self.spec.tokens - 1)
+        kj = jnp.clip(jnp.asarray(k_idx), 0, self.spec.tokens - 1)
+        tq, tk = tab[:, :, qi], tab[:, :, kj]          # [d, 4, tq], [d, 4, tk]
+        vis = ((tq[:, 0, :, None] == tk[:, 0, None, :]) & (tq[:, 2, :, None] <= tk[:, 1, None, :])
+               & (tk[:, 1, None, :] <= tq[:, 3, :, None])).all(axis=0)
+        return vis[None, None]
+
+    def classify(self, T, S, bq, bk):
+        for name, b in (("bq", bq), ("bk", bk)):
+            if not M.is_concrete_int(b) or b <= 0:
+                raise ValueError(f"block size {name} must be a positive int, got {b!r}")
+        tables = _coordinate_tables(self.spec, self.block)
+        nq, nk = -(-T // bq), -(-S // bk)
+        cls = np.empty((nq, nk), np.int8)
+        kj = np.arange(S)
+        pad = nk * bk - S
+        for i in range(nq):
+            qi = np.arange(i * bq, min((i + 1) * bq, T))
+            vis = _visible_np(self.spec, tables, qi, kj)
+            vis_any = np.pad(vis, ((0, 0), (0, pad)), constant_values=False).reshape(len(qi), nk, bk).any(axis=(0, 2))
+            vis_all = np.pad(vis, ((0, 0), (0, pad)), constant_values=True).reshape(len(qi), nk, bk).all(axis=(0, 2))
+            cls[i] = np.where(~vis_any, M.EMPTY, np.where(vis_all, M.FULL, M.PARTIAL))
+        return cls[None, None]
+
+    def __repr__(self):
+        s = self.spec
+        return (f"neighborhood(spatial={s.spatial}, kernel_size={s.kernel_size}, dilation={s.dilation}, "
+                f"stride={s.stride}, causal={s.causal}, block={self.block})")
+
+
+jax.tree_util.register_static(NeighborhoodMask)
+
+
+def _to_order(x, spatial, block):
+    """``[B, *grid, H, D] -> [B, N, H, D]`` in the blocked order (raster when ``block`` is None)."""
+    B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
+    d = len(spatial)
+    if block is None:
+        return x.reshape(B, math.prod(spatial), H, D)
+    shape = (B, *sum(((n // b, b) for n, b in zip(spatial, block)), ()), H, D)
+    perm = (0, *range(1, 1 + 2 * d, 2), *range(2, 2 + 2 * d, 2), 1 + 2 * d, 2 + 2 * d)
+    return x.reshape(shape).transpose(perm).reshape(B, math.prod(spatial), H, D)
+
+
+def _from_order(x, spatial, block):
+    """Inverse of :func:`_to_order`."""
+    B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
+    d = len(spatial)
+    if block is None:
+        return x.reshape(B, *spatial, H, D)
+    blocks = tuple(n // b for n, b in zip(spatial, block))
+    x = x.reshape(B, *blocks, *block, H, D)
+    perm = (0, *sum(((1 + a, 1 + d + a) for a in range(d)), ()), 1 + 2 * d, 2 + 2 * d)
+    return x.transpose(perm).reshape(B, *spatial, H, D)
+
+
+def _tiled(p: _Problem, q, k, v):
+    spec = p.spec
+    block = tile_shape(spec.spatial)
+    mask = NeighborhoodMask(spec, block)
+    bs = math.prod(TILE_SHAPES[spec.ndim])
+    qo, ko, vo = (_to_order(x, spec.spatial, block) for x in (q, k, v))
+    o = attention_blockwise(qo, ko, vo, mask=mask, scale=p.scale, block_q=bs, block_k=bs)
+    return _from_order(o, spec.spatial, block)
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def _no_reasons(platform, p) -> list[str]:
+    return []
+
+
+def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B *spatial K Dk"],
+                 v: Float[ArrayLike, "B *spatial K Dv"], kernel_size, *, dilation=1, stride=1, causal=False,
+                 scale: float | None = None, impl="auto") -> Float[Array, "B *spatial H Dv"]:
+    """Neighborhood attention (module docstring) on a 1-, 2- or 3-D token grid.
+
+    Args:
+      q, k, v: ``[B, *spatial, H, Dk]``, ``[B, *spatial, K, Dk]``, ``[B, *spatial, K, Dv]`` with
+        1 to 3 spatial axes and ``H % K == 0`` (GQA by grouping).
+      kernel_size: window size per axis (an int for every axis, or a tuple), ``<= n`` per axis.
+      dilation: per-axis dilation (``kernel_size * dilation <= n``).
+      stride: per-axis stride (``<= kernel_size``): groups of ``stride`` queries share a window.
+      causal: per-axis causal masking (a bool or a tuple of bools).
+      scale: logit scale, default ``Dk ** -0.5``.
+      impl: ``"auto"`` (= ``"gather"``), ``"gather"``, ``"tiled"``, ``"reference"`` or a sequence.
+
+    Returns:
+      ``o [B, *spatial, H, Dv]`` in q's dtype (float32 accumulation).
+    """
+    spec = _validate(q, k, v, kernel_size, dilation, stride, causal, scale)
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    p = _Problem(spec, float(jnp.shape(q)[-1] ** -0.5 if scale is None else scale))
+    return NEIGHBORHOOD.call(impl, p, q, k, v)
+
+
+def _explain(q, k, v, kernel_size, *, dilation=1, stride=1, causal=False, scale=None, impl="auto", platform=None):
+    spec = _validate(q, k, v, kernel_size, dilation, stride, causal, scale)
+    return NEIGHBORHOOD.explain(impl, _Problem(spec, 1.0), platform)
+
+
+NEIGHBORHOOD.register("gather", _gather, _no_reasons)
+NEIGHBORHOOD.register("tiled", _tiled, _no_reasons)
+NEIGHBORHOOD.register("reference", _reference, _no_reasons, auto=False)
+register_explainer(neighborhood, _explain)
