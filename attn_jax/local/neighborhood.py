@@ -40,10 +40,12 @@ Forms (``impl``):
   memory are ``N · prod(k)``, the FLOP-sparsity bound; autodiff (the gathers transpose to
   scatter-adds) gives the gradients.
 * ``"tiled"``: a :class:`NeighborhoodMask` on the flattened tokens through the tiled XLA path of
-  exact attention (:func:`attn_jax.softmax.xla.attention_blockwise`), whose tile schedule skips
-  the EMPTY tiles (classification computed exactly in NumPy at trace time) and whose custom VJP
-  keeps memory linear.  Tokens are reordered so a tile is a compact spatial block (8 x 8 in 2-D,
-  4 x 4 x 4 in 3-D, when the grid divides; raster order otherwise) and put back afterwards.
+  exact attention (:func:`attn_jax.softmax.xla.attention_blockwise`, 64-token tiles), whose tile
+  schedule skips the EMPTY tiles (classification computed exactly in NumPy at trace time) and
+  whose custom VJP keeps memory linear.  Tokens may be reordered so a tile is a compact spatial
+  block (8 x 8 in 2-D, 4 x 4 x 4 in 3-D, when the grid divides) and put back afterwards;
+  :func:`tiled_order` keeps raster order instead when that leaves fewer tiles (it does for
+  small kernels: whole rows of keys match a window's rows).
 
 Which wins: on CPU the gather form (see ``benchmarks/local.py`` and ``results/bench/local.json``);
 the tiled form still computes whole tiles around each window (a ``k = 7`` window over 8 x 8
@@ -69,7 +71,7 @@ from attn_jax.core.dispatch import Registry, register_explainer
 from attn_jax.softmax.xla import attention_blockwise
 
 __all__ = ["neighborhood", "neighborhood_reference", "neighborhood_mask", "NeighborhoodSpec", "NeighborhoodMask",
-           "neighborhood_spec", "axis_windows", "NEIGHBORHOOD"]
+           "neighborhood_spec", "axis_windows", "tile_shape", "token_order", "tiled_order", "NEIGHBORHOOD"]
 
 NEIGHBORHOOD = Registry("local.neighborhood")
 
@@ -347,7 +349,7 @@ def tile_shape(spatial: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _order(spatial: tuple[int, ...], block: tuple[int, ...] | None) -> np.ndarray:
+def token_order(spatial: tuple[int, ...], block: tuple[int, ...] | None) -> np.ndarray:
     """``int32[N]``: the raster index of the token at each position of the (blocked) order."""
     N = math.prod(spatial)
     raster = np.arange(N).reshape(spatial)
@@ -364,7 +366,7 @@ def _order(spatial: tuple[int, ...], block: tuple[int, ...] | None) -> np.ndarra
 @functools.lru_cache(maxsize=64)
 def _coordinate_tables(spec: NeighborhoodSpec, block):
     """Per position of the order: per axis (residue, group coordinate, window lo, window hi)."""
-    order = _order(spec.spatial, block)
+    order = token_order(spec.spatial, block)
     coords = np.unravel_index(order, spec.spatial)
     out = []
     for a in range(spec.ndim):
@@ -381,6 +383,25 @@ def _visible_np(spec, tables, qi, kj):
         vis &= (r[qi][:, None] == r[kj][None, :]) & (lo[qi][:, None] <= g[kj][None, :]) & (
             g[kj][None, :] <= hi[qi][:, None])
     return vis
+
+
+@functools.lru_cache(maxsize=64)
+def _classify(spec: NeighborhoodSpec, block, bq: int, bk: int) -> np.ndarray:
+    """Exact ``int8[nq, nk]`` tile labels in the order of ``block``, one query block at a time."""
+    tables = _coordinate_tables(spec, block)
+    N = spec.tokens
+    nq, nk = -(-N // bq), -(-N // bk)
+    cls = np.empty((nq, nk), np.int8)
+    kj = np.arange(N)
+    pad = nk * bk - N
+    for i in range(nq):
+        qi = np.arange(i * bq, min((i + 1) * bq, N))
+        vis = _visible_np(spec, tables, qi, kj)
+        vis_any = np.pad(vis, ((0, 0), (0, pad)), constant_values=False).reshape(len(qi), nk, bk).any(axis=(0, 2))
+        vis_all = np.pad(vis, ((0, 0), (0, pad)), constant_values=True).reshape(len(qi), nk, bk).all(axis=(0, 2))
+        cls[i] = np.where(~vis_any, M.EMPTY, np.where(vis_all, M.FULL, M.PARTIAL))
+    cls.flags.writeable = False
+    return cls
 
 
 @dataclass(frozen=True)
@@ -417,18 +438,8 @@ class NeighborhoodMask(M.Mask):
         for name, b in (("bq", bq), ("bk", bk)):
             if not M.is_concrete_int(b) or b <= 0:
                 raise ValueError(f"block size {name} must be a positive int, got {b!r}")
-        tables = _coordinate_tables(self.spec, self.block)
-        nq, nk = -(-T // bq), -(-S // bk)
-        cls = np.empty((nq, nk), np.int8)
-        kj = np.arange(S)
-        pad = nk * bk - S
-        for i in range(nq):
-            qi = np.arange(i * bq, min((i + 1) * bq, T))
-            vis = _visible_np(self.spec, tables, qi, kj)
-            vis_any = np.pad(vis, ((0, 0), (0, pad)), constant_values=False).reshape(len(qi), nk, bk).any(axis=(0, 2))
-            vis_all = np.pad(vis, ((0, 0), (0, pad)), constant_values=True).reshape(len(qi), nk, bk).all(axis=(0, 2))
-            cls[i] = np.where(~vis_any, M.EMPTY, np.where(vis_all, M.FULL, M.PARTIAL))
-        return cls[None, None]
+        self.check(1, 1, T, S)
+        return _classify(self.spec, self.block, int(bq), int(bk))[None, None]
 
     def __repr__(self):
         s = self.spec
@@ -462,11 +473,27 @@ def _from_order(x, spatial, block):
     return x.transpose(perm).reshape(B, *spatial, H, D)
 
 
+def tiled_order(spec: NeighborhoodSpec) -> tuple[tuple[int, ...] | None, int]:
+    """``(block, tile tokens)`` of the tiled form: the token order (a spatial block shape, or None
+    for raster) whose exact tile labels leave the fewest non-EMPTY tiles.
+
+    Neither order wins everywhere (64 x 64 tokens, 64-token tiles: raster rows visit 448 tiles
+    for ``k = 7`` against 484 for 8 x 8 blocks, but 832 against 484 for ``k = 13``), so both are
+    counted at trace time (NumPy, cached) and the cheaper is taken.
+    """
+    bs = math.prod(TILE_SHAPES[spec.ndim])
+    best = None
+    for block in dict.fromkeys((None, tile_shape(spec.spatial))):
+        n = int((_classify(spec, block, bs, bs) != M.EMPTY).sum())
+        if best is None or n < best[0]:
+            best = (n, block)
+    return best[1], bs
+
+
 def _tiled(p: _Problem, q, k, v):
     spec = p.spec
-    block = tile_shape(spec.spatial)
+    block, bs = tiled_order(spec)
     mask = NeighborhoodMask(spec, block)
-    bs = math.prod(TILE_SHAPES[spec.ndim])
     qo, ko, vo = (_to_order(x, spec.spatial, block) for x in (q, k, v))
     o = attention_blockwise(qo, ko, vo, mask=mask, scale=p.scale, block_q=bs, block_k=bs)
     return _from_order(o, spec.spatial, block)
