@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from attn_jax.core import masks as M
 from attn_jax.core import validation as V
@@ -71,7 +71,7 @@ from attn_jax.core.dispatch import Registry, register_explainer
 from attn_jax.softmax.xla import attention_blockwise
 
 __all__ = ["neighborhood", "neighborhood_reference", "neighborhood_mask", "NeighborhoodSpec", "NeighborhoodMask",
-           "neighborhood_spec", "axis_windows", "tile_shape", "token_order", "tiled_order", "NEIGHBORHOOD"]
+           "neighborhood_spec", "axis_windows", "tile_shape", "token_order", "tiled_order", "window_rule", "NEIGHBORHOOD"]
 
 NEIGHBORHOOD = Registry("local.neighborhood")
 
@@ -79,9 +79,31 @@ NEIGHBORHOOD = Registry("local.neighborhood")
 # ----------------------------------------------------------------------------- the window rule
 
 
+def window_rule(x, n, kernel: int, dilation: int = 1, stride: int = 1, causal: bool = False, xp=np):
+    """NATTEN's window rule on one axis (module docstring) for positions ``x`` of an axis of
+    length ``n`` (``n`` may be an array broadcasting with ``x``: per-row lengths).
+
+    Returns ``(r, g, lo, hi)``: each position's dilation group ``r = x mod dilation``, its group
+    coordinate ``g = x // dilation`` and the inclusive bounds ``[lo, hi]`` of its window in group
+    coordinates (key ``y`` is visible iff ``y mod dilation == r`` and ``lo <= y // dilation <=
+    hi``).  Written once for NumPy (static tables) and ``jax.numpy`` (traced lengths).  When the
+    group is shorter than the kernel (only with per-row lengths) the window is the whole group.
+    """
+    r = x % dilation
+    i = x // dilation
+    n_r = (n - r + dilation - 1) // dilation
+    if causal:
+        leader = xp.minimum((i // stride) * stride + stride - 1, n_r - 1)
+        return r, i, xp.maximum(leader - kernel + 1, 0), i
+    left, right = kernel // 2, kernel // 2 + kernel % 2 - 1
+    leader = xp.minimum((i // stride) * stride + stride // 2, n_r - 1)
+    centre = xp.minimum(xp.maximum(leader, left), n_r - 1 - right)
+    return r, i, xp.maximum(centre - left, 0), xp.minimum(centre + right, n_r - 1)
+
+
 @functools.lru_cache(maxsize=256)
 def axis_windows(n: int, kernel: int, dilation: int = 1, stride: int = 1, causal: bool = False):
-    """NATTEN's window rule on one axis (module docstring), as NumPy tables.
+    """:func:`window_rule` on a whole axis as NumPy tables.
 
     Returns ``(keys int32[n, kernel], valid bool[n, kernel], lo int32[n], hi int32[n])``: the
     key indices (original coordinates) of every query's window, whether each is visible
@@ -89,29 +111,15 @@ def axis_windows(n: int, kernel: int, dilation: int = 1, stride: int = 1, causal
     coordinates (``x // dilation``) used by the predicate.  Arguments are assumed validated.
     """
     x = np.arange(n)
-    r = x % dilation
-    i = x // dilation
-    n_r = (n - r + dilation - 1) // dilation
-    t = np.arange(kernel)
-    if causal:
-        leader = np.minimum((i // stride) * stride + stride - 1, n_r - 1)
-        lo = leader - kernel + 1
-        hi = i
-        kg = lo[:, None] + t[None, :]
-        valid = (kg >= 0) & (kg <= hi[:, None])
-        lo = np.maximum(lo, 0)
-    else:
-        left, right = kernel // 2, kernel // 2 + kernel % 2 - 1
-        leader = np.minimum((i // stride) * stride + stride // 2, n_r - 1)
-        centre = np.clip(leader, left, n_r - 1 - right)
-        lo, hi = centre - left, centre + right
-        kg = lo[:, None] + t[None, :]
-        valid = np.ones((n, kernel), bool)
-    keys = np.where(valid, kg, 0) * dilation + r[:, None]
-    keys = np.where(valid, keys, x[:, None])   # invalid slots point at the query itself (masked anyway)
+    r, i, lo, hi = window_rule(x, n, kernel, dilation, stride, causal)
+    start = hi - kernel + 1 if causal else lo        # causal windows end at the query
+    kg = start[:, None] + np.arange(kernel)[None, :]
+    valid = (kg >= lo[:, None]) & (kg <= hi[:, None])
+    keys = np.where(valid, kg * dilation + r[:, None], x[:, None])   # invalid slots: the query (masked anyway)
+    keys, lo, hi = keys.astype(np.int32), lo.astype(np.int32), hi.astype(np.int32)
     for a in (keys, valid, lo, hi):
         a.flags.writeable = False
-    return keys.astype(np.int32), valid, lo.astype(np.int32), hi.astype(np.int32)
+    return keys, valid, lo, hi
 
 
 @dataclass(frozen=True)
@@ -246,6 +254,7 @@ def _validate(q, k, v, kernel_size, dilation, stride, causal, scale):
 class _Problem:
     spec: NeighborhoodSpec
     scale: float
+    has_lengths: bool = False
 
 
 # ----------------------------------------------------------------------------- reference
@@ -267,14 +276,29 @@ def _softmax_out(s, v_of, dtype):
     return v_of(p).astype(dtype)
 
 
-def _reference(p: _Problem, q, k, v):
+def _lengths_mask(spec: NeighborhoodSpec, lengths):
+    """``bool[B, N, N]`` of a 1-D grid whose row ``b`` has ``lengths[b]`` valid tokens."""
+    x = jnp.arange(spec.tokens)
+    n = lengths[:, None]
+    d = spec.dilation[0]
+    r, _, lo, hi = window_rule(x[None, :], n, spec.kernel_size[0], d, spec.stride[0], spec.causal[0], xp=jnp)
+    g_k = (x // d)[None, None, :]
+    vis = ((x % d)[None, None, :] == r[..., None]) & (lo[..., None] <= g_k) & (g_k <= hi[..., None])
+    valid = x[None, :] < n
+    return vis & valid[:, :, None] & valid[:, None, :]
+
+
+def _reference(p: _Problem, q, k, v, lengths=None):
     spec = p.spec
     B, H, Dv, K = q.shape[0], q.shape[-2], v.shape[-1], k.shape[-2]
     N = spec.tokens
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     qf = _group(q.reshape(B, N, H, -1), K)
     kf, vf = k.reshape(B, N, K, -1), v.reshape(B, N, K, Dv)
-    mask = jnp.asarray(neighborhood_mask(spec.spatial, spec.kernel_size, spec.dilation, spec.stride, spec.causal))
+    if lengths is None:
+        mask = jnp.asarray(neighborhood_mask(spec.spatial, spec.kernel_size, spec.dilation, spec.stride, spec.causal))
+    else:
+        mask = _lengths_mask(spec, lengths)[:, None, None]
     s = jnp.einsum("bnkgd,bmkd->bkgnm", qf, kf, preferred_element_type=acc) * p.scale
     s = jnp.where(mask, s, -jnp.inf)
     o = _softmax_out(s, lambda pr: jnp.einsum("bkgnm,bmkd->bnkgd", pr, vf.astype(acc)), q.dtype)
@@ -283,10 +307,11 @@ def _reference(p: _Problem, q, k, v):
 
 def neighborhood_reference(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B *spatial K Dk"],
                            v: Float[ArrayLike, "B *spatial K Dv"], kernel_size, *, dilation=1, stride=1,
-                           causal=False, scale: float | None = None) -> Float[Array, "B *spatial H Dv"]:
+                           causal=False, scale: float | None = None,
+                           lengths: Int[ArrayLike, " B"] | None = None) -> Float[Array, "B *spatial H Dv"]:
     """Materialised NA: :func:`neighborhood_mask` and a dense softmax (the spec; quadratic memory)."""
     return neighborhood(q, k, v, kernel_size, dilation=dilation, stride=stride, causal=causal, scale=scale,
-                        impl="reference")
+                        lengths=lengths, impl="reference")
 
 
 # ----------------------------------------------------------------------------- gather form
@@ -317,17 +342,37 @@ def _gather_windows(x, spec: NeighborhoodSpec, keys):
     return x.transpose(perm).reshape(B, spec.tokens, spec.window, Kh, D)
 
 
-def _gather(p: _Problem, q, k, v):
+def _gather_rows(x, spec: NeighborhoodSpec, lengths):
+    """1-D grid with per-row lengths: ``[B, N, K, D] -> [B, N, k, K, D]`` windows and ``bool[B, N, k]``."""
+    kernel, d = spec.kernel_size[0], spec.dilation[0]
+    pos = jnp.arange(spec.tokens)
+    n = lengths[:, None]
+    r, _, lo, hi = window_rule(pos[None, :], n, kernel, d, spec.stride[0], spec.causal[0], xp=jnp)
+    start = hi - kernel + 1 if spec.causal[0] else lo
+    kg = start[..., None] + jnp.arange(kernel)
+    valid = (kg >= lo[..., None]) & (kg <= hi[..., None]) & (pos[None, :] < n)[..., None]
+    keys = jnp.where(valid, kg * d + r[..., None], 0)
+    B, N = x.shape[0], spec.tokens
+    win = jnp.take_along_axis(x, keys.reshape(B, N * kernel)[:, :, None, None], axis=1)
+    return win.reshape(B, N, kernel, *x.shape[2:]), valid
+
+
+def _gather(p: _Problem, q, k, v, lengths=None):
     spec = p.spec
-    keys, valid = _gather_tables(spec)
     B, H, Dv, K = q.shape[0], q.shape[-2], v.shape[-1], k.shape[-2]
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     qf = _group(q.reshape(B, spec.tokens, H, -1), K)
-    kw = _gather_windows(k, spec, keys)                     # [B, N, W, K, Dk]
-    vw = _gather_windows(v, spec, keys)                     # [B, N, W, K, Dv]
+    if lengths is None:
+        keys, valid = _gather_tables(spec)
+        kw = _gather_windows(k, spec, keys)                 # [B, N, W, K, Dk]
+        vw = _gather_windows(v, spec, keys)                 # [B, N, W, K, Dv]
+        valid = None if valid is None else jnp.asarray(valid)[None]
+    else:
+        kw, valid = _gather_rows(k, spec, lengths)
+        vw, _ = _gather_rows(v, spec, lengths)
     s = jnp.einsum("bnkgd,bnwkd->bnkgw", qf, kw, preferred_element_type=acc) * p.scale
     if valid is not None:
-        s = jnp.where(jnp.asarray(valid)[None, :, None, None, :], s, -jnp.inf)
+        s = jnp.where(valid[:, :, None, None, :], s, -jnp.inf)
     o = _softmax_out(s, lambda pr: jnp.einsum("bnkgw,bnwkd->bnkgd", pr.astype(vw.dtype), vw,
                                               preferred_element_type=acc), q.dtype)
     return o.reshape(q.shape[:-1] + (Dv,))
@@ -506,9 +551,28 @@ def _no_reasons(platform, p) -> list[str]:
     return []
 
 
+def _tiled_reasons(platform, p) -> list[str]:
+    return ["lengths (per-row valid lengths) is not supported by the tiled form"] if p.has_lengths else []
+
+
+def _check_lengths(lengths, spec: NeighborhoodSpec, B: int):
+    if lengths is None:
+        return None
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"lengths: expected an integer array [B], got dtype {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths: expected shape [B] = [{B}], got {tuple(lengths.shape)}")
+    if spec.ndim != 1:
+        raise ValueError(f"lengths: per-row valid lengths are supported on 1-D grids only, got spatial shape "
+                         f"{spec.spatial}")
+    return lengths.astype(jnp.int32)
+
+
 def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B *spatial K Dk"],
                  v: Float[ArrayLike, "B *spatial K Dv"], kernel_size, *, dilation=1, stride=1, causal=False,
-                 scale: float | None = None, impl="auto") -> Float[Array, "B *spatial H Dv"]:
+                 scale: float | None = None, lengths: Int[ArrayLike, " B"] | None = None,
+                 impl="auto") -> Float[Array, "B *spatial H Dv"]:
     """Neighborhood attention (module docstring) on a 1-, 2- or 3-D token grid.
 
     Args:
@@ -519,23 +583,32 @@ def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B 
       stride: per-axis stride (``<= kernel_size``): groups of ``stride`` queries share a window.
       causal: per-axis causal masking (a bool or a tuple of bools).
       scale: logit scale, default ``Dk ** -0.5``.
+      lengths: 1-D grids only: ``int[B]`` valid tokens per row (right padding).  Row ``b`` is
+        attended as a grid of ``lengths[b]`` tokens (windows shifted at its own end); padding
+        tokens are never seen and get zero output.  A row shorter than ``kernel_size *
+        dilation`` sees all its tokens (of its dilation group).  Not served by ``"tiled"``.
       impl: ``"auto"`` (= ``"gather"``), ``"gather"``, ``"tiled"``, ``"reference"`` or a sequence.
 
     Returns:
       ``o [B, *spatial, H, Dv]`` in q's dtype (float32 accumulation).
     """
     spec = _validate(q, k, v, kernel_size, dilation, stride, causal, scale)
+    lengths = _check_lengths(lengths, spec, jnp.shape(q)[0])
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    p = _Problem(spec, float(jnp.shape(q)[-1] ** -0.5 if scale is None else scale))
-    return NEIGHBORHOOD.call(impl, p, q, k, v)
+    p = _Problem(spec, float(jnp.shape(q)[-1] ** -0.5 if scale is None else scale), lengths is not None)
+    if lengths is None:
+        return NEIGHBORHOOD.call(impl, p, q, k, v)
+    return NEIGHBORHOOD.call(impl, p, q, k, v, lengths)
 
 
-def _explain(q, k, v, kernel_size, *, dilation=1, stride=1, causal=False, scale=None, impl="auto", platform=None):
+def _explain(q, k, v, kernel_size, *, dilation=1, stride=1, causal=False, scale=None, lengths=None, impl="auto",
+             platform=None):
     spec = _validate(q, k, v, kernel_size, dilation, stride, causal, scale)
-    return NEIGHBORHOOD.explain(impl, _Problem(spec, 1.0), platform)
+    lengths = _check_lengths(lengths, spec, q.shape[0]) if not isinstance(lengths, jax.ShapeDtypeStruct) else lengths
+    return NEIGHBORHOOD.explain(impl, _Problem(spec, 1.0, lengths is not None), platform)
 
 
 NEIGHBORHOOD.register("gather", _gather, _no_reasons)
-NEIGHBORHOOD.register("tiled", _tiled, _no_reasons)
+NEIGHBORHOOD.register("tiled", _tiled, _tiled_reasons)
 NEIGHBORHOOD.register("reference", _reference, _no_reasons, auto=False)
 register_explainer(neighborhood, _explain)

@@ -212,6 +212,16 @@ def test_bad_arguments(kw, exc, match):
         neighborhood(x, x, x, kernel_size, **kw)
 
 
+def test_bad_lengths():
+    x = jnp.zeros((2, 8, 6, 2, 4))
+    with pytest.raises(ValueError, match="lengths: per-row valid lengths are supported on 1-D grids only"):
+        neighborhood(x, x, x, 3, lengths=jnp.asarray([8, 4]))
+    with pytest.raises(ValueError, match="lengths: expected shape"):
+        neighborhood(x[:, :, 0], x[:, :, 0], x[:, :, 0], 3, lengths=jnp.asarray([8]))
+    with pytest.raises(TypeError, match="lengths: expected an integer"):
+        neighborhood(x[:, :, 0], x[:, :, 0], x[:, :, 0], 3, lengths=jnp.asarray([8.0, 4.0]))
+
+
 def test_bad_shapes():
     x = jnp.zeros((1, 8, 6, 2, 4))
     with pytest.raises(ValueError, match="q: expected rank 4, 5 or 6"):
@@ -222,3 +232,24 @@ def test_bad_shapes():
         neighborhood(jnp.zeros((1, 8, 6, 3, 4)), x, x, 3)
     with pytest.raises(TypeError, match="q: expected a floating-point"):
         neighborhood(x.astype(jnp.int32), x, x, 3)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=5, dilation=2, stride=2), dict(kernel_size=4, causal=True)])
+def test_lengths_rows_equal_rows_alone(kw):
+    """1-D right padding: row b with lengths[b] tokens == that row alone (its windows shift at its own
+    end); padding outputs are zero; a row shorter than the kernel sees its whole (dilation) group."""
+    q, k, v = _normal(7, (3, 13, 2, 4)), _normal(8, (3, 13, 1, 4)), _normal(9, (3, 13, 1, 4))
+    lengths = jnp.asarray([13, 10, 3], jnp.int32)
+
+    def run(q, k, v):
+        outs = {i: neighborhood(q, k, v, lengths=lengths, impl=i, **kw) for i in ("reference", "gather")}
+        alone = [neighborhood(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], **kw) for b, n in ((0, 13), (1, 10))]
+        return outs, alone
+
+    outs, alone = tk.compiled(run, q, k, v)
+    tk.assert_close(outs["gather"], outs["reference"], name="gather with lengths")
+    for b, n in ((0, 13), (1, 10)):
+        tk.assert_close(outs["reference"][b:b + 1, :n], alone[b], name=f"row {b} vs alone")
+    assert float(jnp.abs(outs["reference"][1:2, 10:]).max()) == 0 and float(jnp.abs(outs["gather"][2, 3:]).max()) == 0
+    with pytest.raises(ValueError, match="lengths"):
+        neighborhood(q, k, v, lengths=lengths, impl="tiled", **kw)
