@@ -612,3 +612,16 @@ NEIGHBORHOOD.register("gather", _gather, _no_reasons)
 NEIGHBORHOOD.register("tiled", _tiled, _tiled_reasons)
 NEIGHBORHOOD.register("reference", _reference, _no_reasons, auto=False)
 register_explainer(neighborhood, _explain)
+
+# ----------------------------------------------------------------------------- declaration
+from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
+
+DECLARATION = declare(Declaration(
+    name="neighborhood", family="local", title="Neighborhood attention (NA / DiNA; 1-, 2-, 3-D)",
+    papers=(Paper("Neighborhood Attention Transformer", 2022, "2204.07143", "Hassani et al."),
+            Paper("Dilated Neighborhood Attention Transformer", 2022, "2209.15001", "Hassani & Shi"),
+            Paper("Faster Neighborhood Attention", 2024, "2403.04690", "Hassani et al.")),
+    summary="o_x = Σ_{y ∈ N(x)} softmax(scale q_x·k_y) v_y, N(x) = NATTEN's shifted per-axis windows",
+    op=neighborhood, forms=("gather", "tiled"), directions=("bidirectional",),
+    layer="attn_jax.nn.local_mixers:neighborhood_mixer",
+    notes="the op also has per-axis causal masking; the mixer is encoder-only (no grid decode cache)"))
