@@ -34,23 +34,27 @@ Forms (``impl``):
 
 * ``"reference"``: :func:`neighborhood_mask` (``bool[N, N]`` over raster-flattened tokens) and
   a dense softmax -- the spec the tests trust (quadratic memory).
-* ``"gather"`` (auto): per axis a NumPy table of the ``k`` key indices of every position
-  (``[n, k]``, plus validity for causal); keys and values are gathered axis by axis into
-  ``[B, *grid, *kernel, K, D]`` and the softmax runs over ``prod(k)`` keys per query.  Work and
-  memory are ``N · prod(k)``, the FLOP-sparsity bound; autodiff (the gathers transpose to
-  scatter-adds) gives the gradients.
-* ``"tiled"``: a :class:`NeighborhoodMask` on the flattened tokens through the tiled XLA path of
-  exact attention (:func:`attn_jax.softmax.xla.attention_blockwise`, 64-token tiles), whose tile
+* ``"tiled"`` (auto): a :class:`NeighborhoodMask` on the flattened tokens through the tiled XLA
+  path of exact attention (:func:`attn_jax.softmax.xla.attention_blockwise`), whose tile
   schedule skips the EMPTY tiles (classification computed exactly in NumPy at trace time) and
-  whose custom VJP keeps memory linear.  Tokens may be reordered so a tile is a compact spatial
-  block (8 x 8 in 2-D, 4 x 4 x 4 in 3-D, when the grid divides) and put back afterwards;
-  :func:`tiled_order` keeps raster order instead when that leaves fewer tiles (it does for
-  small kernels: whole rows of keys match a window's rows).
+  whose custom VJP keeps memory linear.  Tokens may be reordered so that a tile is a compact
+  spatial block (e.g. 4 x 8 or 8 x 8 tokens in 2-D) and put back afterwards; :func:`tiled_order`
+  picks the order and tile size from the exact tile counts and a fitted per-tile cost.  It is
+  also the route to the flash / Pallas kernels (block lists + in-tile predicate).
+* ``"gather"``: per axis a NumPy table of the ``k`` key indices of every position (``[n, k]``,
+  plus validity for causal); keys and values are gathered axis by axis into
+  ``[B, N, prod(k), K, D]`` and the softmax runs over ``prod(k)`` keys per query.  FLOPs at the
+  sparsity bound, but the gathered copies are ``prod(k)`` times the size of k and v and the
+  contraction is a batch of tiny matrix-vector products; autodiff's backward scatter-adds.  It
+  serves per-row ``lengths`` (1-D right padding), which the tiled form does not.
 
-Which wins: on CPU the gather form (see ``benchmarks/local.py`` and ``results/bench/local.json``);
-the tiled form still computes whole tiles around each window (a ``k = 7`` window over 8 x 8
-query tiles touches up to 3 x 3 key tiles), so it pays about ``9 · 64 / 49`` x the needed
-work, but it is the route to the flash / Pallas kernels (block lists + in-tile predicate).
+Which wins (``python -m benchmarks.local``, shared 2-core CPU, B=1, H=4, D=32, fwd+bwd; see
+``results/bench/local.json`` for the 64 x 64 numbers): the tiled form, everywhere measured.  On
+64 x 64 tokens the gather form is slower than *dense* attention (k=7: ~1x dense wall time at
+31x dense's temporary memory; k=13: 0.3-0.4x), on 32 x 32 it is 0.5-2x dense, and only on
+16 x 16 with k=3 is it within 1.4x of the tiled form.  The tiled form computes whole tiles around
+each window (``work_over_needed`` in the JSON: 3-5x the needed pairs), so it stays well short of
+the FLOP-sparsity bound ``N / prod(k)`` on CPU.
 """
 
 from __future__ import annotations
@@ -380,15 +384,27 @@ def _gather(p: _Problem, q, k, v, lengths=None):
 
 # ----------------------------------------------------------------------------- tiled form (mask)
 
-#: Tokens per tile of the tiled form, and the spatial tile shape per grid rank.
-TILE_SHAPES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
+#: Candidate tiles of the tiled form: tokens per tile -> the spatial block of a tile per grid rank
+#: (used when the grid divides into it; raster order is always a candidate).
+TILE_SHAPES = {
+    16: {2: (4, 4), 3: (2, 2, 4)},
+    32: {2: (4, 8), 3: (2, 4, 4)},
+    64: {2: (8, 8), 3: (4, 4, 4)},
+    128: {2: (8, 16), 3: (4, 4, 8)},
+}
+
+#: Fixed cost of visiting one tile in units of one (query, key) pair times one unit of width
+#: ``B * H * (Dk + Dv) / 2``.  Fitted on the shared 2-core CPU (64 x 64 grid, B=1, H=4, D=32,
+#: fwd+bwd CPU time, kernels 7 and 13, the candidates of :data:`TILE_SHAPES`): ~26 us per tile
+#: against ~0.32 ns per pair and width unit, i.e. a tile costs as much as ~80k pair-units.
+TILE_OVERHEAD = 81920
 
 
-def tile_shape(spatial: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The spatial block a tile of the tiled form covers, or None (raster order) when the grid
-    does not divide into :data:`TILE_SHAPES`' block."""
-    t = TILE_SHAPES[len(spatial)]
-    if len(spatial) == 1 or any(n % b for n, b in zip(spatial, t)):
+def tile_shape(spatial: tuple[int, ...], tokens: int = 64) -> tuple[int, ...] | None:
+    """The spatial block of a ``tokens``-token tile for a grid ``spatial``, or None (raster order)
+    for 1-D grids and grids that do not divide into it (:data:`TILE_SHAPES`)."""
+    t = TILE_SHAPES[tokens].get(len(spatial))
+    if t is None or any(n % b for n, b in zip(spatial, t)):
         return None
     return t
 
@@ -518,26 +534,35 @@ def _from_order(x, spatial, block):
     return x.transpose(perm).reshape(B, *spatial, H, D)
 
 
-def tiled_order(spec: NeighborhoodSpec) -> tuple[tuple[int, ...] | None, int]:
-    """``(block, tile tokens)`` of the tiled form: the token order (a spatial block shape, or None
-    for raster) whose exact tile labels leave the fewest non-EMPTY tiles.
+def tiled_order(spec: NeighborhoodSpec, width: float = 128.0) -> tuple[tuple[int, ...] | None, int]:
+    """``(block, tile tokens)`` of the tiled form: the token order (a spatial block, or None for
+    raster) and tile size minimising ``tiles visited * (TILE_OVERHEAD + tokens^2 * width)``, with
+    ``width = B * H * (Dk + Dv) / 2`` and the exact tile labels (NumPy, cached) of every candidate
+    of :data:`TILE_SHAPES`.
 
-    Neither order wins everywhere (64 x 64 tokens, 64-token tiles: raster rows visit 448 tiles
-    for ``k = 7`` against 484 for 8 x 8 blocks, but 832 against 484 for ``k = 13``), so both are
-    counted at trace time (NumPy, cached) and the cheaper is taken.
+    No single order wins (64 x 64 tokens, 64-token tiles: raster rows visit 448 tiles for
+    ``k = 7`` against 484 for 8 x 8 blocks, but 832 against 484 for ``k = 13``), and small tiles
+    waste fewer pairs but pay the loop's per-tile cost more often.  Trace-time cost: one
+    ``N x N`` visibility sweep per candidate (a second or so at ``N = 4096``, once per shape).
     """
-    bs = math.prod(TILE_SHAPES[spec.ndim])
     best = None
-    for block in dict.fromkeys((None, tile_shape(spec.spatial))):
-        n = int((_classify(spec, block, bs, bs) != M.EMPTY).sum())
-        if best is None or n < best[0]:
-            best = (n, block)
-    return best[1], bs
+    for bs in TILE_SHAPES:
+        if bs > spec.tokens:
+            continue
+        for block in dict.fromkeys((None, tile_shape(spec.spatial, bs))):
+            n = int((_classify(spec, block, bs, bs) != M.EMPTY).sum())
+            cost = n * (TILE_OVERHEAD + bs * bs * width)
+            if best is None or cost < best[0]:
+                best = (cost, block, bs)
+    if best is None:   # fewer tokens than the smallest tile: one tile
+        return None, spec.tokens
+    return best[1], best[2]
 
 
 def _tiled(p: _Problem, q, k, v):
     spec = p.spec
-    block, bs = tiled_order(spec)
+    width = q.shape[0] * q.shape[-2] * (q.shape[-1] + v.shape[-1]) / 2
+    block, bs = tiled_order(spec, width)
     mask = NeighborhoodMask(spec, block)
     qo, ko, vo = (_to_order(x, spec.spatial, block) for x in (q, k, v))
     o = attention_blockwise(qo, ko, vo, mask=mask, scale=p.scale, block_q=bs, block_k=bs)
@@ -587,7 +612,8 @@ def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B 
         attended as a grid of ``lengths[b]`` tokens (windows shifted at its own end); padding
         tokens are never seen and get zero output.  A row shorter than ``kernel_size *
         dilation`` sees all its tokens (of its dilation group).  Not served by ``"tiled"``.
-      impl: ``"auto"`` (= ``"gather"``), ``"gather"``, ``"tiled"``, ``"reference"`` or a sequence.
+      impl: ``"auto"`` (``"tiled"``, or ``"gather"`` with ``lengths``), ``"tiled"``, ``"gather"``,
+        ``"reference"`` or a sequence tried in order.
 
     Returns:
       ``o [B, *spatial, H, Dv]`` in q's dtype (float32 accumulation).
@@ -608,8 +634,10 @@ def _explain(q, k, v, kernel_size, *, dilation=1, stride=1, causal=False, scale=
     return NEIGHBORHOOD.explain(impl, _Problem(spec, 1.0, lengths is not None), platform)
 
 
-NEIGHBORHOOD.register("gather", _gather, _no_reasons)
+# Registration order is the "auto" order: the tiled form wins on CPU at every shape measured
+# (module docstring); the gather form serves what it cannot (per-row lengths).
 NEIGHBORHOOD.register("tiled", _tiled, _tiled_reasons)
+NEIGHBORHOOD.register("gather", _gather, _no_reasons)
 NEIGHBORHOOD.register("reference", _reference, _no_reasons, auto=False)
 register_explainer(neighborhood, _explain)
 
@@ -622,6 +650,6 @@ DECLARATION = declare(Declaration(
             Paper("Dilated Neighborhood Attention Transformer", 2022, "2209.15001", "Hassani & Shi"),
             Paper("Faster Neighborhood Attention", 2024, "2403.04690", "Hassani et al.")),
     summary="o_x = Σ_{y ∈ N(x)} softmax(scale q_x·k_y) v_y, N(x) = NATTEN's shifted per-axis windows",
-    op=neighborhood, forms=("gather", "tiled"), directions=("bidirectional",),
+    op=neighborhood, forms=("tiled", "gather"), directions=("bidirectional",),
     layer="attn_jax.nn.local_mixers:neighborhood_mixer",
     notes="the op also has per-axis causal masking; the mixer is encoder-only (no grid decode cache)"))
