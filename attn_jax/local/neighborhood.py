@@ -71,11 +71,12 @@ from jaxtyping import Array, Bool, Float, Int
 from attn_jax.core import masks as M
 from attn_jax.core import validation as V
 from attn_jax.core.array_types import ArrayLike
+from attn_jax.core.bias import StructuredBias
 from attn_jax.core.dispatch import Registry, register_explainer
 from attn_jax.softmax.xla import attention_blockwise
 
 __all__ = ["neighborhood", "neighborhood_reference", "neighborhood_mask", "NeighborhoodSpec", "NeighborhoodMask",
-           "neighborhood_spec", "axis_windows", "tile_shape", "token_order", "tiled_order", "window_rule", "NEIGHBORHOOD"]
+           "neighborhood_spec", "axis_windows", "tile_shape", "token_order", "tiled_order", "window_rule", "NeighborhoodBias", "rpb_index", "NEIGHBORHOOD"]
 
 NEIGHBORHOOD = Registry("local.neighborhood")
 
@@ -259,6 +260,7 @@ class _Problem:
     spec: NeighborhoodSpec
     scale: float
     has_lengths: bool = False
+    has_rpb: bool = False
 
 
 # ----------------------------------------------------------------------------- reference
@@ -272,9 +274,11 @@ def _group(q, K):
 
 def _softmax_out(s, v_of, dtype):
     """Safe softmax over the last axis of fp32 logits (-inf = hidden); ``v_of(p)`` contracts."""
-    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))   # exact: the shift cancels
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(s - m)
+    # no -inf enters exp (XLA:CPU's fast-compile exp gave NaN gradients there)
+    visible = jnp.isfinite(s)
+    e = jnp.where(visible, jnp.exp(jnp.where(visible, s - m, 0.0)), 0.0)
     l = e.sum(axis=-1, keepdims=True)
     p = e / jnp.where(l > 0, l, 1.0)
     return v_of(p).astype(dtype)
@@ -292,7 +296,7 @@ def _lengths_mask(spec: NeighborhoodSpec, lengths):
     return vis & valid[:, :, None] & valid[:, None, :]
 
 
-def _reference(p: _Problem, q, k, v, lengths=None):
+def _reference(p: _Problem, q, k, v, lengths=None, rpb=None):
     spec = p.spec
     B, H, Dv, K = q.shape[0], q.shape[-2], v.shape[-1], k.shape[-2]
     N = spec.tokens
@@ -304,6 +308,8 @@ def _reference(p: _Problem, q, k, v, lengths=None):
     else:
         mask = _lengths_mask(spec, lengths)[:, None, None]
     s = jnp.einsum("bnkgd,bmkd->bkgnm", qf, kf, preferred_element_type=acc) * p.scale
+    if rpb is not None:
+        s = s + NeighborhoodBias(rpb, spec).materialize(N, N).reshape(1, K, H // K, N, N).astype(acc)
     s = jnp.where(mask, s, -jnp.inf)
     o = _softmax_out(s, lambda pr: jnp.einsum("bkgnm,bmkd->bnkgd", pr, vf.astype(acc)), q.dtype)
     return o.reshape(q.shape[:-1] + (Dv,))
@@ -312,10 +318,11 @@ def _reference(p: _Problem, q, k, v, lengths=None):
 def neighborhood_reference(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B *spatial K Dk"],
                            v: Float[ArrayLike, "B *spatial K Dv"], kernel_size, *, dilation=1, stride=1,
                            causal=False, scale: float | None = None,
-                           lengths: Int[ArrayLike, " B"] | None = None) -> Float[Array, "B *spatial H Dv"]:
+                           lengths: Int[ArrayLike, " B"] | None = None,
+                           rpb: Float[ArrayLike, "H *table"] | None = None) -> Float[Array, "B *spatial H Dv"]:
     """Materialised NA: :func:`neighborhood_mask` and a dense softmax (the spec; quadratic memory)."""
     return neighborhood(q, k, v, kernel_size, dilation=dilation, stride=stride, causal=causal, scale=scale,
-                        lengths=lengths, impl="reference")
+                        lengths=lengths, rpb=rpb, impl="reference")
 
 
 # ----------------------------------------------------------------------------- gather form
@@ -358,10 +365,28 @@ def _gather_rows(x, spec: NeighborhoodSpec, lengths):
     keys = jnp.where(valid, kg * d + r[..., None], 0)
     B, N = x.shape[0], spec.tokens
     win = jnp.take_along_axis(x, keys.reshape(B, N * kernel)[:, :, None, None], axis=1)
-    return win.reshape(B, N, kernel, *x.shape[2:]), valid
+    return win.reshape(B, N, kernel, *x.shape[2:]), valid, rpb_index(spec, 0, (pos // d)[None, :, None], kg, jnp)
 
 
-def _gather(p: _Problem, q, k, v, lengths=None):
+@functools.lru_cache(maxsize=64)
+def _gather_rpb_index(spec: NeighborhoodSpec):
+    """Per axis the bias-table index of every (query, window slot): ``int32[N, W]`` each."""
+    out = []
+    for a in range(spec.ndim):
+        keys = spec.axis(a)[0]
+        n = spec.spatial[a]
+        ia = rpb_index(spec, a, (np.arange(n) // spec.dilation[a])[:, None], keys // spec.dilation[a])
+        # broadcast the axis table [n_a, k_a] to the joint [N, W] (raster queries, window slots)
+        shape_q = [1] * spec.ndim
+        shape_q[a] = n
+        shape_w = [1] * spec.ndim
+        shape_w[a] = spec.kernel_size[a]
+        full = ia.reshape(*shape_q, *shape_w)
+        out.append(np.broadcast_to(full, (*spec.spatial, *spec.kernel_size)).reshape(spec.tokens, spec.window))
+    return tuple(out)
+
+
+def _gather(p: _Problem, q, k, v, lengths=None, rpb=None):
     spec = p.spec
     B, H, Dv, K = q.shape[0], q.shape[-2], v.shape[-1], k.shape[-2]
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
@@ -371,15 +396,72 @@ def _gather(p: _Problem, q, k, v, lengths=None):
         kw = _gather_windows(k, spec, keys)                 # [B, N, W, K, Dk]
         vw = _gather_windows(v, spec, keys)                 # [B, N, W, K, Dv]
         valid = None if valid is None else jnp.asarray(valid)[None]
+        bias_idx = None if rpb is None else tuple(jnp.asarray(i)[None] for i in _gather_rpb_index(spec))
     else:
-        kw, valid = _gather_rows(k, spec, lengths)
-        vw, _ = _gather_rows(v, spec, lengths)
+        kw, valid, idx0 = _gather_rows(k, spec, lengths)
+        vw, _, _ = _gather_rows(v, spec, lengths)
+        bias_idx = (idx0,)
     s = jnp.einsum("bnkgd,bnwkd->bnkgw", qf, kw, preferred_element_type=acc) * p.scale
+    if rpb is not None:
+        bias = jnp.asarray(rpb, acc)[(slice(None), *bias_idx)]          # [H, B|1, N, W]
+        s = s + jnp.moveaxis(bias, 0, 2).reshape(bias.shape[1], spec.tokens, K, H // K, -1)
     if valid is not None:
         s = jnp.where(valid[:, :, None, None, :], s, -jnp.inf)
     o = _softmax_out(s, lambda pr: jnp.einsum("bnkgw,bnwkd->bnkgd", pr.astype(vw.dtype), vw,
                                               preferred_element_type=acc), q.dtype)
     return o.reshape(q.shape[:-1] + (Dv,))
+
+
+# ----------------------------------------------------------------------------- relative position bias
+
+
+def rpb_index(spec: NeighborhoodSpec, a: int, g_q, g_k, xp=np):
+    """Index into axis ``a`` of the bias table for query / key group coordinates (NAT's RPB:
+    ``g_k - g_q + kernel - 1``, in ``[0, 2 kernel - 2]`` for visible pairs; clipped for others)."""
+    k = spec.kernel_size[a]
+    return xp.clip(g_k - g_q + k - 1, 0, 2 * k - 2)
+
+
+@jax.tree_util.register_pytree_node_class
+class NeighborhoodBias(StructuredBias):
+    """NAT's relative position bias as a :class:`~attn_jax.core.bias.StructuredBias` over the
+    flattened tokens (order of ``block`` as :class:`NeighborhoodMask`): ``bias[h, x, y] =
+    table[h, rpb_index(axis 0), ..., rpb_index(axis d-1)]``, ``table: [H, 2 k_1 - 1, ..., 2 k_d - 1]``
+    (a pytree whose leaf is ``table``: gradients reach it).  Relative offsets are in dilation-group
+    coordinates (DiNAT)."""
+
+    def __init__(self, table, spec: NeighborhoodSpec, block=None):
+        self.table, self.spec, self.block = table, spec, block
+
+    @property
+    def num_heads(self) -> int:
+        return int(jnp.shape(self.table)[0])
+
+    def tree_flatten(self):
+        return (self.table,), (self.spec, self.block)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    def tile(self, q_idx, k_idx, T, S):
+        tab = jnp.asarray(_coordinate_tables(self.spec, self.block))
+        qi = jnp.clip(jnp.asarray(q_idx), 0, self.spec.tokens - 1)
+        kj = jnp.clip(jnp.asarray(k_idx), 0, self.spec.tokens - 1)
+        idx = tuple(rpb_index(self.spec, a, tab[a, 1, qi][:, None], tab[a, 1, kj][None, :], jnp)
+                    for a in range(self.spec.ndim))
+        return jnp.asarray(self.table, jnp.float32)[(slice(None), *idx)][None]
+
+
+def _check_rpb(rpb, spec: NeighborhoodSpec, H: int):
+    if rpb is None:
+        return None
+    V.check_float_array("rpb", rpb)
+    want = (H, *(2 * k - 1 for k in spec.kernel_size))
+    if tuple(jnp.shape(rpb)) != want:
+        raise ValueError(f"rpb: expected the relative position bias table [H, *(2 * kernel_size - 1)] = {list(want)}, "
+                         f"got {list(jnp.shape(rpb))}")
+    return jnp.asarray(rpb)
 
 
 # ----------------------------------------------------------------------------- tiled form (mask)
@@ -559,13 +641,14 @@ def tiled_order(spec: NeighborhoodSpec, width: float = 128.0) -> tuple[tuple[int
     return best[1], best[2]
 
 
-def _tiled(p: _Problem, q, k, v):
+def _tiled(p: _Problem, q, k, v, lengths=None, rpb=None):
     spec = p.spec
     width = q.shape[0] * q.shape[-2] * (q.shape[-1] + v.shape[-1]) / 2
     block, bs = tiled_order(spec, width)
     mask = NeighborhoodMask(spec, block)
     qo, ko, vo = (_to_order(x, spec.spatial, block) for x in (q, k, v))
-    o = attention_blockwise(qo, ko, vo, mask=mask, scale=p.scale, block_q=bs, block_k=bs)
+    bias = None if rpb is None else NeighborhoodBias(rpb, spec, block)
+    o = attention_blockwise(qo, ko, vo, mask=mask, bias=bias, scale=p.scale, block_q=bs, block_k=bs)
     return _from_order(o, spec.spatial, block)
 
 
@@ -597,7 +680,7 @@ def _check_lengths(lengths, spec: NeighborhoodSpec, B: int):
 def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B *spatial K Dk"],
                  v: Float[ArrayLike, "B *spatial K Dv"], kernel_size, *, dilation=1, stride=1, causal=False,
                  scale: float | None = None, lengths: Int[ArrayLike, " B"] | None = None,
-                 impl="auto") -> Float[Array, "B *spatial H Dv"]:
+                 rpb: Float[ArrayLike, "H *table"] | None = None, impl="auto") -> Float[Array, "B *spatial H Dv"]:
     """Neighborhood attention (module docstring) on a 1-, 2- or 3-D token grid.
 
     Args:
@@ -620,15 +703,15 @@ def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B 
     """
     spec = _validate(q, k, v, kernel_size, dilation, stride, causal, scale)
     lengths = _check_lengths(lengths, spec, jnp.shape(q)[0])
+    rpb = _check_rpb(rpb, spec, jnp.shape(q)[-2])
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    p = _Problem(spec, float(jnp.shape(q)[-1] ** -0.5 if scale is None else scale), lengths is not None)
-    if lengths is None:
-        return NEIGHBORHOOD.call(impl, p, q, k, v)
-    return NEIGHBORHOOD.call(impl, p, q, k, v, lengths)
+    p = _Problem(spec, float(jnp.shape(q)[-1] ** -0.5 if scale is None else scale), lengths is not None,
+                 rpb is not None)
+    return NEIGHBORHOOD.call(impl, p, q, k, v, lengths, rpb)
 
 
-def _explain(q, k, v, kernel_size, *, dilation=1, stride=1, causal=False, scale=None, lengths=None, impl="auto",
-             platform=None):
+def _explain(q, k, v, kernel_size, *, dilation=1, stride=1, causal=False, scale=None, lengths=None, rpb=None,
+             impl="auto", platform=None):
     spec = _validate(q, k, v, kernel_size, dilation, stride, causal, scale)
     lengths = _check_lengths(lengths, spec, q.shape[0]) if not isinstance(lengths, jax.ShapeDtypeStruct) else lengths
     return NEIGHBORHOOD.explain(impl, _Problem(spec, 1.0, lengths is not None), platform)

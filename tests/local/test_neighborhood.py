@@ -11,6 +11,7 @@ import attn_jax as aj
 from attn_jax.core import masks as M
 from attn_jax.core import testing as tk
 from attn_jax.local import NeighborhoodMask, neighborhood, neighborhood_mask, neighborhood_spec
+from attn_jax.local.neighborhood import NeighborhoodBias
 from attn_jax.local.neighborhood import tile_shape, tiled_order, token_order
 
 
@@ -97,6 +98,18 @@ def test_mask_predicate_in_blocked_order():
     np.testing.assert_array_equal(np.asarray(mask.materialize(128, 128))[0, 0], dense)
 
 
+def test_relative_position_bias_by_hand():
+    # n=5, k=3: table entry y - x + 2; query 0 (window 0..2) reads entries 2, 3, 4, query 4 (2..4) 0, 1, 2
+    spec = neighborhood_spec((5,), 3)
+    b = np.asarray(NeighborhoodBias(jnp.arange(5.0)[None], spec).materialize(5, 5))[0, 0]
+    m = neighborhood_mask((5,), 3)
+    assert b[0][m[0]].tolist() == [2, 3, 4] and b[4][m[4]].tolist() == [0, 1, 2] and b[2][m[2]].tolist() == [1, 2, 3]
+    # dilation 2: offsets in group coordinates (query 4 = group 0 index 2, window {0, 2, 4} -> 0, 1, 2)
+    spec = neighborhood_spec((6,), 3, dilation=2)
+    b = np.asarray(NeighborhoodBias(jnp.arange(5.0)[None], spec).materialize(6, 6))[0, 0]
+    assert b[4][neighborhood_mask((6,), 3, dilation=2)[4]].tolist() == [0, 1, 2]
+
+
 def test_stride_group_shares_window_and_interior_is_centred():
     m = neighborhood_mask((12,), 5, stride=3)
     for g in range(4):
@@ -121,35 +134,39 @@ def test_tiled_form_skips_empty_tiles_and_picks_the_cheaper_order():
 # ----------------------------------------------------------------------------- values and gradients
 
 
-def _parity(shape, H, K, ks, dtype=jnp.float32, Dk=8, Dv=None, **kw):
-    """Gather and tiled forms vs the reference on the output and the VJP of q, k, v (one program)."""
+def _parity(shape, H, K, ks, dtype=jnp.float32, Dk=8, Dv=None, rpb=False, **kw):
+    """Gather and tiled forms vs the reference on the output and the VJP of q, k, v (and the
+    relative position bias table with ``rpb``), all in one compiled program."""
     Dv = Dk if Dv is None else Dv
     q, k, v = (_normal(i, (2, *shape, h, d)).astype(dtype) for i, h, d in ((0, H, Dk), (1, K, Dk), (2, K, Dv)))
     kc = jax.random.key(3)
-    fn = {impl: (lambda q, k, v, impl=impl: neighborhood(q, k, v, ks, impl=impl, **kw))
+    spec = neighborhood_spec(shape, ks, kw.get("dilation", 1), kw.get("stride", 1), kw.get("causal", False))
+    args = (q, k, v) + ((_normal(4, (H, *(2 * n - 1 for n in spec.kernel_size))),) if rpb else ())
+    fn = {impl: (lambda *a, impl=impl: neighborhood(*a[:3], ks, rpb=a[3] if rpb else None, impl=impl, **kw))
           for impl in ("reference", "gather", "tiled")}
 
-    def all_forms(q, k, v):
-        return {impl: tk.vjp_with_random_cotangent(f, (q, k, v), kc) for impl, f in fn.items()}
+    def all_forms(*a):
+        return {impl: tk.vjp_with_random_cotangent(f, a, kc) for impl, f in fn.items()}
 
-    res = tk.compiled(all_forms, q, k, v)
+    res = tk.compiled(all_forms, *args)
     o_ref, g_ref = res["reference"]
     for impl in ("gather", "tiled"):
         o, g = res[impl]
         assert o.dtype == dtype
         tk.assert_close(o, o_ref, name=f"{impl} output")
-        for name, a, b in zip("qkv", g, g_ref):
+        for name, a, b in zip(("q", "k", "v", "rpb"), g, g_ref):
             tk.assert_close(a, b, grad=True, name=f"{impl} d{name}")
 
 
 @pytest.mark.parametrize("shape,H,K,ks,kw", [
     ((11,), 4, 2, 4, dict(causal=True, stride=2, dilation=2)),                           # 1-D: even k, GQA
-    ((32, 32), 2, 1, (13, 12), dict(causal=(False, True), stride=(1, 3))),              # 2-D, blocked order, MQA
-    ((4, 5, 6), 2, 1, (3, 2, 3), dict(causal=(False, True, False), dilation=(1, 2, 2))),  # 3-D, raster order
+    ((32, 32), 2, 1, (13, 12), dict(causal=(False, True), stride=(1, 3), rpb=True)),    # 2-D, blocked order, MQA
+    ((4, 5, 6), 2, 1, (3, 2, 3), dict(causal=(False, True, False), dilation=(1, 2, 2), rpb=True)),  # 3-D
 ])
 def test_forms_match_reference(shape, H, K, ks, kw):
     if len(shape) == 2:   # this case is there to run the tiled form in a blocked order (8 x 16 tiles)
-        assert tiled_order(neighborhood_spec(shape, ks, **kw), 2 * H * 8) == ((8, 16), 128)
+        spec_kw = {n: x for n, x in kw.items() if n != "rpb"}
+        assert tiled_order(neighborhood_spec(shape, ks, **spec_kw), 2 * H * 8) == ((8, 16), 128)
     _parity(shape, H, K, ks, **kw)
 
 
@@ -226,6 +243,14 @@ def test_bad_lengths():
         neighborhood(x[:, :, 0], x[:, :, 0], x[:, :, 0], 3, lengths=jnp.asarray([8.0, 4.0]))
 
 
+def test_bad_rpb():
+    x = jnp.zeros((1, 8, 6, 2, 4))
+    with pytest.raises(ValueError, match=r"rpb: expected the relative position bias table .* \[2, 5, 3\], got \[2, 5, 5\]"):
+        neighborhood(x, x, x, (3, 2), rpb=jnp.zeros((2, 5, 5)))
+    with pytest.raises(TypeError, match="rpb"):
+        neighborhood(x, x, x, (3, 2), rpb=jnp.zeros((2, 5, 3), jnp.int32))
+
+
 def test_bad_shapes():
     x = jnp.zeros((1, 8, 6, 2, 4))
     with pytest.raises(ValueError, match="q: expected rank 4, 5 or 6"):
@@ -245,9 +270,12 @@ def test_lengths_rows_equal_rows_alone(kw):
     q, k, v = _normal(7, (3, 13, 2, 4)), _normal(8, (3, 13, 1, 4)), _normal(9, (3, 13, 1, 4))
     lengths = jnp.asarray([13, 10, 3], jnp.int32)
 
+    table = _normal(10, (2, 2 * kw["kernel_size"] - 1))
+
     def run(q, k, v):
-        outs = {i: neighborhood(q, k, v, lengths=lengths, impl=i, **kw) for i in ("reference", "gather")}
-        alone = [neighborhood(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], **kw) for b, n in ((0, 13), (1, 10))]
+        outs = {i: neighborhood(q, k, v, lengths=lengths, rpb=table, impl=i, **kw) for i in ("reference", "gather")}
+        alone = [neighborhood(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], rpb=table, **kw)
+                 for b, n in ((0, 13), (1, 10))]
         return outs, alone
 
     outs, alone = tk.compiled(run, q, k, v)
