@@ -29,6 +29,7 @@ from flax import nnx
 from attn_jax import local
 from attn_jax.core import masks
 from attn_jax.nn.attention import MultiHeadAttention
+from attn_jax.nn.layers import param
 
 __all__ = ["NeighborhoodFn", "neighborhood_mixer"]
 
@@ -50,11 +51,20 @@ def _check_padding_only(ids) -> None:
 
 
 class NeighborhoodFn(nnx.Module):
-    """The ``attention_fn`` of the mixer: ``q, k, v [B, T, H|K, D]`` -> NA on the grid."""
+    """The ``attention_fn`` of the mixer: ``q, k, v [B, T, H|K, D]`` -> NA on the grid; with
+    ``rel_pos_bias`` it owns NAT's relative position bias table ``[H, *(2 kernel_size - 1)]``
+    (init truncated normal, std 0.02, as NAT)."""
 
-    def __init__(self, grid, kernel_size, *, dilation=1, stride=1, impl="auto"):
+    def __init__(self, grid, kernel_size, *, num_heads: int, dilation=1, stride=1, rel_pos_bias: bool = False,
+                 rngs: nnx.Rngs | None = None, param_dtype=jnp.float32, impl="auto"):
         self.grid = None if grid is None else tuple(int(n) for n in grid)
         self.kernel_size, self.dilation, self.stride, self.impl = kernel_size, dilation, stride, impl
+        ndim = 1 if grid is None else len(grid)
+        ks = (kernel_size,) * ndim if masks.is_concrete_int(kernel_size) else tuple(kernel_size)
+        if len(ks) != ndim:
+            raise ValueError(f"kernel_size: expected an int or {ndim} values (one per grid axis), got {kernel_size!r}")
+        self.rpb = (param(rngs, nnx.initializers.truncated_normal(0.02), (num_heads, *(2 * k - 1 for k in ks)),
+                          ("heads",) + (None,) * ndim, param_dtype) if rel_pos_bias else None)
 
     def __call__(self, q, k, v, *, mask, scale, x):
         B, T = q.shape[:2]
@@ -72,18 +82,20 @@ class NeighborhoodFn(nnx.Module):
             lengths = jnp.sum(mask.q_ids != 0, axis=1).astype(jnp.int32)
         g = lambda a: a.reshape(B, *grid, *a.shape[2:])  # noqa: E731
         o = local.neighborhood(g(q), g(k), g(v), self.kernel_size, dilation=self.dilation, stride=self.stride,
-                               scale=scale, lengths=lengths, impl=self.impl)
+                               scale=scale, lengths=lengths, rpb=None if self.rpb is None else self.rpb[...],
+                               impl=self.impl)
         return o.reshape(B, T, *o.shape[-2:])
 
 
 def neighborhood_mixer(d_model: int, num_heads: int, *, rngs: nnx.Rngs, grid=None, kernel_size=7, dilation=1,
-                       stride=1, causal: bool = True, positional: str = "none", impl="auto",
-                       **kwargs) -> MultiHeadAttention:
+                       stride=1, rel_pos_bias: bool = False, causal: bool = True, positional: str = "none",
+                       impl="auto", **kwargs) -> MultiHeadAttention:
     """Neighborhood-attention mixer on a token grid (module docstring); build with ``causal=False``.
 
     Args:
       grid: the spatial shape of the raster-flattened tokens (1 to 3 axes); None = ``(T,)``.
       kernel_size, dilation, stride: as :func:`attn_jax.local.neighborhood` (ints or per-axis tuples).
+      rel_pos_bias: learn NAT's relative position bias (``rpb`` of the op), one table per head.
       causal: must be False (an encoder mixer); the default True raises, naming the mixer.
       positional, impl, kwargs: as :class:`MultiHeadAttention` (``impl`` goes to the NA op).
     """
@@ -97,7 +109,9 @@ def neighborhood_mixer(d_model: int, num_heads: int, *, rngs: nnx.Rngs, grid=Non
                 masks.is_concrete_int(n) and n > 0 for n in grid):
             raise ValueError(f"grid: expected a tuple of 1 to 3 positive ints (the token grid), got {grid!r}")
         local.neighborhood_spec(tuple(grid), kernel_size, dilation, stride)   # the NA arguments against the grid
-    fn = NeighborhoodFn(grid, kernel_size, dilation=dilation, stride=stride, impl=impl)
+    fn = NeighborhoodFn(grid, kernel_size, num_heads=num_heads, dilation=dilation, stride=stride,
+                        rel_pos_bias=rel_pos_bias, rngs=rngs, param_dtype=kwargs.get("param_dtype", jnp.float32),
+                        impl=impl)
     return MultiHeadAttention(d_model, num_heads, causal=False, positional=positional, attention_fn=fn, rngs=rngs,
                               **kwargs)
 

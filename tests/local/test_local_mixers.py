@@ -55,3 +55,19 @@ def test_refusals():
         m(jnp.ones((1, 20, D)))
     with pytest.raises(ValueError, match="segment_ids: padding is supported on 1-D grids only"):
         m(jnp.ones((1, 24, D)), segment_ids=jnp.ones((1, 24), jnp.int32))
+
+
+def test_relative_position_bias_is_learned():
+    """rel_pos_bias=True: the table [H, 2k-1, 2k-1] gets gradients, and the output is the op's with it."""
+    import jax
+
+    m = tk.build_module(mixers.get("neighborhood"), D, 2, grid=(4, 4), kernel_size=3, rel_pos_bias=True, causal=False)
+    assert m.attention_fn.rpb[...].shape == (2, 5, 5)
+    graphdef, state = nnx.split(m)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 16, D)), jnp.float32)
+
+    def loss(s):
+        return jnp.sum(nnx.merge(graphdef, s)(x)[0] ** 2)
+
+    g = tk.fast_jit(jax.grad(loss))(state)
+    assert float(jnp.abs(g["attention_fn"]["rpb"][...]).max()) > 0
