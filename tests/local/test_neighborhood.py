@@ -245,7 +245,8 @@ def test_bad_lengths():
 
 def test_bad_rpb():
     x = jnp.zeros((1, 8, 6, 2, 4))
-    with pytest.raises(ValueError, match=r"rpb: expected the relative position bias table .* \[2, 5, 3\], got \[2, 5, 5\]"):
+    with pytest.raises(ValueError, match=r"rpb: expected the relative position bias table .* \[2, 5, 3\], "
+                                         r"got \[2, 5, 5\]"):
         neighborhood(x, x, x, (3, 2), rpb=jnp.zeros((2, 5, 5)))
     with pytest.raises(TypeError, match="rpb"):
         neighborhood(x, x, x, (3, 2), rpb=jnp.zeros((2, 5, 3), jnp.int32))
