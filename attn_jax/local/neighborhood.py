@@ -78,7 +78,7 @@ from attn_jax.softmax.xla import attention_blockwise
 
 __all__ = ["neighborhood", "neighborhood_reference", "neighborhood_mask", "NeighborhoodSpec", "NeighborhoodMask",
            "neighborhood_spec", "axis_windows", "tile_shape", "token_order", "tiled_order", "window_rule",
-           "NeighborhoodBias", "rpb_index", "NEIGHBORHOOD"]
+           "NeighborhoodBias", "rpb_index", "check_grid_inputs", "NEIGHBORHOOD"]
 
 NEIGHBORHOOD = Registry("local.neighborhood")
 
@@ -230,7 +230,9 @@ def neighborhood_mask(spatial, kernel_size, dilation=1, stride=1, causal=False) 
 # ----------------------------------------------------------------------------- validation
 
 
-def _validate(q, k, v, kernel_size, dilation, stride, causal, scale):
+def check_grid_inputs(q, k, v, scale) -> tuple[int, ...]:
+    """Validate ``q [B, *spatial, H, Dk]``, ``k [B, *spatial, K, Dk]``, ``v [B, *spatial, K, Dv]`` (1 to 3
+    spatial axes, GQA, one float dtype) and ``scale``; returns ``spatial``.  Errors name the argument."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         V.check_float_array(name, x)
     qs, ks, vs = jnp.shape(q), jnp.shape(k), jnp.shape(v)
@@ -254,7 +256,11 @@ def _validate(q, k, v, kernel_size, dilation, stride, causal, scale):
                         f"{jnp.result_type(v)}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
-    return neighborhood_spec(qs[1:-2], kernel_size, dilation, stride, causal)
+    return tuple(qs[1:-2])
+
+
+def _validate(q, k, v, kernel_size, dilation, stride, causal, scale):
+    return neighborhood_spec(check_grid_inputs(q, k, v, scale), kernel_size, dilation, stride, causal)
 
 
 @dataclass(frozen=True)
