@@ -286,3 +286,9 @@ def test_lengths_rows_equal_rows_alone(kw):
     assert float(jnp.abs(outs["reference"][1:2, 10:]).max()) == 0 and float(jnp.abs(outs["gather"][2, 3:]).max()) == 0
     with pytest.raises(ValueError, match="lengths"):
         neighborhood(q, k, v, lengths=lengths, impl="tiled", **kw)
+
+
+def test_shape_annotations_are_checked():
+    """tests/conftest.py puts attn_jax.local under jaxtyping's import hook: the annotations are enforced."""
+    for fn in (neighborhood, aj.local.axial, aj.local.window_attention, aj.local.multi_scale_window_attention):
+        assert hasattr(fn, "__wrapped__"), f"{fn.__name__} is not wrapped by jaxtyping's import hook"
