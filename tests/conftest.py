@@ -15,7 +15,7 @@ if any(m == "attn_jax" or m.startswith("attn_jax.") for m in sys.modules):
     raise RuntimeError("attn_jax was imported before tests/conftest.py could install the shape-check hook")
 
 #: The families of pure ops (their public functions carry the shape annotations).
-CHECKED = ("attn_jax.softmax", "attn_jax.linear", "attn_jax.positional", "attn_jax.variants")
+CHECKED = ("attn_jax.softmax", "attn_jax.linear", "attn_jax.positional", "attn_jax.variants", "attn_jax.local")
 _hook = install_import_hook(CHECKED, "tests.shapecheck.checker")
 
 

@@ -1,0 +1,14 @@
+"""Local and multi-dimensional attention on token grids: neighborhood attention (1-, 2-, 3-D),
+axial attention, Swin (shifted-)window attention and multi-scale (per-head) window attention."""
+
+from attn_jax.local.neighborhood import (NEIGHBORHOOD, NeighborhoodBias, NeighborhoodMask, NeighborhoodSpec,
+                                         axis_windows, neighborhood, neighborhood_mask, neighborhood_reference,
+                                         neighborhood_spec)
+from attn_jax.local.axial import AXIAL, axial, axial_mask, axial_reference
+from attn_jax.local.mswa import MSWA, mswa_mask, multi_scale_window_attention
+from attn_jax.local.window import WINDOW_ATTENTION, window_attention, window_attention_reference, window_mask
+
+__all__ = ["NEIGHBORHOOD", "NeighborhoodBias", "NeighborhoodMask", "NeighborhoodSpec", "axis_windows", "neighborhood",
+           "neighborhood_mask", "neighborhood_reference", "neighborhood_spec", "AXIAL", "axial", "axial_mask",
+           "axial_reference", "WINDOW_ATTENTION", "window_attention", "window_attention_reference", "window_mask",
+           "MSWA", "mswa_mask", "multi_scale_window_attention"]
