@@ -3,10 +3,14 @@
 * :mod:`attn_jax.sparse.patterns`: static patterns (BigBird, Longformer, Sparse Transformer strided
   and fixed, PowerAttention, generic :func:`block_mask`, :func:`per_head`) as masks that
   ``aj.attention(..., mask=...)`` runs on the XLA tile engine, visiting only their tiles.
+* :mod:`attn_jax.sparse.engine`: :func:`block_sparse_attention` over traced (router-made) block lists
+  of a fixed maximum count (gather + softmax per query block, custom VJP, GQA).
 """
 
 import types as _types
 
+from attn_jax.sparse.engine import (BLOCK_SPARSE, block_layout_from_indices, block_mask_from_indices,
+                                    block_sparse_attention, block_sparse_reference, selected_block_count)
 from attn_jax.sparse.patterns import (BlockMask, GlobalTokens, PerHead, StridedDistance, SummaryColumns, bigbird,
                                       block_mask, fixed, global_tokens, layout_of, longformer, per_head,
                                       power_attention, strided)
