@@ -10,7 +10,8 @@
 import types as _types
 
 from attn_jax.sparse.engine import (BLOCK_SPARSE, block_layout_from_indices, block_mask_from_indices,
-                                    block_sparse_attention, block_sparse_reference, selected_block_count)
+                                    block_sparse_attention, block_sparse_reference, block_sparse_tile_count,
+                                    selected_block_count)
 from attn_jax.sparse.patterns import (BlockMask, GlobalTokens, PerHead, StridedDistance, SummaryColumns, bigbird,
                                       block_mask, fixed, global_tokens, layout_of, longformer, per_head,
                                       power_attention, strided)
