@@ -70,6 +70,8 @@ class BlockSparseProblem:
     return_lse: bool
     dtype: Any
     has_slot_mask: bool
+    offset: int | None          # static position of query 0 (None: an int[B] array is passed)
+    has_segments: bool
 
     @property
     def nq(self) -> int:
@@ -85,7 +87,8 @@ def _check_block(name, b):
         raise ValueError(f"{name}: expected a positive int, got {b!r}")
 
 
-def _problem(q, k, v, block_idx, slot_mask, block_size, block_q, causal, scale, return_lse) -> BlockSparseProblem:
+def _problem(q, k, v, block_idx, slot_mask, block_size, block_q, causal, scale, return_lse, q_offset=None,
+             segment_ids=None) -> BlockSparseProblem:
     d = V.check_qkv(q, k, v)
     _check_block("block_size", block_size)
     block_q = block_size if block_q is None else block_q
@@ -106,9 +109,22 @@ def _problem(q, k, v, block_idx, slot_mask, block_size, block_q, causal, scale, 
             raise ValueError(f"slot_mask: expected shape [B, Hi, T, n_sel] = {list(want)}, got {tuple(jnp.shape(slot_mask))}")
         if jnp.result_type(slot_mask) != jnp.bool_:
             raise TypeError(f"slot_mask: expected a boolean array, got dtype {jnp.result_type(slot_mask)}")
+    offset = d.S - d.T if q_offset is None else q_offset
+    if not M.is_concrete_int(offset):
+        if tuple(jnp.shape(offset)) != (d.B,) or not jnp.issubdtype(jnp.result_type(offset), jnp.integer):
+            raise ValueError(f"q_offset: expected an int or an int array of shape [{d.B}], got "
+                             f"{jnp.result_type(offset)}{tuple(jnp.shape(offset))}")
+        offset = None
+    else:
+        offset = int(offset)
+    if segment_ids is not None:
+        qs, ks = segment_ids
+        if tuple(jnp.shape(qs)) != (d.B, d.T) or tuple(jnp.shape(ks)) != (d.B, d.S):
+            raise ValueError(f"segment_ids: expected (q ids [{d.B}, {d.T}], kv ids [{d.B}, {d.S}]), got "
+                             f"({tuple(jnp.shape(qs))}, {tuple(jnp.shape(ks))})")
     scale = float(d.Dk ** -0.5 if scale is None else scale)
     return BlockSparseProblem(d, shape[1], shape[3], block_size, block_q, causal, scale, bool(return_lse), q.dtype,
-                              slot_mask is not None)
+                              slot_mask is not None, offset, segment_ids is not None)
 
 
 def block_layout_from_indices(block_idx: Int[ArrayLike, "B Hi nq n_sel"], nk: int) -> Bool[Array, "B Hi nq nk"]:
@@ -120,12 +136,13 @@ def block_layout_from_indices(block_idx: Int[ArrayLike, "B Hi nq n_sel"], nk: in
 
 
 def block_mask_from_indices(block_idx: Int[ArrayLike, "B Hi nq n_sel"], T: int, S: int, block_size: int, *,
-                            causal: bool, block_q: int | None = None, slot_mask=None,
-                            heads: int | None = None) -> Bool[Array, "B H T S"]:
+                            causal: bool, block_q: int | None = None, slot_mask=None, q_offset=None,
+                            segment_ids=None, heads: int | None = None) -> Bool[Array, "B H T S"]:
     """The materialised ``bool[B, H, T, S]`` mask of a block list (for references and tests):
     selected blocks (per token through ``slot_mask [B, Hi, T, n_sel]`` when given), keys past ``S``
-    excluded, and ``j <= i + S - T`` when ``causal``.  ``heads`` (default ``Hi``) repeats a
-    per-key/value-head list over the query heads of each group."""
+    excluded, ``j <= i + q_offset`` when ``causal`` (default offset ``S - T``; an int or int[B]) and
+    matching non-zero ids when ``segment_ids = (q ids [B, T], kv ids [B, S])``.  ``heads`` (default
+    ``Hi``) repeats a per-key/value-head list over the query heads of each group."""
     idx = jnp.asarray(block_idx)
     block_q = block_size if block_q is None else block_q
     nk = -(-S // block_size)
@@ -137,7 +154,9 @@ def block_mask_from_indices(block_idx: Int[ArrayLike, "B Hi nq n_sel"], T: int, 
     lay = hit.any(axis=-2)                                                       # [B, Hi, T, nk]
     m = jnp.repeat(lay, block_size, axis=3)[..., :S]
     if causal:
-        m = m & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T))
+        m = m & M.causal(q_offset).materialize(T, S)
+    if segment_ids is not None:
+        m = m & M.segments(*segment_ids).materialize(T, S)
     if heads is not None and heads != idx.shape[1]:
         m = jnp.repeat(m, heads // idx.shape[1], axis=1)
     return m
@@ -189,15 +208,22 @@ class _Engine:
         count = lay(valid).sum(-1).reshape(t.nq, -1).max(-1).astype(jnp.int32)
         return lay(idx), lay(valid), smask, count
 
-    def visibility(self, qi, blk, ok, sm):
+    def visibility(self, qi, blk, ok, sm, ex, qseg):
         """``[B, K, Gi, bq, bk]``: the real pairs of query block ``qi`` and key block ``blk [B, K, Gi]``
-        that the list (``ok``), the slot mask (``sm [B, K, Gi, bq]``) and causality leave visible."""
+        that the list (``ok``), the slot mask (``sm [B, K, Gi, bq]``), causality and the segment ids
+        (``qseg [B, bq]`` of this query block, ``ex``'s kv ids) leave visible."""
         t = self.t
         kpos = blk[..., None] * t.bk + jnp.arange(t.bk, dtype=jnp.int32)       # [B, K, Gi, bk]
         qrow = qi * t.bq + jnp.arange(t.bq, dtype=jnp.int32)
         vis = (ok[..., None] & (kpos < t.S))[..., None, :] & (qrow < t.T)[:, None]
         if self.p.causal:
-            vis = vis & (kpos[..., None, :] <= (qrow + (t.S - t.T))[:, None])
+            off = self.p.offset if self.p.offset is not None else ex["offset"][:, None, None, None, None]
+            vis = vis & (kpos[..., None, :] <= qrow[:, None] + off)
+        if qseg is not None:
+            kv = TL.pad_axis(ex["kv_seg"], 1, t.nk * t.bk)
+            kseg = kv[jnp.arange(t.B)[:, None, None, None], jnp.clip(kpos, 0, t.nk * t.bk - 1)]   # [B, K, Gi, bk]
+            qs = qseg[:, None, None, :, None]
+            vis = vis & (qs == kseg[..., None, :]) & (qs != 0)
         if sm is not None:
             vis = vis & sm[..., None]
         return vis
@@ -233,18 +259,26 @@ class _Engine:
         return (TL.layout_q(q, t), TL.layout_kv(k, t).transpose(0, 3, 1, 2, 4),
                 TL.layout_kv(v, t).transpose(0, 3, 1, 2, 4))                  # q_l, k_t/v_t [B, K, nk, bk, D]
 
-    def forward(self, q, k, v, block_idx, slot_mask):
+    def qseg_layout(self, ex):
+        """The query segment ids per query block, ``[nq, B, bq]`` (None without segments)."""
+        if ex.get("q_seg") is None:
+            return None
+        t = self.t
+        return TL.pad_axis(ex["q_seg"], 1, t.nq * t.bq).reshape(t.B, t.nq, t.bq).transpose(1, 0, 2)
+
+    def forward(self, q, k, v, block_idx, slot_mask, ex):
         t = self.t
         q_l, k_t, v_t = self.operands(q, k, v)
         idx_l, valid_l, smask_l, count = self.lists(block_idx, slot_mask)
+        qseg_l = self.qseg_layout(ex)
 
         def q_block(_, xs):
-            qi, qb, idx, valid, smask, n = xs
+            qi, qb, idx, valid, smask, n, qseg = xs
 
             def step(s, st):
                 m, l, acc, n_tiles = st
                 blk = idx[..., s]
-                vis = self.visibility(qi, blk, valid[..., s], None if smask is None else smask[..., s])
+                vis = self.visibility(qi, blk, valid[..., s], None if smask is None else smask[..., s], ex, qseg)
                 sc, _, _, col_used = self.scores(qb, self.tile(k_t, blk), vis)
                 vb = jnp.where(col_used, self.tile(v_t, blk), 0)
                 m_new = jnp.maximum(m, sc.max(axis=-1))
@@ -263,15 +297,16 @@ class _Engine:
             m_safe = jnp.where(m == -jnp.inf, 0.0, m)
             return None, (acc / safe_l[..., None], jnp.where(has, m_safe + jnp.log(safe_l), -jnp.inf), n_tiles)
 
-        xs = (jnp.arange(t.nq, dtype=jnp.int32), q_l, idx_l, valid_l, smask_l, count)
+        xs = (jnp.arange(t.nq, dtype=jnp.int32), q_l, idx_l, valid_l, smask_l, count, qseg_l)
         _, (o_l, lse_l, n_tiles) = lax.scan(q_block, None, xs)
         self.tiles_visited = n_tiles.sum()   # key-block steps the forward computed (tests, benchmarks)
         return o_l, lse_l
 
-    def backward(self, q, k, v, block_idx, slot_mask, o_l, lse_l, do, dlse):
+    def backward(self, q, k, v, block_idx, slot_mask, ex, o_l, lse_l, do, dlse):
         t = self.t
         q_l, k_t, v_t = self.operands(q, k, v)
         idx_l, valid_l, smask_l, count = self.lists(block_idx, slot_mask)
+        qseg_l = self.qseg_layout(ex)
         do_l = TL.layout_q(do.astype(q.dtype), t)
         delta_l = (do_l.astype(self.cdt) * o_l).sum(-1) - TL.layout_q(dlse.astype(self.cdt)[..., None], t)[..., 0]
         lse_l = jnp.where(jnp.isfinite(lse_l), lse_l, 0.0)
@@ -279,12 +314,12 @@ class _Engine:
         ki = jnp.arange(t.K)[None, :, None]
 
         def q_block(carry, xs):
-            qi, qb0, idx, valid, smask, n, dob, lse, delta = xs
+            qi, qb0, idx, valid, smask, n, dob, lse, delta, qseg = xs
 
             def step(s, st):
                 dq, dk_t, dv_t = st
                 blk = idx[..., s]
-                vis = self.visibility(qi, blk, valid[..., s], None if smask is None else smask[..., s])
+                vis = self.visibility(qi, blk, valid[..., s], None if smask is None else smask[..., s], ex, qseg)
                 sc, qb, kb, col_used = self.scores(qb0, self.tile(k_t, blk), vis)
                 vb = jnp.where(col_used, self.tile(v_t, blk), 0)
                 pr = jnp.where(vis, jnp.exp(sc - lse[..., None]), 0.0)
@@ -302,7 +337,7 @@ class _Engine:
 
         dk0 = jnp.zeros((t.B, t.K, t.nk, t.bk, t.Dk), self.cdt)
         dv0 = jnp.zeros((t.B, t.K, t.nk, t.bk, t.Dv), self.cdt)
-        xs = (jnp.arange(t.nq, dtype=jnp.int32), q_l, idx_l, valid_l, smask_l, count, do_l, lse_l, delta_l)
+        xs = (jnp.arange(t.nq, dtype=jnp.int32), q_l, idx_l, valid_l, smask_l, count, do_l, lse_l, delta_l, qseg_l)
         (dk_t, dv_t), dq_l = lax.scan(q_block, (dk0, dv0), xs)
         dq = TL.unlayout_q(dq_l, t).astype(q.dtype)
         dk = TL.unlayout_kv(dk_t.transpose(2, 0, 3, 1, 4), t).astype(k.dtype)
@@ -310,46 +345,58 @@ class _Engine:
         return dq, dk, dv
 
 
-def _xla(p: BlockSparseProblem, q, k, v, block_idx, slot_mask):
+def _xla(p: BlockSparseProblem, q, k, v, block_idx, slot_mask, ex):
     eng = _Engine(p)
 
     @jax.custom_vjp
-    def core(q, k, v, block_idx, slot_mask):
-        o_l, lse_l = eng.forward(q, k, v, block_idx, slot_mask)
+    def core(q, k, v, block_idx, slot_mask, ex):
+        o_l, lse_l = eng.forward(q, k, v, block_idx, slot_mask, ex)
         return TL.unlayout_q(o_l, eng.t).astype(q.dtype), TL.unlayout_q(lse_l, eng.t)
 
-    def core_fwd(q, k, v, block_idx, slot_mask):
-        o_l, lse_l = eng.forward(q, k, v, block_idx, slot_mask)
+    def core_fwd(q, k, v, block_idx, slot_mask, ex):
+        o_l, lse_l = eng.forward(q, k, v, block_idx, slot_mask, ex)
         out = (TL.unlayout_q(o_l, eng.t).astype(q.dtype), TL.unlayout_q(lse_l, eng.t))
-        return out, (q, k, v, block_idx, slot_mask, o_l, lse_l)
+        return out, (q, k, v, block_idx, slot_mask, ex, o_l, lse_l)
 
     def core_bwd(res, cts):
-        q, k, v, block_idx, slot_mask, o_l, lse_l = res
+        q, k, v, block_idx, slot_mask, ex, o_l, lse_l = res
         do, dlse = cts
-        dq, dk, dv = eng.backward(q, k, v, block_idx, slot_mask, o_l, lse_l, do, dlse)
-        return dq, dk, dv, None, None
+        dq, dk, dv = eng.backward(q, k, v, block_idx, slot_mask, ex, o_l, lse_l, do, dlse)
+        return dq, dk, dv, None, None, jax.tree.map(lambda _: None, ex)
 
     core.defvjp(core_fwd, core_bwd)
-    o, lse = core(q, k, v, block_idx, slot_mask)
+    o, lse = core(q, k, v, block_idx, slot_mask, ex)
     return (o, lse.astype(jnp.float32 if eng.cdt == jnp.float32 else eng.cdt)) if p.return_lse else o
 
 
 def block_sparse_reference(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"],
                            v: Float[ArrayLike, "B S K Dv"], block_idx: Int[ArrayLike, "B Hi nq n_sel"], *,
                            block_size: int, causal: bool, block_q: int | None = None,
-                           slot_mask: Bool[ArrayLike, "B Hi T n_sel"] | None = None, scale: float | None = None,
-                           return_lse: bool = False):
+                           slot_mask: Bool[ArrayLike, "B Hi T n_sel"] | None = None, q_offset=None,
+                           segment_ids=None, scale: float | None = None, return_lse: bool = False):
     """Dense attention under the materialised block mask (:func:`block_mask_from_indices`): the spec."""
     B, T, H, _ = q.shape
     S = k.shape[1]
     m = block_mask_from_indices(block_idx, T, S, block_size, causal=causal, block_q=block_q, slot_mask=slot_mask,
-                                heads=H)
+                                q_offset=q_offset, segment_ids=segment_ids, heads=H)
     return attention_reference(q, k, v, mask=M.dense(m), scale=scale, return_lse=return_lse)
 
 
-def _reference(p: BlockSparseProblem, q, k, v, block_idx, slot_mask):
+def _reference(p: BlockSparseProblem, q, k, v, block_idx, slot_mask, ex):
+    seg = (ex["q_seg"], ex["kv_seg"]) if p.has_segments else None
     return block_sparse_reference(q, k, v, block_idx, block_size=p.block_size, causal=p.causal, block_q=p.block_q,
-                                  slot_mask=slot_mask, scale=p.scale, return_lse=p.return_lse)
+                                  slot_mask=slot_mask, q_offset=ex.get("offset", p.offset), segment_ids=seg,
+                                  scale=p.scale, return_lse=p.return_lse)
+
+
+def _extras(q_offset, segment_ids):
+    """The traced extras of a call: an ``int[B]`` offset, segment ids."""
+    ex = {}
+    if q_offset is not None and not M.is_concrete_int(q_offset):
+        ex["offset"] = jnp.asarray(q_offset, jnp.int32)
+    if segment_ids is not None:
+        ex["q_seg"], ex["kv_seg"] = (jnp.asarray(x, jnp.int32) for x in segment_ids)
+    return ex
 
 
 def _always(platform, p):
@@ -363,8 +410,8 @@ BLOCK_SPARSE.register("reference", _reference, _always, auto=False)
 def block_sparse_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"],
                            v: Float[ArrayLike, "B S K Dv"], block_idx: Int[ArrayLike, "B Hi nq n_sel"], *,
                            block_size: int, causal: bool = False, block_q: int | None = None,
-                           slot_mask: Bool[ArrayLike, "B Hi T n_sel"] | None = None, scale: float | None = None,
-                           return_lse: bool = False, impl="auto"
+                           slot_mask: Bool[ArrayLike, "B Hi T n_sel"] | None = None, q_offset=None,
+                           segment_ids=None, scale: float | None = None, return_lse: bool = False, impl="auto"
                            ) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
     """Attention of each query block over a traced list of key blocks (see the module docstring).
 
@@ -376,6 +423,10 @@ def block_sparse_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, 
       block_q: query block size in tokens (default ``block_size``).
       slot_mask: optional ``bool[B, H|K, T, n_sel]``: token ``i`` sees slot ``s`` of its query
         block's list only where True (token-level routing).
+      q_offset: the position of query 0 for ``causal`` (an int or ``int[B]``, e.g. cache lengths;
+        default ``S - T``).
+      segment_ids: ``(q ids int[B, T], kv ids int[B, S])``: pairs with equal non-zero ids only
+        (packed documents; 0 = padding).
       causal: hide ``j > i + (S - T)`` inside the selected blocks (bottom-right aligned).
       scale: logit scale, default ``Dk ** -0.5``.
       return_lse: also return the float32 log-sum-exp ``[B, T, H]`` (``-inf`` for a row with no key),
@@ -387,8 +438,9 @@ def block_sparse_attention(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, 
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     block_idx = jnp.asarray(block_idx)
     slot_mask = None if slot_mask is None else jnp.asarray(slot_mask)
-    p = _problem(q, k, v, block_idx, slot_mask, block_size, block_q, causal, scale, return_lse)
-    return BLOCK_SPARSE.call(impl, p, q, k, v, block_idx, slot_mask)
+    p = _problem(q, k, v, block_idx, slot_mask, block_size, block_q, causal, scale, return_lse, q_offset,
+                 segment_ids)
+    return BLOCK_SPARSE.call(impl, p, q, k, v, block_idx, slot_mask, _extras(q_offset, segment_ids))
 
 
 def block_sparse_tile_count(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"],
@@ -400,7 +452,7 @@ def block_sparse_tile_count(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike,
     q, k, v, block_idx = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(block_idx)
     slot_mask = None if slot_mask is None else jnp.asarray(slot_mask)
     eng = _Engine(_problem(q, k, v, block_idx, slot_mask, block_size, block_q, causal, None, False))
-    eng.forward(q, k, v, block_idx, slot_mask)
+    eng.forward(q, k, v, block_idx, slot_mask, {})
     return eng.tiles_visited
 
 
