@@ -50,9 +50,12 @@ def _check(q, k, v, block_size, top_k):
 
 
 def moba_gate(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"], *, block_size: int,
-              top_k: int) -> Bool[Array, "B H T nb"]:
+              top_k: int, q_offset=None) -> Bool[Array, "B H T nb"]:
     """MoBA's routing: ``sel[b, h, t, blk]`` is True iff token ``t`` of head ``h`` attends to key block
-    ``blk`` (its own block, and the ``top_k - 1`` past blocks with the largest mean-pooled-key scores)."""
+    ``blk`` (its own block, and the ``top_k - 1`` past blocks with the largest mean-pooled-key scores).
+    ``q_offset``: position of query 0 (int or ``int[B]``; default ``S - T``).  Only complete past
+    blocks are ever scored against each other (the own block is selected whatever its score), so
+    keys past the query's position -- unfilled cache slots included -- never change the routing."""
     q, k = jnp.asarray(q), jnp.asarray(k)
     B, T, H, Dk = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -63,13 +66,15 @@ def moba_gate(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"], 
     qg = q.astype(jnp.float32).reshape(B, T, K, H // K, Dk)
     s = jnp.einsum("btkgd,bnkd->bkgtn", qg, kbar, precision=lax.Precision.HIGHEST).reshape(B, H, T, nb)
     s = lax.stop_gradient(s)
-    own = (jnp.arange(T) + (S - T)) // block_size                                               # [T] (< 0: no key)
+    off = S - T if q_offset is None else q_offset
+    off = jnp.reshape(jnp.asarray(off, jnp.int32), (-1, 1, 1, 1))                               # [B|1, 1, 1, 1]
+    own = jnp.floor_divide(jnp.arange(T)[None, None, :, None] + off, block_size)                # (< 0: no key)
     blk = jnp.arange(nb)
-    sel = (blk[None, :] == own[:, None]) & (own[:, None] >= 0)                                  # [T, nb]
+    sel = (blk == own) & (own >= 0)                                                             # [B|1, 1, T, nb]
     sel = jnp.broadcast_to(sel, (B, H, T, nb))
     n_past = min(top_k - 1, nb)
     if n_past > 0:
-        past = blk[None, :] < own[:, None]
+        past = blk < own
         vals, ids = lax.top_k(jnp.where(past, s, -jnp.inf), n_past)                             # [B, H, T, n_past]
         chosen = (ids[..., None] == blk) & jnp.isfinite(vals)[..., None]
         sel = sel | chosen.any(axis=-2)
@@ -94,8 +99,8 @@ def moba_lists(sel: Bool[ArrayLike, "B H T nb"], block_q: int):
 
 
 def moba(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"], v: Float[ArrayLike, "B S K Dv"], *,
-         block_size: int, top_k: int, scale: float | None = None, block_q: int | None = None,
-         impl="auto") -> Float[Array, "B T H Dv"]:
+         block_size: int, top_k: int, scale: float | None = None, block_q: int | None = None, q_offset=None,
+         segment_ids=None, impl="auto") -> Float[Array, "B T H Dv"]:
     """MoBA attention (causal; see the module docstring).
 
     Args:
@@ -105,30 +110,38 @@ def moba(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"], v: Fl
         gives full causal attention.
       scale: logit scale, default ``Dk ** -0.5``.
       block_q: the engine's query block (default ``min(block_size, 64)``); a tuning knob only.
+      q_offset: position of query 0 (an int or ``int[B]``, e.g. a cache's lengths; default ``S - T``).
+      segment_ids: ``(q ids int[B, T], kv ids int[B, S])``: packed documents (0 = padding) masked
+        inside the selected blocks.  Blocks are positions of the packed row (the pooled means may
+        mix documents): a deviation only for packed rows.
       impl: ``"auto"`` / ``"xla"`` (the block-sparse engine) or ``"reference"`` (dense, materialised mask).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     _check(q, k, v, block_size, top_k)
     if impl == "reference":
-        return moba_reference(q, k, v, block_size=block_size, top_k=top_k, scale=scale)
+        return moba_reference(q, k, v, block_size=block_size, top_k=top_k, scale=scale, q_offset=q_offset,
+                              segment_ids=segment_ids)
     if impl not in ("auto", "xla"):
         raise ValueError(f"impl: expected 'auto', 'xla' or 'reference', got {impl!r}")
     block_q = min(block_size, DEFAULT_BLOCK_Q) if block_q is None else block_q
     if not isinstance(block_q, int) or isinstance(block_q, bool) or block_q <= 0:
         raise ValueError(f"block_q: expected a positive int, got {block_q!r}")
-    idx, slot = moba_lists(moba_gate(q, k, block_size=block_size, top_k=top_k), block_q)
+    idx, slot = moba_lists(moba_gate(q, k, block_size=block_size, top_k=top_k, q_offset=q_offset), block_q)
     return block_sparse_attention(q, k, v, idx, block_size=block_size, block_q=block_q, slot_mask=slot, causal=True,
-                                  scale=scale)
+                                  q_offset=q_offset, segment_ids=segment_ids, scale=scale)
 
 
 def moba_reference(q: Float[ArrayLike, "B T H Dk"], k: Float[ArrayLike, "B S K Dk"], v: Float[ArrayLike, "B S K Dv"],
-                   *, block_size: int, top_k: int, scale: float | None = None) -> Float[Array, "B T H Dv"]:
+                   *, block_size: int, top_k: int, scale: float | None = None, q_offset=None,
+                   segment_ids=None) -> Float[Array, "B T H Dv"]:
     """Dense attention under MoBA's token mask: the routing of :func:`moba_gate` expanded to keys, causal."""
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     _check(q, k, v, block_size, top_k)
     T, S = q.shape[1], k.shape[1]
-    sel = moba_gate(q, k, block_size=block_size, top_k=top_k)
-    m = jnp.repeat(sel, block_size, axis=-1)[..., :S] & M.causal().materialize(T, S)
+    sel = moba_gate(q, k, block_size=block_size, top_k=top_k, q_offset=q_offset)
+    m = jnp.repeat(sel, block_size, axis=-1)[..., :S] & M.causal(q_offset).materialize(T, S)
+    if segment_ids is not None:
+        m = m & M.segments(*segment_ids).materialize(T, S)
     return attention_reference(q, k, v, mask=M.dense(m), scale=scale)
 
 
@@ -136,4 +149,6 @@ DECLARATION = declare(Declaration(
     name="moba", family="sparse", title="MoBA (mixture of block attention)",
     papers=(Paper("MoBA: Mixture of Block Attention for Long-Context LLMs", 2025, "2502.13189", "Lu et al."),),
     summary="G_t = {own block} ∪ top_{k-1}{b < own : q_t·mean(K_b)};  o_t = softmax over the keys of G_t (causal)",
-    op=moba, forms=("xla",), directions=("causal",), notes="gate per query token (no gradient through the selection); block-sparse engine with token slot masks"))
+    op=moba, forms=("xla",), directions=("causal",), layer="attn_jax.nn.sparse_mixers:moba_mixer",
+    notes="gate per query token (no gradient through the selection); block-sparse engine with token slot masks; "
+          "packed rows: blocks are positions of the row"))
