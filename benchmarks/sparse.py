@@ -14,10 +14,13 @@
 3. **Overhead**: the engine at 10% density against dense attention restricted to the same FLOPs --
    ``impl="xla"`` without a mask over the first ``n_sel * block`` keys (every query block does
    ``n_sel`` full tiles, contiguous).  Target: <= 1.5x.
-4. **MoBA vs exact** (``T in --moba-seqs``, forward + backward of ``sum(o * w)``):
-   ``aj.sparse.moba(block_size=512, top_k=3)`` against causal ``impl="xla"``; random inputs route
-   diversely, so the key blocks MoBA visits (the union of each query block's token choices) are
-   reported beside the time.
+4. **MoBA and NSA vs exact** (``T in --moba-seqs``, forward + backward of ``sum(o * w)``):
+   ``aj.sparse.moba(block_size=512, top_k=3)`` and ``aj.sparse.nsa`` (the paper's sizes: l=32, d=16,
+   l'=64, n=16, w=512; gates 1/3) against causal ``impl="xla"``.  MoBA routes per token and the
+   engine visits the union of a query block's token choices, so two inputs are timed: ``random``
+   (i.i.d. normal q: diverse routing, the union covers almost every causal block) and ``coherent``
+   (q = 0.3 x noise + a direction shared by each run of 64 tokens: neighbouring tokens agree, as
+   they tend to in trained models); the fraction of tiles visited is reported beside the time.
 
 Median of ``--repeats`` runs after one warm-up (the peers of each comparison in alternating rounds,
 :func:`benchmarks.common.time_peers`); the process CPU time of every timed call is recorded too,
@@ -36,7 +39,7 @@ import numpy as np
 
 import attn_jax as aj
 from attn_jax import masks
-from attn_jax.sparse import block_sparse_attention, block_sparse_tile_count, moba
+from attn_jax.sparse import block_sparse_attention, block_sparse_tile_count, moba, nsa
 from attn_jax.sparse.moba import moba_gate, moba_lists
 from benchmarks.common import environment, format_table, results_dir, time_peers, write_json
 
@@ -133,11 +136,14 @@ def bench_speedup(args, q, k, v):
 
 def bench_moba(args):
     rows = []
-    for T in args.moba_seqs:
+    for T, routing in ((T, r) for T in args.moba_seqs for r in ("random", "coherent")):
         key = jax.random.key(T)
-        kq, kk, kv, kw = jax.random.split(key, 4)
+        kq, kk, kv, kw, kr = jax.random.split(key, 5)
         shape = (1, T, args.heads, args.head_dim)
         q, k, v, w = (jax.random.normal(x, shape, jnp.float32) for x in (kq, kk, kv, kw))
+        if routing == "coherent":
+            shared = jax.random.normal(kr, (1, -(-T // 64), args.heads, args.head_dim))
+            q = 0.3 * q + jnp.repeat(shared, 64, axis=1)[:, :T]
 
         def fwd_bwd(fn):
             return jax.jit(jax.value_and_grad(lambda q, k, v: (fn(q, k, v) * w).sum(), argnums=(0, 1, 2)))
@@ -148,9 +154,17 @@ def bench_moba(args):
             peers[f"moba_block_q{bq}"] = (fwd_bwd(lambda q, k, v, bq=bq: moba(q, k, v, block_size=args.moba_block,
                                                                               top_k=args.moba_top_k, block_q=bq)),
                                           (q, k, v), None)
+        gates = jnp.full(shape[:3] + (3,), 1 / 3, jnp.float32)
+        if routing == "random":
+            peers["nsa"] = (fwd_bwd(lambda q, k, v: nsa(q, k, v, gates)), (q, k, v), None)
         t = time_peers(peers, repeats=args.repeats, rounds=1)
-        row = {"T": T, "block_size": args.moba_block, "top_k": args.moba_top_k,
-               "exact_s": t["exact_causal_xla"]["median_s"]}
+        row = {"T": T, "routing": routing, "block_size": args.moba_block, "top_k": args.moba_top_k,
+               "exact_s": t["exact_causal_xla"]["median_s"],
+               "exact_cpu_s": _cpu_time(peers["exact_causal_xla"][0], q, k, v, repeats=1)}
+        if "nsa" in t:
+            row["nsa_s"] = t["nsa"]["median_s"]
+            row["nsa_speedup"] = row["exact_s"] / row["nsa_s"]
+            row["nsa_cpu_s"] = _cpu_time(peers["nsa"][0], q, k, v, repeats=1)
         nb = -(-T // args.moba_block)
         for bq in args.moba_block_q:
             idx, slot = moba_lists(moba_gate(q, k, block_size=args.moba_block, top_k=args.moba_top_k), bq)
@@ -158,6 +172,7 @@ def bench_moba(args):
                                                 causal=True))
             row[f"moba_block_q{bq}_s"] = t[f"moba_block_q{bq}"]["median_s"]
             row[f"moba_block_q{bq}_speedup"] = row["exact_s"] / row[f"moba_block_q{bq}_s"]
+            row[f"moba_block_q{bq}_cpu_s"] = _cpu_time(peers[f"moba_block_q{bq}"][0], q, k, v, repeats=1)
             # fraction of the (query block x key block) tiles visited, against the causal half
             row[f"moba_block_q{bq}_tile_fraction"] = tiles / ((-(-T // bq)) * nb)
         row["token_density"] = float(np.asarray(moba_gate(q, k, block_size=args.moba_block,
