@@ -25,7 +25,7 @@
 Median of ``--repeats`` runs after one warm-up (the peers of each comparison in alternating rounds,
 :func:`benchmarks.common.time_peers`); the process CPU time of every timed call is recorded too,
 since the development machine is shared (a high CPU/wall ratio means the cores were ours).
-Writes ``results/bench/sparse.json``.
+Writes ``results/bench/sparse.json`` (``--out`` to name another file).
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ def main(argv=None):
     p.add_argument("--moba-block-q", type=lambda s: [int(x) for x in s.split(",")], default=[64, 512])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip", type=lambda s: s.split(","), default=[])
+    p.add_argument("--out", default="sparse.json", help="file name under results/bench/")
     args = p.parse_args(argv)
 
     env = environment()
@@ -218,7 +219,7 @@ def main(argv=None):
                            [(f"{r['density']:.3f}", r["n_sel"], r["tiles_visited"], f"{r['engine_s'] * 1e3:.0f}",
                              f"{r['static_s'] * 1e3:.0f}") for r in out["density_sweep"]]))
         print("fits:", out["fits"])
-    path = f"{results_dir()}/sparse.json"
+    path = f"{results_dir()}/{args.out}"
     write_json(path, out)
     print("wrote", path)
 
