@@ -47,6 +47,17 @@ def test_matches_dense_reference(name):
                         (q, k, v), ("q", "k", "v"))
 
 
+def test_offsets_and_segments_with_gradients():
+    """Per-row query offsets and packed segment ids inside the tiles, values and VJPs."""
+    q, k, v = tk.random_qkv_compiled(jax.random.key(5), B=2, T=12, S=24, H=2, K=1, Dk=8)
+    idx = _indices(6, 2, 1, 3, 6, 3)
+    ids = np.random.default_rng(7).integers(0, 3, size=(2, 24)).astype(np.int32)
+    kw = dict(block_size=4, causal=True, q_offset=jnp.asarray([3, 12], jnp.int32),
+              segment_ids=(jnp.asarray(ids[:, 5:17]), jnp.asarray(ids)))
+    tk.check_vjp_parity(lambda q, k, v: block_sparse_attention(q, k, v, idx, **kw),
+                        lambda q, k, v: block_sparse_reference(q, k, v, idx, **kw), (q, k, v), ("q", "k", "v"))
+
+
 def test_materialised_mask_and_reference_spec():
     """The materialised mask is the selected blocks (padding and repeats ignored) cut causally; the
     reference is aj.attention under it."""
