@@ -34,7 +34,7 @@ COLUMNS = ("reference", "xla", "pallas-gpu", "pallas-tpu", "decode", "mixer")
 BEGIN, END = "<!-- feature-matrix:begin -->", "<!-- feature-matrix:end -->"
 LINEAR_BEGIN, LINEAR_END = "<!-- linear-matrix:begin -->", "<!-- linear-matrix:end -->"
 #: Families whose declarations get a README matrix of their own (``<!-- NAME-matrix:begin -->``).
-FAMILY_MATRICES = ("variants", "local")
+FAMILY_MATRICES = ("variants", "sparse", "local")
 FAMILY_COLUMNS = ("mechanism", "paper", "op", "forms besides the reference (impl=)", "causal", "bidirectional",
                   "mixer")
 LINEAR_COLUMNS = ("forms besides the reference (impl=)", "pallas-gpu", "pallas-tpu", "causal", "non-causal",

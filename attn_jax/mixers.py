@@ -96,7 +96,7 @@ from attn_jax.core import declaration as _declaration  # noqa: E402
 from attn_jax.core.recipe import LinearLayer as _LinearLayer  # noqa: E402
 from attn_jax.nn.linear_mixers import make_factory as _linear_factory  # noqa: E402
 
-_declaration.load("attn_jax.linear", "attn_jax.positional", "attn_jax.variants", "attn_jax.nn")
+_declaration.load("attn_jax.linear", "attn_jax.positional", "attn_jax.variants", "attn_jax.sparse", "attn_jax.nn")
 
 
 def _factory(d: _declaration.Declaration) -> Callable:
