@@ -64,13 +64,16 @@ def _mask_paths(state) -> dict[str, np.ndarray]:
             for p, v in nnx.to_flat_state(state)}
 
 
-def head_importance(model: nnx.Module, loss_fn: Callable, batches: Iterable) -> dict[str, np.ndarray]:
+def head_importance(model: nnx.Module, loss_fn: Callable, batches: Iterable, *,
+                    compiler_options: dict | None = None) -> dict[str, np.ndarray]:
     """``{layer path: I [H]}``, ``I_h = mean_batches |∂ loss_fn(model, batch) / ∂ξ_h|`` at ``ξ = 1``
     (Michel et al., 2019; normalise per layer with
-    :func:`attn_jax.analysis.metrics.normalize_importance`).  One compiled gradient program."""
+    :func:`attn_jax.analysis.metrics.normalize_importance`).  One compiled gradient program
+    (``compiler_options``: its XLA options)."""
     with head_masks(model):
         graphdef, masks, rest = nnx.split(model, HeadMask, ...)
-        grad = jax.jit(jax.grad(lambda m, r, batch: loss_fn(nnx.merge(graphdef, m, r), batch)))
+        grad = jax.jit(jax.grad(lambda m, r, batch: loss_fn(nnx.merge(graphdef, m, r), batch)),
+                       compiler_options=compiler_options)
         total, n = None, 0
         for batch in batches:
             g = jax.tree.map(jnp.abs, grad(masks, rest, batch))
@@ -82,16 +85,16 @@ def head_importance(model: nnx.Module, loss_fn: Callable, batches: Iterable) -> 
 
 
 def pruning_curve(model: nnx.Module, metric_fn: Callable, order: Sequence[tuple], *,
-                  counts: Sequence[int] | None = None) -> list[tuple[int, float]]:
+                  counts: Sequence[int] | None = None, compiler_options: dict | None = None) -> list[tuple[int, float]]:
     """``[(k, metric_fn(model with the first k heads of order masked)), ...]`` for ``k`` in
     ``counts`` (default ``0 .. len(order)``); ``order``: ``(layer path, head)`` pairs, e.g.
     :func:`attn_jax.analysis.metrics.prune_order` of the importances (Michel et al.'s greedy
-    pruning).  ``metric_fn(model) -> scalar`` is compiled once."""
+    pruning).  ``metric_fn(model) -> scalar`` is compiled once (``compiler_options``: its XLA options)."""
     counts = range(len(order) + 1) if counts is None else counts
     out = []
     with head_masks(model) as layers:
         graphdef, masks, rest = nnx.split(model, HeadMask, ...)
-        run = jax.jit(lambda m, r: metric_fn(nnx.merge(graphdef, m, r)))
+        run = jax.jit(lambda m, r: metric_fn(nnx.merge(graphdef, m, r)), compiler_options=compiler_options)
         for k in counts:
             values = {p: np.ones(layer.num_heads, np.float32) for p, layer in layers.items()}
             for path, h in order[:k]:
@@ -103,7 +106,8 @@ def pruning_curve(model: nnx.Module, metric_fn: Callable, order: Sequence[tuple]
     return out
 
 
-def attention_gradients(model: nnx.Module, target_fn: Callable, *args, **kwargs) -> tuple[dict, dict]:
+def attention_gradients(model: nnx.Module, target_fn: Callable, *args, compiler_options: dict | None = None,
+                        **kwargs) -> tuple[dict, dict]:
     """``(maps, grads)``: ``{layer path: A [B, H, T, S]}`` and ``{layer path: ∂f/∂A}`` with
     ``f = target_fn(model(*args, **kwargs))`` a scalar, for every plain softmax attention layer
     (the layers whose capture path computes the output from the materialised probabilities).
@@ -123,7 +127,7 @@ def attention_gradients(model: nnx.Module, target_fn: Callable, *args, **kwargs)
             grads, inter = jax.grad(f, has_aux=True)(perts)
             return grads, inter
 
-        grads, inter = jax.jit(run)(state, args)
+        grads, inter = jax.jit(run, compiler_options=compiler_options)(state, args)
     g = {path_name(p[:-1]): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
     maps = {path_name(p[:-1]): np.asarray(v.get_value()[0]) for p, v in nnx.to_flat_state(inter)
             if p[-1] == "attention_weights"}
