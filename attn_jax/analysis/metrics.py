@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["attention_entropy", "head_entropy", "sink_scores", "sink_ratio", "massive_activations",
+__all__ = ["is_probability", "attention_entropy", "head_entropy", "sink_scores", "sink_ratio", "massive_activations",
            "retrieval_score", "lookback_ratio", "residual_maps", "attention_rollout", "attention_flow",
            "max_flow", "gradient_weighted_rollout", "normalize_importance", "prune_order"]
 
@@ -72,6 +72,14 @@ def _stack(name: str, maps) -> np.ndarray:
     if a.shape[-1] != a.shape[-2]:
         raise ValueError(f"{name}: self-attention maps [..., T, T] are needed, got [..., {a.shape[-2]}, {a.shape[-1]}]")
     return _check_maps(name, a, 3)
+
+
+def is_probability(weights, *, tol: float = 1e-5) -> bool:
+    """Whether every row is a (sub-)probability vector: entries ``>= 0``, sums ``<= 1`` (to ``tol``).
+    Softmax (with sinks), entmax and normalised linear attention are; sigmoid, ReLU or gated linear
+    weights in general are not (entropy is then undefined)."""
+    a = _check_maps("weights", weights)
+    return bool(np.all(a >= -tol) and np.all(a.sum(-1) <= 1 + tol))
 
 
 def attention_entropy(weights, *, eps: float = 0.0) -> np.ndarray:
