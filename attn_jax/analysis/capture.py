@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from attn_jax.core.numerics import l2_normalize
 from attn_jax.models.decoder_lm import TransformerBlock
 from attn_jax.nn.attention import MultiHeadAttention
 from attn_jax.nn.linear_mixers import LinearAttentionMixer
@@ -102,11 +103,8 @@ class Capture:
 
 
 def _activation(x, kind: str):
-    if kind == "silu":
-        return jax.nn.silu(x)
-    if kind == "identity":
-        return x
-    raise ValueError(f"mixer: activation {kind!r} of the linear mixer is not known to the analysis toolkit")
+    """The linear mixer's q/k/v activation (its recipe names "silu" or "identity")."""
+    return jax.nn.silu(x) if kind == "silu" else x
 
 
 def linear_attention_weights(mixer: LinearAttentionMixer, x: Float[Array, "B T d"], *,
@@ -138,8 +136,7 @@ def linear_attention_weights(mixer: LinearAttentionMixer, x: Float[Array, "B T d
     q, k = _activation(q, mixer.qk_activation), _activation(k, mixer.qk_activation)
     v = _activation(v, mixer.v_activation)
     if mixer.qk_l2:
-        q = q / jnp.maximum(jnp.linalg.norm(q.astype(jnp.float32), axis=-1, keepdims=True), 1e-6).astype(q.dtype)
-        k = k / jnp.maximum(jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True), 1e-6).astype(k.dtype)
+        q, k = l2_normalize(q), l2_normalize(k)
     log_g = None if mixer.decay is None else mixer.decay(x)[0]
     K = k.shape[2]
     eye = jnp.broadcast_to(jnp.eye(T, dtype=jnp.float32)[None, :, None, :], (B, T, K, T))

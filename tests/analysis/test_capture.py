@@ -78,6 +78,9 @@ def test_linear_attention_weights_are_the_normalised_elu_kernel():
     w = got.maps["blocks/0/mixer"]["weights"]
     tk.assert_close(w, a / a.sum(-1, keepdims=True), dtype=jnp.float32, rel=1e-4, atol=1e-4, name="linear weights")
     assert got.hidden["blocks/0"].shape == (B, T, D)
+    # the captured o = W v is the mixer's own attention output: its W_o projection is the layer output
+    y = np.einsum("bthf,hfd->btd", got.maps["blocks/0/mixer"]["output"], np.asarray(mixer.w_o[...]))
+    tk.assert_close(y, mixer(jnp.asarray(x_in, jnp.float32))[0], name="W_o(o) vs mixer output")
 
 
 def test_capture_on_equals_capture_off_for_a_hybrid_model():
