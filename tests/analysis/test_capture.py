@@ -106,3 +106,19 @@ def test_mixers_without_weights_are_refused_by_name():
         capture(gla, _x(3))
     with pytest.raises(ValueError, match="others"):
         capture(gla, _x(3), others="ignore")
+
+
+def test_probed_weights_of_a_subclass_overriding_attend():
+    """Talking heads (``_attend`` overridden): with ``P_l = I`` and ``P_w = diag(w)`` the weights
+    are ``w_h softmax(s_h)``, probed through the subclass's own attention."""
+    m = tk.build_module(mixers.get("talking_heads"), D, H, positional="none")
+    w_h = np.array([0.5, 1.0, 2.0, -1.0])
+    m.weights_proj[...] = jnp.diag(jnp.asarray(w_h, jnp.float32))
+    x = _x(4)
+    got = capture(m, x, **FAST)[""]
+    q, k = _qk(m, x)
+    s = np.einsum("bhtf,bhsf->bhts", q, k) * (D // H) ** -0.5
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    tk.assert_close(got, w_h[None, :, None, None] * p / p.sum(-1, keepdims=True), dtype=jnp.float32,
+                    name="talking-heads weights")
