@@ -4,13 +4,13 @@
         [--variants=softmax,sigmoid,gated,sinks] [--write_results]
 
 Each variant trains the ``bytes_lm`` config (experiments/configs/bytes_lm.py) shrunk to a CPU
-budget (``--d_model`` 64, 2 layers, 4 heads, ``--seq_len`` 64, ``--batch_size`` 16, constant
+budget (``--d_model`` 64, ``--num_layers`` 2, 4 heads, ``--seq_len`` 64, ``--batch_size`` 16, constant
 learning rate 3e-3 after 20 warm-up steps, seed 0) with the harness's :class:`experiments.train.Trainer`
 (the same jitted step as ``python -m experiments.train``), and every ``--every`` steps captures the
 attention of valid batch 0 (:func:`experiments.analysis_capture.capture_workdir`, 4 sequences):
 
 * ``softmax``: ``mixer=softmax`` (RoPE);
-* ``sigmoid``: ``mixer=sigmoid`` (no normalisation, ``b = -log 64``; Ramapuram et al. 2024);
+* ``sigmoid``: ``mixer=sigmoid`` (no normalisation, ``b = -log(seq_len)``; Ramapuram et al. 2024);
 * ``gated``: ``mixer=gated_attention`` (elementwise sigmoid output gate, Qiu et al. 2025);
 * ``sinks``: softmax with a learned sink logit per head (``sinks=True``).
 
@@ -41,19 +41,19 @@ __all__ = ["VARIANTS", "run_variant", "run"]
 
 VARIANTS = {
     "softmax": ("softmax", {}),
-    "sigmoid": ("sigmoid", {"sigmoid": {"train_length": 64}}),
+    "sigmoid": ("sigmoid", {}),                      # b = -log(seq_len), set in _config
     "gated": ("gated_attention", {}),
     "sinks": ("softmax", {"softmax": {"sinks": True}}),
 }
 
 
-def _config(variant: str, *, steps: int, seq_len: int, batch_size: int, d_model: int):
+def _config(variant: str, *, steps: int, seq_len: int, batch_size: int, d_model: int, num_layers: int = 2):
     from experiments.configs.bytes_lm import get_config
     mixer, kwargs = VARIANTS[variant]
     c = get_config()
     c.task.seq_len = seq_len
-    c.model.update(mixer=mixer, d_model=d_model, num_layers=2, num_heads=4)
-    c.model.mixer_kwargs = kwargs
+    c.model.update(mixer=mixer, d_model=d_model, num_layers=num_layers, num_heads=4)
+    c.model.mixer_kwargs = {"sigmoid": {"train_length": seq_len}} if variant == "sigmoid" else kwargs
     c.optim.update(lr=3e-3, warmup_steps=20, schedule="constant")
     c.train.update(steps=steps, batch_size=batch_size, eval_batches=2, progress=False, seed=0)
     return c
@@ -68,10 +68,11 @@ def _row_stats(w: np.ndarray) -> dict:
 
 
 def run_variant(variant: str, out: str, *, steps: int, every: int, seq_len: int, batch_size: int,
-                d_model: int) -> list[dict]:
+                d_model: int, num_layers: int = 2) -> list[dict]:
     """Train one variant, capturing every ``every`` steps (and at step 0); returns the records."""
     from experiments.train import Trainer
-    config = _config(variant, steps=steps, seq_len=seq_len, batch_size=batch_size, d_model=d_model)
+    config = _config(variant, steps=steps, seq_len=seq_len, batch_size=batch_size, d_model=d_model,
+                     num_layers=num_layers)
     trainer = Trainer(config)
     workdir = os.path.join(out, variant)
     records = []
@@ -96,7 +97,7 @@ def run_variant(variant: str, out: str, *, steps: int, every: int, seq_len: int,
 
 
 def run(out: str, *, variants=tuple(VARIANTS), steps: int = 300, every: int = 50, seq_len: int = 64,
-        batch_size: int = 16, d_model: int = 64, write_results: bool = False) -> dict:
+        batch_size: int = 16, d_model: int = 64, num_layers: int = 2, write_results: bool = False) -> dict:
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"variants: expected names among {sorted(VARIANTS)}, got {v!r}")
@@ -104,9 +105,9 @@ def run(out: str, *, variants=tuple(VARIANTS), steps: int = 300, every: int = 50
     t0 = time.perf_counter()
     for v in variants:
         records += run_variant(v, out, steps=steps, every=every, seq_len=seq_len, batch_size=batch_size,
-                               d_model=d_model)
+                               d_model=d_model, num_layers=num_layers)
     result = {"settings": {"variants": list(variants), "steps": steps, "every": every, "seq_len": seq_len,
-                           "batch_size": batch_size, "d_model": d_model, "num_layers": 2, "num_heads": 4,
+                           "batch_size": batch_size, "d_model": d_model, "num_layers": num_layers, "num_heads": 4,
                            "lr": 3e-3, "schedule": "constant", "seed": 0, "task": "bytes_lm"},
               "records": records, "wall_sec": time.perf_counter() - t0}
     os.makedirs(out, exist_ok=True)
@@ -114,7 +115,7 @@ def run(out: str, *, variants=tuple(VARIANTS), steps: int = 300, every: int = 50
         json.dump(result, f, indent=1)
     series = {}
     for r in records:
-        series.setdefault(f"{r['variant']} {r['layer'].split('/')[1]}", []).append((r["step"], r["alpha0"]))
+        series.setdefault(f"{r['variant']} layer {r['layer'].split('/')[1]}", []).append((r["step"], r["alpha0"]))
     png = plots.series_over_training(series, os.path.join(out, "sinks.png"),
                                      ylabel="share of attention on token 0", title="sink emergence (bytes LM)")
     if write_results:
@@ -133,6 +134,7 @@ def cli():
     seq_len = define("integer", "seq_len", 64, "Sequence length.")
     batch_size = define("integer", "batch_size", 16, "Batch size.")
     d_model = define("integer", "d_model", 64, "Model width.")
+    num_layers = define("integer", "num_layers", 2, "Layers.")
     write_results = define("bool", "write_results", False, "Copy result.json and the plot to results/analysis_sinks/.")
     adopt_key_flags()
 
@@ -140,7 +142,8 @@ def cli():
         del argv
         quiet_orbax()
         run(out(), variants=tuple(v.strip() for v in variants().split(",")), steps=steps(), every=every(),
-            seq_len=seq_len(), batch_size=batch_size(), d_model=d_model(), write_results=write_results())
+            seq_len=seq_len(), batch_size=batch_size(), d_model=d_model(), num_layers=num_layers(),
+            write_results=write_results())
 
     app.run(main)
 
