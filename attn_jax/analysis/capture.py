@@ -145,7 +145,7 @@ def linear_attention_weights(mixer: LinearAttentionMixer, x: Float[Array, "B T d
         if mixer.features.uses_positions:
             raise ValueError(f"mixer: the {name!r} feature map reads positions; its weights are not exposed by the "
                              f"analysis toolkit")
-        qf, kf, _ = mixer.features(q.astype(f32), k.astype(f32), v.astype(f32), None)
+        qf, kf, v = mixer.features(q.astype(f32), k.astype(f32), v.astype(f32), None)
     else:
         qf, kf = q, k
     beta = None if mixer.write_strength is None else mixer.write_strength(x)
@@ -162,6 +162,9 @@ def _flat(state) -> dict[tuple, Any]:
     return out
 
 
+_SOWN = ("attention_weights", "attention_logits", "attention_values", "attention_output")
+
+
 def _run(graphdef, state, args, array_kw, *, static_kw, hidden: bool):
     model = nnx.merge(graphdef, state)
     kw = {**array_kw, **dict(static_kw)}
@@ -169,7 +172,7 @@ def _run(graphdef, state, args, array_kw, *, static_kw, hidden: bool):
     flat = _flat(inter)
     maps: dict[str, dict] = {}
     for path, value in flat.items():
-        if path and isinstance(path[-1], str) and path[-1].startswith("attention_"):
+        if path and path[-1] in _SOWN:
             maps.setdefault(path_name(path[:-1]), {})[path[-1][len("attention_"):]] = value[0]
     modules = dict(nnx.iter_modules(model))
     hid = {}
