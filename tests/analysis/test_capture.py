@@ -65,36 +65,33 @@ def test_probed_weights_of_sigmoid_attention_and_unchanged_output():
     tk.assert_close(got, w, dtype=jnp.float32, name="sigmoid weights")
 
 
-def test_linear_attention_weights_are_the_normalised_elu_kernel():
-    cfg = DecoderConfig(vocab_size=13, d_model=D, num_heads=2, num_layers=1, mixer_pattern="linear")
-    model = tk.build_module(DecoderLM, cfg)
-    tokens = np.arange(B * T).reshape(B, T) % 13
-    got = capture_all(model, tokens, hidden=True, **FAST)
-    mixer = model.blocks[0].mixer
-    x_in = np.asarray(model.blocks[0].norm_mixer(model.embed(jnp.asarray(tokens))), np.float64)
-    q, k = _qk(mixer, x_in)
-    phi = lambda z: np.where(z > 0, z + 1, np.exp(z))  # noqa: E731  elu + 1
-    a = np.einsum("bhtf,bhsf->bhts", phi(q), phi(k)) * np.tril(np.ones((T, T)))
-    w = got.maps["blocks/0/mixer"]["weights"]
-    tk.assert_close(w, a / a.sum(-1, keepdims=True), dtype=jnp.float32, rel=1e-4, atol=1e-4, name="linear weights")
-    assert got.hidden["blocks/0"].shape == (B, T, D)
-    # the captured o = W v is the mixer's own attention output: its W_o projection is the layer output
-    y = np.einsum("bthf,hfd->btd", got.maps["blocks/0/mixer"]["output"], np.asarray(mixer.w_o[...]))
-    tk.assert_close(y, mixer(jnp.asarray(x_in, jnp.float32))[0], name="W_o(o) vs mixer output")
-
-
-def test_capture_on_equals_capture_off_for_a_hybrid_model():
-    cfg = DecoderConfig(vocab_size=13, d_model=D, num_heads=H, num_kv_heads=K, num_layers=3,
-                        mixer_pattern="softmax,sigmoid,linear")
+def test_capture_on_equals_capture_off_and_linear_weights_are_the_normalised_elu_kernel():
+    """A softmax + linear DecoderLM: the logits with capture on equal the plain forward; the linear
+    layer's weights are φ(q_t)·φ(k_s) / Σ_s' φ(q_t)·φ(k_s') (φ = elu + 1) and W_o(o) is its output."""
+    cfg = DecoderConfig(vocab_size=13, d_model=D, num_heads=H, num_kv_heads=K, num_layers=2,
+                        mixer_pattern="softmax,linear")
     model = tk.build_module(DecoderLM, cfg)
     tokens = (np.arange(B * T).reshape(B, T) * 5) % 13
     off = tk.fast_jit(lambda state, t: nnx.merge(nnx.graphdef(model), state)(t)[0])(nnx.state(model), tokens)
-    got = capture_all(model, tokens, **FAST)
+    got = capture_all(model, tokens, hidden=True, **FAST)
     tk.assert_close(got.output[0], off, name="logits with capture on")
-    assert sorted(got.maps) == ["blocks/0/mixer", "blocks/1/mixer", "blocks/2/mixer"]
+    assert sorted(got.maps) == ["blocks/0/mixer", "blocks/1/mixer"]
+    assert sorted(got.hidden) == ["blocks/0", "blocks/1"] and got.hidden["blocks/1"].shape == (B, T, D)
     assert not any(m.capture_maps for m in attention_layers(model).values())   # restored
     with capturing(model) as layers:
-        assert len(layers) == 2 and all(m.capture_maps for m in layers.values())
+        assert list(layers) == ["blocks/0/mixer"] and layers["blocks/0/mixer"].capture_maps
+
+    mixer = model.blocks[1].mixer
+    x_in = np.asarray(model.blocks[1].norm_mixer(jnp.asarray(got.hidden["blocks/0"])), np.float64)
+    q, k = _qk(mixer, x_in)
+    k = np.repeat(k, H // K, axis=1)
+    phi = lambda z: np.where(z > 0, z + 1, np.exp(z))  # noqa: E731  elu + 1
+    a = np.einsum("bhtf,bhsf->bhts", phi(q), phi(k)) * np.tril(np.ones((T, T)))
+    w = got.maps["blocks/1/mixer"]["weights"]
+    tk.assert_close(w, a / a.sum(-1, keepdims=True), dtype=jnp.float32, rel=1e-4, atol=1e-4, name="linear weights")
+    # the captured o = W v is the mixer's own attention output: its W_o projection is the layer output
+    y = np.einsum("bthf,hfd->btd", got.maps["blocks/1/mixer"]["output"], np.asarray(mixer.w_o[...]))
+    tk.assert_close(y, mixer(jnp.asarray(x_in, jnp.float32))[0], name="W_o(o) vs mixer output")
 
 
 def test_mixers_without_weights_are_refused_by_name():
