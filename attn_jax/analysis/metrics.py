@@ -43,6 +43,8 @@ from typing import Sequence
 
 import numpy as np
 
+from attn_jax.core.array_types import ArrayLike, Bool, Float, Int
+
 __all__ = ["is_probability", "attention_entropy", "head_entropy", "sink_scores", "sink_ratio", "massive_activations",
            "retrieval_score", "lookback_ratio", "residual_maps", "attention_rollout", "attention_flow",
            "max_flow", "gradient_weighted_rollout", "normalize_importance", "prune_order"]
@@ -74,7 +76,7 @@ def _stack(name: str, maps) -> np.ndarray:
     return _check_maps(name, a, 3)
 
 
-def is_probability(weights, *, tol: float = 1e-5) -> bool:
+def is_probability(weights: Float[ArrayLike, "*batch T S"], *, tol: float = 1e-5) -> bool:
     """Whether every row is a (sub-)probability vector: entries ``>= 0``, sums ``<= 1`` (to ``tol``).
     Softmax (with sinks), entmax and normalised linear attention are; sigmoid, ReLU or gated linear
     weights in general are not (entropy is then undefined)."""
@@ -82,7 +84,7 @@ def is_probability(weights, *, tol: float = 1e-5) -> bool:
     return bool(np.all(a >= -tol) and np.all(a.sum(-1) <= 1 + tol))
 
 
-def attention_entropy(weights, *, eps: float = 0.0) -> np.ndarray:
+def attention_entropy(weights: Float[ArrayLike, "*batch T S"], *, eps: float = 0.0) -> Float[np.ndarray, "*batch T"]:
     """``-Σ_j A_ij log A_ij`` per query row, shape ``weights.shape[:-1]`` (``0 log 0 = 0``).
 
     Zhai et al., 2023 (arXiv:2303.06296).  A uniform row over ``S`` keys gives ``log S``, a one-hot
@@ -95,7 +97,8 @@ def attention_entropy(weights, *, eps: float = 0.0) -> np.ndarray:
     return -np.sum(np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0)), 0.0), axis=-1)
 
 
-def head_entropy(weights, *, query_mask=None) -> np.ndarray:
+def head_entropy(weights: Float[ArrayLike, "B H T S"], *,
+                 query_mask: Bool[ArrayLike, "B T"] | None = None) -> Float[np.ndarray, " H"]:
     """Mean entropy over the query rows of each head: ``weights [B, H, T, S] -> [H]``
     (``query_mask [B, T]`` selects the rows; default: rows with any weight)."""
     a = _check_maps("weights", weights, 4)
@@ -104,7 +107,7 @@ def head_entropy(weights, *, query_mask=None) -> np.ndarray:
     return np.sum(np.where(rows, ent, 0.0), axis=(0, 2)) / np.maximum(np.sum(rows, axis=(0, 2)), 1)
 
 
-def sink_scores(weights, *, key: int = 0) -> np.ndarray:
+def sink_scores(weights: Float[ArrayLike, "*batch T S"], *, key: int = 0) -> Float[np.ndarray, "*batch"]:
     """``α_k = 1/(T-k) Σ_{i>=k} A_ik``: mean attention paid to key ``key`` by the queries that can
     see it (Gu et al., 2024, arXiv:2410.10781); ``weights [..., T, S] -> [...]``."""
     a = _check_maps("weights", weights)
@@ -114,7 +117,8 @@ def sink_scores(weights, *, key: int = 0) -> np.ndarray:
     return a[..., key:, key].mean(-1)
 
 
-def sink_ratio(weights, *, key: int = 0, threshold: float = 0.3) -> float:
+def sink_ratio(weights: Float[ArrayLike, "B H T S"] | Sequence | dict, *, key: int = 0,
+               threshold: float = 0.3) -> float:
     """``Sink^ε_k``: the share of heads (over every layer and head, averaged over the batch) whose
     mean attention on key ``key`` exceeds ``threshold`` (ε = 0.3 in Gu et al., 2024).
 
@@ -125,7 +129,8 @@ def sink_ratio(weights, *, key: int = 0, threshold: float = 0.3) -> float:
     return float(np.mean([np.mean(s > threshold) for s in scores]))
 
 
-def massive_activations(hidden, *, top_k: int = 4, min_abs: float = 100.0, min_ratio: float = 1000.0) -> dict:
+def massive_activations(hidden: Float[ArrayLike, "*batch T d"], *, top_k: int = 4, min_abs: float = 100.0,
+                        min_ratio: float = 1000.0) -> dict:
     """Massive-activation statistics of hidden states ``[..., T, d]`` (Sun et al., 2024,
     arXiv:2402.17762): ``top`` (the ``top_k`` largest ``|h|``), ``positions`` (their ``(token,
     channel)`` indices, batch axes flattened into the token index), ``median`` (median ``|h|``),
@@ -143,7 +148,9 @@ def massive_activations(hidden, *, top_k: int = 4, min_abs: float = 100.0, min_r
             "channels": sorted(set(np.nonzero(massive)[1].tolist()))}
 
 
-def retrieval_score(weights, key_tokens, output_tokens, needle, *, query_mask=None) -> np.ndarray:
+def retrieval_score(weights: Float[ArrayLike, "B H T S"], key_tokens: Int[ArrayLike, "B S"],
+                    output_tokens: Int[ArrayLike, "B T"], needle: Bool[ArrayLike, "B S"], *,
+                    query_mask: Bool[ArrayLike, "B T"] | None = None) -> Float[np.ndarray, " H"]:
     """Retrieval score per head (Wu et al., 2024, arXiv:2404.15574): ``weights [B, H, T, S]`` of
     the generating queries, ``key_tokens int [B, S]`` (the tokens at the keys), ``output_tokens
     int [B, T]`` (the token generated at each query), ``needle bool [B, S]`` (the needle's keys),
@@ -165,7 +172,7 @@ def retrieval_score(weights, key_tokens, output_tokens, needle, *, query_mask=No
     return copied.sum(axis=(0, 2)) / max(int(nd.sum()), 1)
 
 
-def lookback_ratio(weights, num_context: int) -> np.ndarray:
+def lookback_ratio(weights: Float[ArrayLike, "*batch T T"], num_context: int) -> Float[np.ndarray, "*batch _"]:
     """Lookback ratio (Chuang et al., 2024, arXiv:2407.07071) of every query after the context:
     ``weights [..., T, T]`` over a sequence whose first ``num_context`` tokens are the context;
     returns ``[..., T - num_context]``: ``mean_{j < N} A_tj / (mean_{j < N} A_tj + mean_{N <= j < t}
@@ -184,7 +191,8 @@ def lookback_ratio(weights, num_context: int) -> np.ndarray:
     return np.where(total > 0, ctx / np.where(total > 0, total, 1.0), 0.0)
 
 
-def residual_maps(maps, *, residual: float = 0.5) -> np.ndarray:
+def residual_maps(maps: Sequence[Float[ArrayLike, "B H T T"]] | dict, *,
+                  residual: float = 0.5) -> Float[np.ndarray, "L B T T"]:
     """``Ã_l = (1 - r) mean_h A_l + r I``, rows renormalised (Abnar & Zuidema, 2020): a list of
     ``[B, H, T, T]`` (or head-averaged ``[B, T, T]``) maps -> ``[L, B, T, T]``."""
     a = _stack("maps", maps)
@@ -198,7 +206,8 @@ def residual_maps(maps, *, residual: float = 0.5) -> np.ndarray:
     return aug / np.where(s > 0, s, 1.0)
 
 
-def attention_rollout(maps, *, residual: float = 0.5) -> np.ndarray:
+def attention_rollout(maps: Sequence[Float[ArrayLike, "B H T T"]] | dict, *,
+                      residual: float = 0.5) -> Float[np.ndarray, "B T T"]:
     """Attention rollout ``Ã_L ··· Ã_1`` ``[B, T, T]`` (Abnar & Zuidema, 2020, arXiv:2005.00928):
     row ``i`` is the share of output token ``i`` attributed to each input token."""
     a = residual_maps(maps, residual=residual)
@@ -208,7 +217,7 @@ def attention_rollout(maps, *, residual: float = 0.5) -> np.ndarray:
     return r
 
 
-def max_flow(capacity: np.ndarray, source: int, sink: int) -> float:
+def max_flow(capacity: Float[ArrayLike, "N N"], source: int, sink: int) -> float:
     """Maximum flow from ``source`` to ``sink`` of a graph given by its ``[N, N]`` capacity matrix
     (Edmonds-Karp: shortest augmenting paths by breadth-first search)."""
     cap = np.array(capacity, np.float64)
@@ -238,7 +247,8 @@ def max_flow(capacity: np.ndarray, source: int, sink: int) -> float:
         flow += push
 
 
-def attention_flow(maps, *, residual: float = 0.5, batch: int = 0) -> np.ndarray:
+def attention_flow(maps: Sequence[Float[ArrayLike, "B H T T"]] | dict, *, residual: float = 0.5,
+                   batch: int = 0) -> Float[np.ndarray, "T T"]:
     """Attention flow ``[T, T]`` of batch row ``batch`` (Abnar & Zuidema, 2020): entry ``(i, j)``
     is the maximum flow from output node ``(L, i)`` to input node ``(0, j)`` in the layered graph
     with capacities ``Ã_l[i, j]`` on the edges ``(l, i) -> (l-1, j)``.  ``O(T^2)`` max-flows on
@@ -256,7 +266,8 @@ def attention_flow(maps, *, residual: float = 0.5, batch: int = 0) -> np.ndarray
     return out
 
 
-def gradient_weighted_rollout(maps, grads) -> np.ndarray:
+def gradient_weighted_rollout(maps: Sequence[Float[ArrayLike, "B H T T"]] | dict,
+                              grads: Sequence[Float[ArrayLike, "B H T T"]] | dict) -> Float[np.ndarray, "B T T"]:
     """Chefer et al., 2021 (arXiv:2103.15679), eqs. 5-6 for self-attention: ``Ā_l = mean_h
     (∇A_l ⊙ A_l)^+``, ``R = I``, then ``R <- R + Ā_l R`` layer by layer; ``maps`` and ``grads``:
     lists of ``[B, H, T, T]`` (the gradient of the explained output with respect to each map,
