@@ -36,6 +36,17 @@ Options
   visible logit and the attention entropy per query and head, float32 ``[B, T, H]``, as NNX
   intermediates ``attention_logit_max`` / ``attention_entropy``
   (:func:`attn_jax.variants.stability.attention_statistics`; costs one dense attention pass).
+* analysis hooks (opt-in, off by default; :mod:`attn_jax.analysis` sets them per instance):
+  ``capture_maps = True`` makes each full self-attention forward (no cache) sow float32
+  ``attention_weights [B, H, T, S]`` (the matrix ``W`` with ``o_h = W_h v``), ``attention_values``
+  ``v [B, S, K, Dv]`` and ``attention_output`` ``o [B, T, H, Dv]`` as NNX intermediates.  Plain
+  softmax (no ``attention_fn``, ``_attend`` not overridden) materialises the probabilities (and
+  sows ``attention_logits``, hidden pairs ``-inf``) and computes ``o = P v`` from them, the weights
+  passing through ``perturb("attention_weights")`` so ``nnx.capture(..., init=...)`` can take
+  ``∂L/∂P``; other mixers probe their own attention with the identity value basis (``v = I``
+  returns ``W`` for any attention linear in ``v``) and keep their output.  Dropout is off while
+  capturing.  ``head_mask``: an :class:`HeadMask` variable ``[H]`` multiplying each head's output
+  before ``W^O`` (Michel et al. 2019, arXiv:1905.10650; ``None``: no mask).
 * ``cross=True``: keys/values come from ``context`` (no positional scheme, not causal);
   decode with :meth:`MultiHeadAttention.cross_cache` (the context's K/V, computed once).
 
@@ -59,13 +70,14 @@ from attn_jax.positional import T5RelativeBias, alibi, apply_rope
 from attn_jax.softmax.api import attention
 from attn_jax.softmax.decode import prefill
 from attn_jax.softmax.kv_cache import KVCache, PagedKVCache, RingKVCache
+from attn_jax.variants import dense_scores
 from attn_jax.variants.gated import output_gate
 from attn_jax.variants.stability import attention_statistics
 from attn_jax.nn.layers import (check_mixer_input, check_positive_int, check_segment_ids, default_kernel_init,
                                 mixer_positions, param)
 
-__all__ = ["MultiHeadAttention", "CrossAttentionCache", "sliding_window_attention", "POSITIONAL", "QK_NORMS",
-           "GATES", "SINKS"]
+__all__ = ["MultiHeadAttention", "CrossAttentionCache", "HeadMask", "sliding_window_attention", "POSITIONAL",
+           "QK_NORMS", "GATES", "SINKS"]
 
 POSITIONAL = ("rope", "alibi", "t5", "none")
 QK_NORMS = (None, "rms", "l2")
@@ -84,6 +96,10 @@ class CrossAttentionCache:
 
 
 jax.tree_util.register_dataclass(CrossAttentionCache, data_fields=["k", "v", "segment_ids"], meta_fields=[])
+
+
+class HeadMask(nnx.Variable):
+    """A per-head multiplicative gate ``[H]`` on the head outputs (the ``head_mask`` analysis hook)."""
 
 
 class MultiHeadAttention(nnx.Module):
@@ -118,6 +134,9 @@ class MultiHeadAttention(nnx.Module):
         "mha", "gqa", "dk_ne_dv", "cross", "causal", "sliding_window", "segments", "key_padding", "alibi",
         "t5", "softcap", "sinks", "dropout", "bf16", "rope", "bidirectional",
     })
+    # Analysis hooks (module docstring), set per instance by attn_jax.analysis; off by default.
+    capture_maps: bool = False
+    head_mask: HeadMask | None = None
 
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, value_head_dim: int | None = None, causal: bool = True,
@@ -305,14 +324,57 @@ class MultiHeadAttention(nnx.Module):
                                                           scale=scale, softcap=self.softcap)
                 self.sow(nnx.Intermediate, "attention_logit_max", logit_max)
                 self.sow(nnx.Intermediate, "attention_entropy", entropy)
-            if self.attention_fn is not None:
+            capturing = self.capture_maps and cache is None
+            o = self._capture(q, k, v, x, segment_ids, kw, deterministic) if capturing else None
+            if o is None and self.attention_fn is not None:
                 o, cache = self._custom(q, k, v, x, segment_ids, cache, scale)
-            else:
+            elif o is None:
                 o, cache = self._attend(q, k, v, segment_ids=segment_ids, cache=cache, bias=self._bias(), kw=kw)
+            if capturing:
+                self.sow(nnx.Intermediate, "attention_values", v)
+                self.sow(nnx.Intermediate, "attention_output", o)
 
         o = self._gate_output(x, o)
+        if self.head_mask is not None:
+            o = o * self.head_mask[...].astype(o.dtype)[:, None]
         y = jnp.einsum("bthf,hfd->btd", o.astype(self.dtype), self._w(self.w_o))
         return y, cache
+
+    def _capture(self, q, k, v, x, segment_ids, kw, deterministic):
+        """The ``capture_maps`` hook (module docstring): sow the attention weights; return the
+        attention output computed from them (plain softmax) or None (the mixer's own path runs)."""
+        if not deterministic and self.dropout_rate > 0:
+            raise ValueError("deterministic: capture_maps records the attention without dropout; call the model "
+                             "with deterministic=True")
+        B, T, H, _ = q.shape
+        S, K = k.shape[1], k.shape[2]
+        mask = self._mask(segment_ids)
+        if self.attention_fn is None and type(self)._attend is MultiHeadAttention._attend:
+            visible = dense_scores.visible_pairs(masks.as_mask(mask), B, H, T, S)
+            q, k, v = dense_scores.zero_unused(q, k, v, visible)
+            s = dense_scores.scores(q, k, self.head_dim ** -0.5 if kw["scale"] is None else kw["scale"])
+            if self.softcap is not None:
+                s = self.softcap * jnp.tanh(s / self.softcap)
+            bias = self._bias()
+            if bias is not None:
+                s = s + bias.materialize(T, S).astype(s.dtype)
+            p = dense_scores.masked_softmax(s, visible, kw["sinks"])
+            self.sow(nnx.Intermediate, "attention_logits", s if visible is None else jnp.where(visible, s, -jnp.inf))
+            self.sow(nnx.Intermediate, "attention_weights", p.astype(jnp.float32))
+            p = self.perturb("attention_weights", p)
+            return dense_scores.mix_values(p, v, self.dtype)
+        # any attention linear in v: o = W v, so the identity value basis (Dv = S) returns W itself
+        eye = jnp.broadcast_to(jnp.eye(S, dtype=v.dtype)[None, :, None, :], (B, S, K, S))
+        try:
+            if self.attention_fn is not None:
+                w = self.attention_fn(q, k, eye, mask=mask, scale=kw["scale"], x=x)
+            else:
+                w, _ = self._attend(q, k, eye, segment_ids=segment_ids, cache=None, bias=self._bias(), kw=kw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"capture: the {type(self).__name__} mixer's attention cannot be probed with the identity "
+                             f"value basis (it is not a map W with o = W v): {e}") from e
+        self.sow(nnx.Intermediate, "attention_weights", w.astype(jnp.float32).transpose(0, 2, 1, 3))
+        return None
 
     def _custom(self, q, k, v, x, segment_ids, cache, scale):
         """``attention_fn(q, k, v, mask=, scale=, x=)`` over the chunk, or over a :class:`KVCache`
