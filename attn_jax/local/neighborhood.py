@@ -79,7 +79,7 @@ from attn_jax.softmax.xla import attention_blockwise
 
 __all__ = ["neighborhood", "neighborhood_reference", "neighborhood_mask", "NeighborhoodSpec", "NeighborhoodMask",
            "neighborhood_spec", "axis_windows", "tile_shape", "token_order", "tiled_order", "window_rule",
-           "NeighborhoodBias", "rpb_index", "check_grid_inputs", "NEIGHBORHOOD"]
+           "NeighborhoodBias", "rpb_index", "check_grid_inputs", "to_order", "from_order", "NEIGHBORHOOD"]
 
 NEIGHBORHOOD = Registry("local.neighborhood")
 
@@ -613,7 +613,7 @@ class NeighborhoodMask(M.Mask):
 jax.tree_util.register_static(NeighborhoodMask)
 
 
-def _to_order(x, spatial, block):
+def to_order(x, spatial, block):
     """``[B, *grid, H, D] -> [B, N, H, D]`` in the blocked order (raster when ``block`` is None)."""
     B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
     d = len(spatial)
@@ -624,8 +624,8 @@ def _to_order(x, spatial, block):
     return x.reshape(shape).transpose(perm).reshape(B, math.prod(spatial), H, D)
 
 
-def _from_order(x, spatial, block):
-    """Inverse of :func:`_to_order`."""
+def from_order(x, spatial, block):
+    """Inverse of :func:`to_order`."""
     B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
     d = len(spatial)
     if block is None:
@@ -666,14 +666,14 @@ def _tiled(p: _Problem, q, k, v, lengths=None, rpb=None):
     width = q.shape[0] * q.shape[-2] * (q.shape[-1] + v.shape[-1]) / 2
     block, bs = tiled_order(spec, width)
     mask = NeighborhoodMask(spec, block)
-    qo, ko, vo = (_to_order(x, spec.spatial, block) for x in (q, k, v))
+    qo, ko, vo = (to_order(x, spec.spatial, block) for x in (q, k, v))
     bias = None if rpb is None else NeighborhoodBias(rpb, spec, block)
     out = attention_blockwise(qo, ko, vo, mask=mask, bias=bias, scale=p.scale, block_q=bs, block_k=bs,
                               return_lse=p.return_lse)
     if not p.return_lse:
-        return _from_order(out, spec.spatial, block)
+        return from_order(out, spec.spatial, block)
     o, lse = out
-    return _from_order(o, spec.spatial, block), _from_order(lse[..., None], spec.spatial, block)[..., 0]
+    return from_order(o, spec.spatial, block), from_order(lse[..., None], spec.spatial, block)[..., 0]
 
 
 # ----------------------------------------------------------------------------- public op
