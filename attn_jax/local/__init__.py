@@ -10,7 +10,9 @@ from attn_jax.local.mswa import MSWA, mswa_mask, multi_scale_window_attention
 from attn_jax.local.window import WINDOW_ATTENTION, window_attention, window_attention_reference, window_mask
 from attn_jax.local.grid_mask import GridMask, dense_grid_mask
 from attn_jax.local.halo import HALO, HaloMask, halo_attention, halo_attention_reference, halo_mask
-from attn_jax.local.hilo import HILO, hilo_attention, hilo_attention_reference
+from attn_jax.local.hilo import HILO, hilo_attention, hilo_attention_reference, pool_windows
+from attn_jax.local.window import WindowMask
+from attn_jax.local.axial import AxialMask
 from attn_jax.local.radial import RADIAL, RadialMask, radial_attention, radial_attention_reference, radial_mask
 
 __all__ = ["NEIGHBORHOOD", "NeighborhoodBias", "NeighborhoodMask", "NeighborhoodSpec", "axis_windows", "neighborhood",
@@ -19,4 +21,4 @@ __all__ = ["NEIGHBORHOOD", "NeighborhoodBias", "NeighborhoodMask", "Neighborhood
            "MSWA", "mswa_mask", "multi_scale_window_attention", "GridMask", "dense_grid_mask", "HALO", "HaloMask",
            "halo_attention", "halo_attention_reference", "halo_mask", "HILO", "hilo_attention",
            "hilo_attention_reference", "RADIAL", "RadialMask", "radial_attention", "radial_attention_reference",
-           "radial_mask"]
+           "radial_mask", "pool_windows", "WindowMask", "AxialMask"]

@@ -17,14 +17,16 @@ import functools
 import math
 from dataclasses import dataclass, replace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attn_jax.core import masks as M
+from attn_jax.core.bias import StructuredBias
 from attn_jax.local.neighborhood import from_order, tile_shape, to_order, token_order
 from attn_jax.softmax.xla import attention_blockwise
 
-__all__ = ["GridMask", "tiled_attention", "dense_grid_mask"]
+__all__ = ["GridMask", "GridRelativeBias", "tiled_attention", "dense_grid_mask"]
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,7 @@ class GridMask(M.Mask):
         return math.prod(self.spatial)
 
     def _coords(self, idx, xp):
-        raster = xp.asarray(token_order(self.spatial, self.block))[idx]
-        out, rest = [], raster
-        for n in reversed(self.spatial):
-            out.append(rest % n)
-            rest = rest // n
-        return xp.stack(out[::-1])                                 # [d, len(idx)]
+        return _raster_coords(xp.asarray(token_order(self.spatial, self.block))[idx], self.spatial, xp)  # [d, n]
 
     def check(self, B, H, T, S):
         if T != self.tokens or S != self.tokens:
@@ -110,3 +107,41 @@ def tiled_attention(mask: GridMask, q, k, v, *, scale: float, tile: int = 64, bi
         return from_order(out, spatial, block)
     o, lse = out
     return from_order(o, spatial, block), from_order(lse[..., None], spatial, block)[..., 0]
+
+
+@jax.tree_util.register_pytree_node_class
+class GridRelativeBias(StructuredBias):
+    """A learned relative position bias over flattened grid tokens (raster order):
+    ``bias[h, x, y] = table[h, y_0 - x_0 + r_0, ..., y_{d-1} - x_{d-1} + r_{d-1}]`` (offsets clipped
+    to ``[-r_a, r_a]``), ``table: [H, 2 r_0 + 1, ..., 2 r_{d-1} + 1]`` -- Swin's table with ``r = M - 1``.
+    A pytree whose leaf is ``table`` (gradients reach it); evaluated per tile."""
+
+    def __init__(self, table, spatial: tuple[int, ...]):
+        self.table, self.spatial = table, tuple(spatial)
+
+    @property
+    def num_heads(self) -> int:
+        return int(jnp.shape(self.table)[0])
+
+    def tree_flatten(self):
+        return (self.table,), self.spatial
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], aux)
+
+    def tile(self, q_idx, k_idx, T, S):
+        shape = jnp.shape(self.table)[1:]
+        n = math.prod(self.spatial)
+        cq = _raster_coords(jnp.clip(jnp.asarray(q_idx), 0, n - 1), self.spatial, jnp)
+        ck = _raster_coords(jnp.clip(jnp.asarray(k_idx), 0, n - 1), self.spatial, jnp)
+        idx = tuple(jnp.clip(ck[a][None, :] - cq[a][:, None] + (m - 1) // 2, 0, m - 1) for a, m in enumerate(shape))
+        return jnp.asarray(self.table, jnp.float32)[(slice(None), *idx)][None]
+
+
+def _raster_coords(idx, spatial, xp):
+    out, rest = [], idx
+    for n in reversed(spatial):
+        out.append(rest % n)
+        rest = rest // n
+    return xp.stack(out[::-1])

@@ -223,5 +223,5 @@ DECLARATION = declare(Declaration(
     papers=(Paper("Scaling Local Self-Attention for Parameter Efficient Visual Backbones", 2021, "2103.12731",
                   "Vaswani et al."),),
     summary="queries of a b-block attend to the block + an h-token halo; zero padding past the border (unmasked)",
-    op=halo_attention, forms=("tiled",), directions=("bidirectional",),
+    op=halo_attention, forms=("tiled",), directions=("bidirectional",), layer="attn_jax.nn.local_mixers:halo_mixer",
     notes="no relative position embeddings; padding='masked' hides the border padding"))

@@ -36,7 +36,7 @@ from attn_jax.local.neighborhood import check_grid_inputs
 from attn_jax.local.window import window_attention, window_mask
 from attn_jax.softmax import attention
 
-__all__ = ["hilo_attention", "hilo_attention_reference", "HILO"]
+__all__ = ["hilo_attention", "hilo_attention_reference", "pool_windows", "HILO"]
 
 HILO = Registry("local.hilo_attention")
 
@@ -98,13 +98,25 @@ def _reference(p: _Problem, q, k, v):
     return jnp.concatenate(outs, axis=-2).reshape(*q.shape[:-1], Dv)
 
 
-def _pool(x, p: _Problem):
-    """``[B, *grid, K, D] -> [B, windows, K, D]`` (mean over each window, float32 accumulation)."""
-    d = len(p.spatial)
-    shape = (x.shape[0], *sum(((n // w, w) for n, w in zip(p.spatial, p.window)), ()), *x.shape[-2:])
+def pool_windows(x: Float[ArrayLike, "B *spatial K D"], window: tuple[int, ...], valid=None):
+    """Mean of ``x [B, *grid, K, D]`` over each window of ``window`` tokens per axis (float32
+    accumulation): ``(pooled [B, windows, K, D], count [B, windows])``.  A grid that does not divide
+    into windows is padded at its end; with ``valid`` (``bool [B, *grid]``) only valid tokens are
+    averaged (``count`` of them per window; a window without any has a zero mean)."""
+    x = jnp.asarray(x)
+    d = len(window)
+    grid = x.shape[1:1 + d]
+    valid = jnp.ones(x.shape[:1 + d], bool) if valid is None else jnp.asarray(valid, bool)
+    pad = [(0, -n % w) for n, w in zip(grid, window)]
+    xs = jnp.pad(x.astype(jnp.float32) * valid[..., None, None], [(0, 0), *pad, (0, 0), (0, 0)])
+    vs = jnp.pad(valid.astype(jnp.float32), [(0, 0), *pad])
+    padded = tuple(n + p for n, (_, p) in zip(grid, pad))
+    blocks = sum(((n // w, w) for n, w in zip(padded, window)), ())
     axes = tuple(range(2, 2 + 2 * d, 2))
-    pooled = jnp.mean(x.reshape(shape).astype(jnp.float32), axis=axes).astype(x.dtype)
-    return pooled.reshape(x.shape[0], -1, *x.shape[-2:])
+    total = xs.reshape(x.shape[0], *blocks, *x.shape[-2:]).sum(axes)
+    count = vs.reshape(x.shape[0], *blocks).sum(axes)
+    mean = total / jnp.maximum(count, 1.0)[..., None, None]
+    return mean.reshape(x.shape[0], -1, *x.shape[-2:]).astype(x.dtype), count.reshape(x.shape[0], -1)
 
 
 def _xla(p: _Problem, q, k, v):
@@ -114,7 +126,8 @@ def _xla(p: _Problem, q, k, v):
     if qh.shape[-2]:
         outs.append(window_attention(qh, kh, vh, p.window, scale=p.scale))
     if p.lo_heads:
-        o = attention(ql.reshape(B, N, *ql.shape[-2:]), _pool(kl, p), _pool(vl, p), scale=p.scale)
+        o = attention(ql.reshape(B, N, *ql.shape[-2:]), pool_windows(kl, p.window)[0], pool_windows(vl, p.window)[0],
+                      scale=p.scale)
         outs.append(o.reshape(*ql.shape[:-1], Dv))
     return jnp.concatenate(outs, axis=-2)
 
@@ -168,5 +181,5 @@ DECLARATION = declare(Declaration(
     name="hilo", family="local", title="HiLo attention (LITv2: windowed Hi-Fi heads + pooled-key Lo-Fi heads)",
     papers=(Paper("Fast Vision Transformers with HiLo Attention", 2022, "2205.13213", "Pan, Cai & Zhuang"),),
     summary="Hi-Fi heads: softmax inside s-windows; Lo-Fi heads: every query vs the windows' mean-pooled k, v",
-    op=hilo_attention, forms=("xla",), directions=("bidirectional",),
+    op=hilo_attention, forms=("xla",), directions=("bidirectional",), layer="attn_jax.nn.local_mixers:hilo_mixer",
     notes="grid must divide into windows (LITv2 pads)"))
