@@ -98,7 +98,7 @@ def _xla(p: _Problem, q, k, v):
     a = 1 + p.axis
     others = [1 + b for b in range(d) if b != p.axis]
     perm = (0, *others, a, d + 1, d + 2)           # [B, *others, n_a, H, D]
-    B, n = q.shape[0], p.spatial[p.axis]
+    n = p.spatial[p.axis]
 
     def fold(x):
         x = x.transpose(perm)

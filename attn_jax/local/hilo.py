@@ -77,7 +77,8 @@ def _pool_matrix(p: _Problem) -> np.ndarray:
     """``float[windows, N]``: row ``w`` averages the raster tokens of window ``w``."""
     N = math.prod(p.spatial)
     coords = np.stack(np.unravel_index(np.arange(N), p.spatial), 1)
-    ids = np.ravel_multi_index(tuple((coords // np.array(p.window)).T), tuple(n // w for n, w in zip(p.spatial, p.window)))
+    blocks = tuple(n // w for n, w in zip(p.spatial, p.window))
+    ids = np.ravel_multi_index(tuple((coords // np.array(p.window)).T), blocks)
     P = np.zeros((N // math.prod(p.window), N))
     P[ids, np.arange(N)] = 1.0 / math.prod(p.window)
     return P
@@ -98,7 +99,8 @@ def _reference(p: _Problem, q, k, v):
     return jnp.concatenate(outs, axis=-2).reshape(*q.shape[:-1], Dv)
 
 
-def pool_windows(x: Float[ArrayLike, "B *spatial K D"], window: tuple[int, ...], valid=None):
+def pool_windows(x: Float[ArrayLike, "B *spatial K D"], window: tuple[int, ...], valid=None
+                 ) -> tuple[Float[Array, "B W K D"], Float[Array, "B W"]]:
     """Mean of ``x [B, *grid, K, D]`` over each window of ``window`` tokens per axis (float32
     accumulation): ``(pooled [B, windows, K, D], count [B, windows])``.  A grid that does not divide
     into windows is padded at its end; with ``valid`` (``bool [B, *grid]``) only valid tokens are

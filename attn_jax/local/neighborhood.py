@@ -705,7 +705,8 @@ def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B 
                  v: Float[ArrayLike, "B *spatial K Dv"], kernel_size, *, dilation=1, stride=1, causal=False,
                  scale: float | None = None, lengths: Int[ArrayLike, " B"] | None = None,
                  rpb: Float[ArrayLike, "H *table"] | None = None,
-                 extra_k: Float[ArrayLike, "B M K Dk"] | None = None, extra_v: Float[ArrayLike, "B M K Dv"] | None = None,
+                 extra_k: Float[ArrayLike, "B M K Dk"] | None = None,
+                 extra_v: Float[ArrayLike, "B M K Dv"] | None = None,
                  impl="auto") -> Float[Array, "B *spatial H Dv"]:
     """Neighborhood attention (module docstring) on a 1-, 2- or 3-D token grid.
 

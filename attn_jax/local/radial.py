@@ -162,6 +162,7 @@ DECLARATION = declare(Declaration(
     name="radial", family="local", title="Radial attention (static spatiotemporal energy-decay mask, video grids)",
     papers=(Paper("Radial Attention: O(n log n) Sparse Attention with Energy Decay for Long Video Generation", 2025,
                   "2506.19852", "Li et al."),),
-    summary="key (j, l) visible to (i, k) iff |k-l|+1 <= s/2^r (r = floor log2 |i-j|), or k = l on every ceil(2^r/s)-th frame",
+    summary=("key (j, l) visible to (i, k) iff |k-l|+1 <= s/2^r (r = floor log2 |i-j|), "
+             "or k = l on every ceil(2^r/s)-th frame"),
     op=radial_attention, forms=("tiled",), directions=("bidirectional",),
     notes="element-level mask (the official code coarsens it to 128-token blocks); optional frame-0 sink"))

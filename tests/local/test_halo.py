@@ -49,8 +49,9 @@ def test_tiled_matches_reference(padding):
         ref = lambda q, k, v: halo_attention(q, k, v, bs, halo, impl="reference")  # noqa: E731
     else:
         dense = M.dense(jnp.asarray(halo_mask(shape, bs, halo))[None, None])
-        ref = lambda q, k, v: aj.attention(q.reshape(2, N, 4, 8), k.reshape(2, N, 2, 8), v.reshape(2, N, 2, 6),  # noqa: E731
-                                           mask=dense, impl="reference").reshape(2, *shape, 4, 6)
+        def ref(q, k, v):
+            return aj.attention(q.reshape(2, N, 4, 8), k.reshape(2, N, 2, 8), v.reshape(2, N, 2, 6), mask=dense,
+                                impl="reference").reshape(2, *shape, 4, 6)
     tk.check_vjp_parity(lambda q, k, v: halo_attention(q, k, v, bs, halo, padding=padding), ref, (q, k, v), "qkv")
 
 
