@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
@@ -27,12 +28,28 @@ from jaxtyping import Array, Bool, Float
 from attn_jax.core import masks as M
 from attn_jax.core.array_types import ArrayLike
 from attn_jax.core.dispatch import Registry, register_explainer
+from attn_jax.local.grid_mask import GridMask
 from attn_jax.local.neighborhood import check_grid_inputs
 from attn_jax.softmax import attention
 
-__all__ = ["axial", "axial_reference", "axial_mask", "AXIAL"]
+__all__ = ["axial", "axial_reference", "axial_mask", "AxialMask", "AXIAL"]
 
 AXIAL = Registry("local.axial")
+
+
+@dataclass(frozen=True)
+class AxialMask(GridMask):
+    """Axial visibility along ``axis`` (non-causal) as a rule-defined grid mask (the mixer's form)."""
+
+    axis: int = 0
+
+    def rule(self, xq, xk, xp):
+        same = xq == xk
+        return xp.concatenate([same[:self.axis], same[self.axis + 1:]], 0).all(0) if len(self.spatial) > 1 \
+            else xp.ones(xp.broadcast_shapes(xq.shape[1:], xk.shape[1:]), bool)
+
+
+jax.tree_util.register_static(AxialMask)
 
 
 def _check_axis(axis, causal, ndim: int) -> int:
@@ -81,7 +98,7 @@ def _xla(p: _Problem, q, k, v):
     a = 1 + p.axis
     others = [1 + b for b in range(d) if b != p.axis]
     perm = (0, *others, a, d + 1, d + 2)           # [B, *others, n_a, H, D]
-    B, n = q.shape[0], p.spatial[p.axis]
+    n = p.spatial[p.axis]
 
     def fold(x):
         x = x.transpose(perm)
@@ -138,6 +155,7 @@ from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
 
 DECLARATION = declare(Declaration(
     name="axial", family="local", title="Axial attention (one grid axis; 2-D / 3-D)",
+    layer="attn_jax.nn.local_mixers:axial_mixer",
     papers=(Paper("Axial Attention in Multidimensional Transformers", 2019, "1912.12180", "Ho et al."),),
     summary="o_x = Σ_{y: y_b = x_b, b != a} softmax(scale q_x·k_y) v_y  (causal: y_a <= x_a)",
     op=axial, forms=("xla",), directions=("causal", "bidirectional"),

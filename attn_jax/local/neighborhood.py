@@ -74,11 +74,12 @@ from attn_jax.core import validation as V
 from attn_jax.core.array_types import ArrayLike
 from attn_jax.core.bias import StructuredBias
 from attn_jax.core.dispatch import Registry, register_explainer
+from attn_jax.softmax import attention, merge_attention
 from attn_jax.softmax.xla import attention_blockwise
 
 __all__ = ["neighborhood", "neighborhood_reference", "neighborhood_mask", "NeighborhoodSpec", "NeighborhoodMask",
            "neighborhood_spec", "axis_windows", "tile_shape", "token_order", "tiled_order", "window_rule",
-           "NeighborhoodBias", "rpb_index", "check_grid_inputs", "NEIGHBORHOOD"]
+           "NeighborhoodBias", "rpb_index", "check_grid_inputs", "to_order", "from_order", "NEIGHBORHOOD"]
 
 NEIGHBORHOOD = Registry("local.neighborhood")
 
@@ -269,6 +270,7 @@ class _Problem:
     scale: float
     has_lengths: bool = False
     has_rpb: bool = False
+    return_lse: bool = False    # forms return (o, lse [B, *spatial, H]) for the merge with extra keys
 
 
 # ----------------------------------------------------------------------------- reference
@@ -280,8 +282,9 @@ def _group(q, K):
     return q.reshape(B, N, K, H // K, D)
 
 
-def _softmax_out(s, v_of, dtype):
-    """Safe softmax over the last axis of fp32 logits (-inf = hidden); ``v_of(p)`` contracts."""
+def _softmax_out(s, v_of, dtype, return_lse=False):
+    """Safe softmax over the last axis of fp32 logits (-inf = hidden); ``v_of(p)`` contracts.
+    With ``return_lse`` also the log-sum-exp over the last axis (``-inf`` where nothing is visible)."""
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))   # exact: the shift cancels
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     # no -inf enters exp (XLA:CPU's fast-compile exp gave NaN gradients there)
@@ -289,7 +292,10 @@ def _softmax_out(s, v_of, dtype):
     e = jnp.where(visible, jnp.exp(jnp.where(visible, s - m, 0.0)), 0.0)
     l = e.sum(axis=-1, keepdims=True)
     p = e / jnp.where(l > 0, l, 1.0)
-    return v_of(p).astype(dtype)
+    if not return_lse:
+        return v_of(p).astype(dtype)
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
+    return v_of(p).astype(dtype), lse
 
 
 def _lengths_mask(spec: NeighborhoodSpec, lengths):
@@ -319,8 +325,11 @@ def _reference(p: _Problem, q, k, v, lengths=None, rpb=None):
     if rpb is not None:
         s = s + NeighborhoodBias(rpb, spec).materialize(N, N).reshape(1, K, H // K, N, N).astype(acc)
     s = jnp.where(mask, s, -jnp.inf)
-    o = _softmax_out(s, lambda pr: jnp.einsum("bkgnm,bmkd->bnkgd", pr, vf.astype(acc)), q.dtype)
-    return o.reshape(q.shape[:-1] + (Dv,))
+    out = _softmax_out(s, lambda pr: jnp.einsum("bkgnm,bmkd->bnkgd", pr, vf.astype(acc)), q.dtype, p.return_lse)
+    if not p.return_lse:
+        return out.reshape(q.shape[:-1] + (Dv,))
+    o, lse = out                                           # lse [B, K, G, N]
+    return o.reshape(q.shape[:-1] + (Dv,)), jnp.moveaxis(lse.reshape(B, H, N), 1, 2).reshape(q.shape[:-1])
 
 
 def neighborhood_reference(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B *spatial K Dk"],
@@ -415,9 +424,12 @@ def _gather(p: _Problem, q, k, v, lengths=None, rpb=None):
         s = s + jnp.moveaxis(bias, 0, 2).reshape(bias.shape[1], spec.tokens, K, H // K, -1)
     if valid is not None:
         s = jnp.where(valid[:, :, None, None, :], s, -jnp.inf)
-    o = _softmax_out(s, lambda pr: jnp.einsum("bnkgw,bnwkd->bnkgd", pr.astype(vw.dtype), vw,
-                                              preferred_element_type=acc), q.dtype)
-    return o.reshape(q.shape[:-1] + (Dv,))
+    out = _softmax_out(s, lambda pr: jnp.einsum("bnkgw,bnwkd->bnkgd", pr.astype(vw.dtype), vw,
+                                                preferred_element_type=acc), q.dtype, p.return_lse)
+    if not p.return_lse:
+        return out.reshape(q.shape[:-1] + (Dv,))
+    o, lse = out                                           # lse [B, N, K, G]
+    return o.reshape(q.shape[:-1] + (Dv,)), lse.reshape(q.shape[:-1])
 
 
 # ----------------------------------------------------------------------------- relative position bias
@@ -601,7 +613,7 @@ class NeighborhoodMask(M.Mask):
 jax.tree_util.register_static(NeighborhoodMask)
 
 
-def _to_order(x, spatial, block):
+def to_order(x, spatial, block):
     """``[B, *grid, H, D] -> [B, N, H, D]`` in the blocked order (raster when ``block`` is None)."""
     B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
     d = len(spatial)
@@ -612,8 +624,8 @@ def _to_order(x, spatial, block):
     return x.reshape(shape).transpose(perm).reshape(B, math.prod(spatial), H, D)
 
 
-def _from_order(x, spatial, block):
-    """Inverse of :func:`_to_order`."""
+def from_order(x, spatial, block):
+    """Inverse of :func:`to_order`."""
     B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
     d = len(spatial)
     if block is None:
@@ -654,10 +666,14 @@ def _tiled(p: _Problem, q, k, v, lengths=None, rpb=None):
     width = q.shape[0] * q.shape[-2] * (q.shape[-1] + v.shape[-1]) / 2
     block, bs = tiled_order(spec, width)
     mask = NeighborhoodMask(spec, block)
-    qo, ko, vo = (_to_order(x, spec.spatial, block) for x in (q, k, v))
+    qo, ko, vo = (to_order(x, spec.spatial, block) for x in (q, k, v))
     bias = None if rpb is None else NeighborhoodBias(rpb, spec, block)
-    o = attention_blockwise(qo, ko, vo, mask=mask, bias=bias, scale=p.scale, block_q=bs, block_k=bs)
-    return _from_order(o, spec.spatial, block)
+    out = attention_blockwise(qo, ko, vo, mask=mask, bias=bias, scale=p.scale, block_q=bs, block_k=bs,
+                              return_lse=p.return_lse)
+    if not p.return_lse:
+        return from_order(out, spec.spatial, block)
+    o, lse = out
+    return from_order(o, spec.spatial, block), from_order(lse[..., None], spec.spatial, block)[..., 0]
 
 
 # ----------------------------------------------------------------------------- public op
@@ -688,7 +704,10 @@ def _check_lengths(lengths, spec: NeighborhoodSpec, B: int):
 def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B *spatial K Dk"],
                  v: Float[ArrayLike, "B *spatial K Dv"], kernel_size, *, dilation=1, stride=1, causal=False,
                  scale: float | None = None, lengths: Int[ArrayLike, " B"] | None = None,
-                 rpb: Float[ArrayLike, "H *table"] | None = None, impl="auto") -> Float[Array, "B *spatial H Dv"]:
+                 rpb: Float[ArrayLike, "H *table"] | None = None,
+                 extra_k: Float[ArrayLike, "B M K Dk"] | None = None,
+                 extra_v: Float[ArrayLike, "B M K Dv"] | None = None,
+                 impl="auto") -> Float[Array, "B *spatial H Dv"]:
     """Neighborhood attention (module docstring) on a 1-, 2- or 3-D token grid.
 
     Args:
@@ -703,6 +722,11 @@ def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B 
         attended as a grid of ``lengths[b]`` tokens (windows shifted at its own end); padding
         tokens are never seen and get zero output.  A row shorter than ``kernel_size *
         dilation`` sees all its tokens (of its dilation group).  Not served by ``"tiled"``.
+      extra_k, extra_v: ``[B, M, K, Dk]`` / ``[B, M, K, Dv]`` additional keys / values that every
+        query also attends to (NATTEN's "additional KV", e.g. global or register tokens; no
+        relative position bias on them): one softmax over the window and the ``M`` extras,
+        computed as the NA output and :func:`attn_jax.attention` over the extras merged through
+        their log-sum-exps (:func:`attn_jax.merge_attention`).  Not with ``lengths``.
       impl: ``"auto"`` (``"tiled"``, or ``"gather"`` with ``lengths``), ``"tiled"``, ``"gather"``,
         ``"reference"`` or a sequence tried in order.
 
@@ -712,14 +736,46 @@ def neighborhood(q: Float[ArrayLike, "B *spatial H Dk"], k: Float[ArrayLike, "B 
     spec = _validate(q, k, v, kernel_size, dilation, stride, causal, scale)
     lengths = _check_lengths(lengths, spec, jnp.shape(q)[0])
     rpb = _check_rpb(rpb, spec, jnp.shape(q)[-2])
+    extras = _check_extras(extra_k, extra_v, q, k, v, lengths)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     p = _Problem(spec, float(jnp.shape(q)[-1] ** -0.5 if scale is None else scale), lengths is not None,
-                 rpb is not None)
-    return NEIGHBORHOOD.call(impl, p, q, k, v, lengths, rpb)
+                 rpb is not None, extras is not None)
+    if extras is None:
+        return NEIGHBORHOOD.call(impl, p, q, k, v, lengths, rpb)
+    o, lse = NEIGHBORHOOD.call(impl, p, q, k, v, lengths, rpb)
+    B, H, N = q.shape[0], q.shape[-2], spec.tokens
+    flat = o.reshape(B, N, H, o.shape[-1])
+    o_x, lse_x = attention(q.reshape(B, N, H, q.shape[-1]), *extras, scale=p.scale, return_lse=True,
+                           impl="reference" if impl == "reference" else "auto")
+    return merge_attention([(flat, lse.reshape(B, N, H)), (o_x, lse_x)]).reshape(o.shape)
+
+
+def _check_extras(extra_k, extra_v, q, k, v, lengths):
+    """Validate the additional keys / values (``extra_k [B, M, K, Dk]``, ``extra_v [B, M, K, Dv]``)."""
+    if extra_k is None and extra_v is None:
+        return None
+    if extra_k is None or extra_v is None:
+        raise ValueError(f"extra_k, extra_v: expected both or neither, got extra_k "
+                         f"{'None' if extra_k is None else 'an array'} and extra_v "
+                         f"{'None' if extra_v is None else 'an array'}")
+    if lengths is not None:
+        raise ValueError("extra_k: additional keys are not supported together with lengths (per-row padding)")
+    B, K, Dk, Dv = jnp.shape(q)[0], jnp.shape(k)[-2], jnp.shape(q)[-1], jnp.shape(v)[-1]
+    for name, x, D in (("extra_k", extra_k, Dk), ("extra_v", extra_v, Dv)):
+        V.check_float_array(name, x)
+        s = tuple(jnp.shape(x))
+        if len(s) != 4 or s[0] != B or s[2] != K or s[3] != D or s[1] < 1:
+            raise ValueError(f"{name}: expected [B, M, K, D] = [{B}, M >= 1, {K}, {D}], got {list(s)}")
+        if jnp.result_type(x) != jnp.result_type(q):
+            raise TypeError(f"{name}: expected q's dtype {jnp.result_type(q)}, got {jnp.result_type(x)}")
+    if jnp.shape(extra_k)[1] != jnp.shape(extra_v)[1]:
+        raise ValueError(f"extra_v: expected {jnp.shape(extra_k)[1]} tokens like extra_k, got shape "
+                         f"{list(jnp.shape(extra_v))}")
+    return jnp.asarray(extra_k), jnp.asarray(extra_v)
 
 
 def _explain(q, k, v, kernel_size, *, dilation=1, stride=1, causal=False, scale=None, lengths=None, rpb=None,
-             impl="auto", platform=None):
+             extra_k=None, extra_v=None, impl="auto", platform=None):
     spec = _validate(q, k, v, kernel_size, dilation, stride, causal, scale)
     lengths = _check_lengths(lengths, spec, q.shape[0]) if not isinstance(lengths, jax.ShapeDtypeStruct) else lengths
     return NEIGHBORHOOD.explain(impl, _Problem(spec, 1.0, lengths is not None), platform)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
@@ -31,10 +32,11 @@ from jaxtyping import Array, Bool, Float
 from attn_jax.core import masks as M
 from attn_jax.core.array_types import ArrayLike
 from attn_jax.core.dispatch import Registry, register_explainer
+from attn_jax.local.grid_mask import GridMask
 from attn_jax.local.neighborhood import check_grid_inputs
 from attn_jax.softmax import attention
 
-__all__ = ["window_attention", "window_attention_reference", "window_mask", "WINDOW_ATTENTION"]
+__all__ = ["window_attention", "window_attention_reference", "window_mask", "WindowMask", "WINDOW_ATTENTION"]
 
 WINDOW_ATTENTION = Registry("local.window_attention")
 
@@ -66,6 +68,23 @@ def window_mask(spatial, window, shift=0) -> Bool[np.ndarray, "N N"]:
     coords = np.stack(np.unravel_index(np.arange(math.prod(spatial)), spatial), 1)
     ids = (coords + np.array(w) - np.array(s)) // np.array(w)          # [N, d] window id per axis
     return (ids[:, None, :] == ids[None, :, :]).all(-1)
+
+
+@dataclass(frozen=True)
+class WindowMask(GridMask):
+    """(Shifted-)window visibility as a rule-defined grid mask (the tile engine's form; the mixer's).
+    The rule holds on any grid: windows that the grid does not fill are cut at its end."""
+
+    window: tuple[int, ...] = ()
+    shift: tuple[int, ...] = ()
+
+    def rule(self, xq, xk, xp):
+        w = xp.asarray(self.window).reshape((-1,) + (1,) * (xq.ndim - 1))
+        s = xp.asarray(self.shift).reshape((-1,) + (1,) * (xq.ndim - 1))
+        return ((xq + w - s) // w == (xk + w - s) // w).all(0)
+
+
+jax.tree_util.register_static(WindowMask)
 
 
 @dataclass(frozen=True)
@@ -175,9 +194,10 @@ register_explainer(window_attention, _explain)
 from attn_jax.core.declaration import Declaration, Paper, declare  # noqa: E402
 
 DECLARATION = declare(Declaration(
-    name="swin_window", family="local", title="Swin (shifted-)window attention (1-, 2-, 3-D)",
+    name="swin", family="local", title="Swin (shifted-)window attention (1-, 2-, 3-D)",
     papers=(Paper("Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", 2021, "2103.14030",
                   "Liu et al."),),
     summary="softmax attention inside M-token windows; shifted: the partition moved by s (cyclic shift + region mask)",
     op=window_attention, forms=("xla",), directions=("bidirectional",),
-    notes="no relative position bias yet"))
+    layer="attn_jax.nn.local_mixers:swin_mixer",
+    notes="the op has no relative position bias; the mixer learns Swin's table (per-tile bias on the mask form)"))

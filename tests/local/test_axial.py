@@ -1,6 +1,5 @@
 """Axial attention: the mask by hand, the folded form vs the masked dense reference (values, VJPs)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

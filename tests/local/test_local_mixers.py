@@ -71,3 +71,36 @@ def test_relative_position_bias_is_learned():
 
     g = tk.fast_jit(jax.grad(loss))(state)
     assert float(jnp.abs(g["attention_fn"]["rpb"][...]).max()) > 0
+
+
+def test_grid_mixers_compute_their_ops():
+    """On a 2-D grid the attention of 'swin' (bias table zeroed), 'axial', 'halo' and 'hilo' equals the
+    op's reference (halo: padding="masked"); with a non-zero table 'swin' adds Swin's relative
+    position bias, checked against the table read by hand for one (query, key) pair."""
+    from attn_jax import local
+    from attn_jax.local.grid_mask import GridRelativeBias
+
+    grid, H, K, Dh = (4, 8), 4, 2, 8
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 32, h, Dh)), jnp.float32) for h in (H, K, K))
+    g = lambda a: a.reshape(1, *grid, *a.shape[2:])  # noqa: E731
+    fns = {name: tk.build_module(mixers.get(name), D, H, num_kv_heads=K, grid=grid, causal=False, **kw).attention_fn
+           for name, kw in (("swin", {"window": (2, 4), "shift": (1, 2)}), ("axial", {"axis": 0}),
+                            ("halo", {"block_size": (2, 4), "halo": 1}), ("hilo", {"window": (2, 2)}))}
+    table = jnp.asarray(rng.standard_normal((H, 3, 7)), jnp.float32)
+    fns["swin"].table[...] = jnp.zeros_like(table)
+    s = Dh ** -0.5
+    out = tk.compiled(lambda q, k, v, t: {
+        "swin": (fns["swin"](q, k, v, mask=None, scale=s, x=None),
+                 local.window_attention_reference(g(q), g(k), g(v), (2, 4), shift=(1, 2))),
+        "axial": (fns["axial"](q, k, v, mask=None, scale=s, x=None), local.axial_reference(g(q), g(k), g(v), 0)),
+        "halo": (fns["halo"](q, k, v, mask=None, scale=s, x=None),
+                 local.halo_attention_reference(g(q), g(k), g(v), (2, 4), 1, padding="masked")),
+        "hilo": (fns["hilo"](q, k, v, mask=None, scale=s, x=None),
+                 local.hilo_attention_reference(g(q), g(k), g(v), (2, 2), lo_heads=2)),
+        "bias": GridRelativeBias(t, grid).materialize(32, 32)}, q, k, v, table)
+    for name in ("swin", "axial", "halo", "hilo"):
+        mixer_out, ref = out[name]
+        tk.assert_close(mixer_out, ref.reshape(mixer_out.shape), name=name)
+    # query (1, 2) -> key (2, 0): offsets (+1, -2) -> table[h, 1 + 1, -2 + 3]
+    np.testing.assert_allclose(np.asarray(out["bias"])[0, :, 1 * 8 + 2, 2 * 8 + 0], np.asarray(table)[:, 2, 1])

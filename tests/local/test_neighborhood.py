@@ -292,3 +292,60 @@ def test_shape_annotations_are_checked():
     """tests/conftest.py puts attn_jax.local under jaxtyping's import hook: the annotations are enforced."""
     for fn in (neighborhood, aj.local.axial, aj.local.window_attention, aj.local.multi_scale_window_attention):
         assert hasattr(fn, "__wrapped__"), f"{fn.__name__} is not wrapped by jaxtyping's import hook"
+
+
+# ----------------------------------------------------------------------------- additional keys / values
+
+
+def test_extra_kv_is_one_softmax_over_window_and_extras():
+    """extra_k / extra_v (seen by every query) merged by LSE equal dense attention over the concatenated
+    keys with the NA mask plus always-visible extra columns (and the rpb on the window part only):
+    both fast forms, values and the VJPs of q, k, v, extra_k, extra_v and the bias table."""
+    shape, ks, kw = (4, 6), (3, 2), {"causal": (True, False), "dilation": (1, 2)}
+    B, H, K, D, Mx = 2, 4, 2, 8, 3
+    q, k, v = _normal(0, (B, *shape, H, D)), _normal(1, (B, *shape, K, D)), _normal(2, (B, *shape, K, D))
+    ek, ev = 2.0 * _normal(3, (B, Mx, K, D)), _normal(4, (B, Mx, K, D))   # extras carry real weight
+    spec = neighborhood_spec(shape, ks, kw.get("dilation", 1), 1, kw.get("causal", False))
+    rpb = _normal(5, (H, *(2 * n - 1 for n in spec.kernel_size)))
+    N = spec.tokens
+    vis = np.concatenate([neighborhood_mask(shape, ks, **kw), np.ones((N, Mx), bool)], 1)
+
+    def dense(q, k, v, ek, ev, rpb):
+        flat = lambda x: x.reshape(B, N, *x.shape[-2:])  # noqa: E731
+        bias = jnp.pad(NeighborhoodBias(rpb, spec).materialize(N, N), ((0, 0), (0, 0), (0, 0), (0, Mx)))
+        o = aj.attention(flat(q), jnp.concatenate([flat(k), ek], 1), jnp.concatenate([flat(v), ev], 1),
+                         mask=M.dense(jnp.asarray(vis)[None, None]), bias=bias, impl="reference")
+        return o.reshape(q.shape)
+
+    fns = {impl: (lambda q, k, v, ek, ev, rpb, impl=impl: neighborhood(q, k, v, ks, rpb=rpb, extra_k=ek, extra_v=ev,
+                                                                          impl=impl, **kw))
+           for impl in ("gather", "tiled")}
+    fns["dense"] = dense
+    fns["no extras"] = lambda q, k, v, ek, ev, rpb: neighborhood(q, k, v, ks, rpb=rpb, impl="reference", **kw)
+    kc = jax.random.key(6)
+    res = tk.compiled(lambda *a: {n: tk.vjp_with_random_cotangent(f, a, kc) for n, f in fns.items()},
+                      q, k, v, ek, ev, rpb)
+    o_ref, g_ref = res["dense"]
+    for impl in ("gather", "tiled"):
+        o, g = res[impl]
+        tk.assert_close(o, o_ref, name=f"{impl} output")
+        for name, a, b in zip(("q", "k", "v", "extra_k", "extra_v", "rpb"), g, g_ref):
+            tk.assert_close(a, b, grad=True, name=f"{impl} d{name}")
+    # the extras matter: without them the output differs
+    assert float(jnp.abs(o_ref - res["no extras"][0]).max()) > 1e-2
+
+
+def test_bad_extra_kv():
+    x = jnp.zeros((1, 4, 4, 2, 8))
+    e = jnp.zeros((1, 3, 2, 8))
+    with pytest.raises(ValueError, match="extra_k, extra_v: expected both or neither"):
+        neighborhood(x, x, x, 3, extra_k=e)
+    with pytest.raises(ValueError, match=r"extra_v: expected \[B, M, K, D\] = \[1, M >= 1, 2, 8\], got \[1, 3, 1, 8\]"):
+        neighborhood(x, x, x, 3, extra_k=e, extra_v=jnp.zeros((1, 3, 1, 8)))
+    with pytest.raises(ValueError, match="extra_v: expected 3 tokens like extra_k"):
+        neighborhood(x, x, x, 3, extra_k=e, extra_v=jnp.zeros((1, 2, 2, 8)))
+    with pytest.raises(TypeError, match="extra_k: expected q's dtype float32, got bfloat16"):
+        neighborhood(x, x, x, 3, extra_k=e.astype(jnp.bfloat16), extra_v=e)
+    y = jnp.zeros((1, 8, 2, 8))
+    with pytest.raises(ValueError, match="extra_k: additional keys are not supported together with lengths"):
+        neighborhood(y, y, y, 3, lengths=jnp.array([5]), extra_k=e, extra_v=e)
