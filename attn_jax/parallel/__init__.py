@@ -1,0 +1,12 @@
+"""``attn_jax.parallel``: device meshes, parameter sharding rules, and sequence/context parallelism
+(ring attention, Ulysses) built on ``jax.shard_map`` and JAX's own collectives.
+
+    from attn_jax import parallel
+    mesh = parallel.make_mesh(sequence=8)
+    o = parallel.ring_attention(q, k, v, mesh=mesh, causal=True)
+"""
+
+from attn_jax.parallel.mesh import (ACTIVATION_RULES, MESH_AXES, PARAM_RULES, activation_spec, make_mesh,
+                                    param_shardings)
+
+__all__ = ["ACTIVATION_RULES", "MESH_AXES", "PARAM_RULES", "activation_spec", "make_mesh", "param_shardings"]
