@@ -56,6 +56,8 @@ from attn_jax.softmax import attention, merge_attention
 __all__ = ["ring_attention", "ulysses_attention", "zigzag_permute", "zigzag_unpermute", "zigzag_order"]
 
 LAYOUTS = ("contiguous", "zigzag")
+#: ``o`` or ``(o, lse)``: ``o`` in the dtype of ``q``, ``lse`` float32.
+AttentionOutput = Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]
 
 
 # ----------------------------------------------------------------------------- zig-zag layout
@@ -120,7 +122,8 @@ def _validate(q, k, v, segment_ids, mesh, axis_name, batch_axes, chunks_per_devi
                              f"sequence, S == T), got shape {x.shape}")
     n = mesh.shape[axis_name]
     if T % (n * chunks_per_device):
-        what = f"2 * {axis_name!r} axis size = {2 * n}" if chunks_per_device == 2 else f"the {axis_name!r} axis size {n}"
+        what = (f"2 * {axis_name!r} axis size = {2 * n}" if chunks_per_device == 2
+                else f"the {axis_name!r} axis size {n}")
         raise ValueError(f"q: expected the sequence length T divisible by {what} ({op}), got T={T}")
     bax = _batch_axes(mesh, batch_axes)
     nb = 1 if bax is None else math.prod(mesh.shape[a] for a in bax)
@@ -134,6 +137,21 @@ def _validate(q, k, v, segment_ids, mesh, axis_name, batch_axes, chunks_per_devi
             raise ValueError(f"segment_ids: expected shape [B, T] = {(B, T)}, got {segment_ids.shape}")
         segment_ids = segment_ids.astype(jnp.int32)
     return n, bax, segment_ids
+
+
+def _run_sharded(body, mesh, bax, axis_name, q, k, v, seg):
+    """``body(q, k, v, seg) -> (o, lse)`` per device, everything split along ``[batch, sequence]``.
+
+    ``check_vma=False``: ``impl="auto"`` traces the Pallas branch, whose output shapes carry no
+    varying-manual-axes annotation."""
+    x_spec, s_spec, l_spec = P(bax, axis_name, None, None), P(bax, axis_name), P(bax, axis_name, None)
+    if seg is None:
+        fn = jax.shard_map(lambda q_, k_, v_: body(q_, k_, v_, None), mesh=mesh, in_specs=(x_spec,) * 3,
+                           out_specs=(x_spec, l_spec), check_vma=False)
+        return fn(q, k, v)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(x_spec,) * 3 + (s_spec,), out_specs=(x_spec, l_spec),
+                       check_vma=False)
+    return fn(q, k, v, seg)
 
 
 # ----------------------------------------------------------------------------- ring attention
@@ -200,7 +218,7 @@ def ring_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v: 
                    mesh: Mesh, axis_name: str = "sequence", causal: bool = False,
                    segment_ids: Int[Array, "B T"] | None = None, layout: str = "contiguous",
                    scale: float | None = None, return_lse: bool = False, batch_axes=("data", "fsdp"),
-                   impl="auto") -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
+                   impl="auto") -> AttentionOutput:
     """Exact self-attention with the sequence sharded over ``mesh``'s ``axis_name`` (ring attention).
 
     Equals ``aj.attention(q, k, v, mask=...)`` on one device (``causal`` -> ``masks.causal()``,
@@ -229,14 +247,7 @@ def ring_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], v: 
     zigzag = layout == "zigzag"
     n, bax, seg = _validate(q, k, v, segment_ids, mesh, axis_name, batch_axes, 2 if zigzag else 1, "ring_attention")
     body = partial(_ring_body, axis_name=axis_name, n=n, causal=bool(causal), zigzag=zigzag, scale=scale, impl=impl)
-    x_spec, s_spec, l_spec = P(bax, axis_name, None, None), P(bax, axis_name), P(bax, axis_name, None)
-    if seg is None:
-        fn = jax.shard_map(lambda q_, k_, v_: body(q_, k_, v_, None), mesh=mesh,
-                           in_specs=(x_spec,) * 3, out_specs=(x_spec, l_spec), check_vma=False)
-        o, lse = fn(q, k, v)
-    else:
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(x_spec,) * 3 + (s_spec,), out_specs=(x_spec, l_spec), check_vma=False)
-        o, lse = fn(q, k, v, seg)
+    o, lse = _run_sharded(body, mesh, bax, axis_name, q, k, v, seg)
     return (o, lse) if return_lse else o
 
 
@@ -263,7 +274,7 @@ def ulysses_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], 
                       mesh: Mesh, axis_name: str = "sequence", causal: bool = False,
                       segment_ids: Int[Array, "B T"] | None = None, scale: float | None = None,
                       return_lse: bool = False, batch_axes=("data", "fsdp"),
-                      impl="auto") -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
+                      impl="auto") -> AttentionOutput:
     """Exact self-attention, sequence-sharded in and out, computed head-sharded (DeepSpeed Ulysses).
 
     Same arguments and result as :func:`ring_attention` (contiguous layout).  ``H`` must be divisible
@@ -278,12 +289,5 @@ def ulysses_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B T K Dk"], 
     if K == 0 or H % K:
         raise ValueError(f"k: expected kv heads K dividing H={H}, got K={K}")
     body = partial(_ulysses_body, axis_name=axis_name, n=n, causal=bool(causal), scale=scale, impl=impl)
-    x_spec, s_spec, l_spec = P(bax, axis_name, None, None), P(bax, axis_name), P(bax, axis_name, None)
-    if seg is None:
-        fn = jax.shard_map(lambda q_, k_, v_: body(q_, k_, v_, None), mesh=mesh,
-                           in_specs=(x_spec,) * 3, out_specs=(x_spec, l_spec), check_vma=False)
-        o, lse = fn(q, k, v)
-    else:
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(x_spec,) * 3 + (s_spec,), out_specs=(x_spec, l_spec), check_vma=False)
-        o, lse = fn(q, k, v, seg)
+    o, lse = _run_sharded(body, mesh, bax, axis_name, q, k, v, seg)
     return (o, lse) if return_lse else o

@@ -43,7 +43,10 @@ def _check_parity(fast, ref, args, names=("q", "k", "v")):
     """``fast`` vs ``ref``: every output (``o`` or ``(o, lse)``) and the VJP of every argument, one random
     cotangent, both in one compiled program (``tk.check_vjp_parity`` for tuple outputs)."""
     key = jax.random.key(1)
-    both = lambda *p: (tk.vjp_with_random_cotangent(fast, p, key), tk.vjp_with_random_cotangent(ref, p, key))  # noqa: E731
+
+    def both(*p):
+        return tk.vjp_with_random_cotangent(fast, p, key), tk.vjp_with_random_cotangent(ref, p, key)
+
     (out, grads), (out_ref, grads_ref) = tk.compiled(both, *args)
     for i, (a, b) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(out_ref), strict=True)):
         tk.assert_close(a, b, name=f"output {i}")
@@ -110,6 +113,20 @@ def test_ulysses_equals_single_device(name, axes, B, T, H, K, causal, segments):
     _check_parity(uly, _reference(causal, seg, return_lse=True), (q, k, v))
 
 
+# ----------------------------------------------------------------------------- sharded decode
+
+
+def test_sharded_decode_equals_single_device():
+    from attn_jax.softmax.decode import decode_attention
+    mesh = parallel.make_mesh(sequence=8)
+    q, _, _ = tk.random_qkv_compiled(jax.random.key(0), B=2, T=3, H=4, K=2, Dk=8)
+    _, k, v = tk.random_qkv_compiled(jax.random.key(1), B=2, T=32, H=4, K=2, Dk=8)
+    lengths = jnp.array([13, 30])   # row 0: five of the eight cache shards hold no valid key (lse = -inf parts)
+    sharded = lambda q, k, v: parallel.sharded_decode_attention(q, k, v, lengths=lengths, mesh=mesh,  # noqa: E731
+                                                                return_lse=True)
+    _check_parity(sharded, lambda q, k, v: decode_attention(q, k, v, lengths=lengths, return_lse=True), (q, k, v))
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -130,7 +147,8 @@ def test_mesh_validation():
 def test_op_validation():
     mesh = parallel.make_mesh(sequence=8)
     x = jnp.zeros((1, 24, 4, 8))
-    with pytest.raises(ValueError, match=r"q: expected the sequence length T divisible by 2 \* 'sequence' axis size = 16"):
+    with pytest.raises(ValueError,
+                       match=r"q: expected the sequence length T divisible by 2 \* 'sequence' axis size = 16"):
         parallel.ring_attention(x, x, x, mesh=mesh, causal=True, layout="zigzag")
     with pytest.raises(ValueError, match=r"layout: expected one of"):
         parallel.ring_attention(x, x, x, mesh=mesh, layout="striped")
@@ -140,7 +158,11 @@ def test_op_validation():
         parallel.ring_attention(x, x, x, mesh=mesh, axis_name="seq")
     with pytest.raises(ValueError, match=r"segment_ids: expected shape \[B, T\] = \(1, 24\)"):
         parallel.ring_attention(x, x, x, mesh=mesh, segment_ids=jnp.ones((1, 16), jnp.int32))
-    with pytest.raises(ValueError, match=r"q: expected the number of heads H divisible by the 'sequence' axis size 8"):
+    with pytest.raises(ValueError, match=r"q: expected the number of heads H divisible by the 'sequence' axis size"):
         parallel.ulysses_attention(x, x, x, mesh=mesh)
     with pytest.raises(TypeError, match=r"mesh: expected a jax.sharding.Mesh"):
         parallel.ulysses_attention(x, x, x, mesh=None)
+    with pytest.raises(ValueError, match=r"k: expected the cache length S divisible by the 'sequence' axis"):
+        parallel.sharded_decode_attention(x, x[:, :20], x[:, :20], lengths=jnp.array([3]), mesh=mesh)
+    with pytest.raises(ValueError, match=r"lengths: expected an integer array of shape \[B\] = \(1,\)"):
+        parallel.sharded_decode_attention(x, x, x, lengths=jnp.array([3, 4]), mesh=mesh)
