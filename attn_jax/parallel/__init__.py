@@ -7,6 +7,7 @@
 """
 
 from attn_jax.parallel.decode import sharded_decode_attention
+from attn_jax.parallel.linear import sequence_parallel_linear_attention
 from attn_jax.parallel.mesh import (ACTIVATION_RULES, MESH_AXES, PARAM_RULES, activation_spec, make_mesh,
                                     param_shardings)
 from attn_jax.parallel.ring import (ring_attention, ulysses_attention, zigzag_order, zigzag_permute,
@@ -14,4 +15,4 @@ from attn_jax.parallel.ring import (ring_attention, ulysses_attention, zigzag_or
 
 __all__ = ["ACTIVATION_RULES", "MESH_AXES", "PARAM_RULES", "activation_spec", "make_mesh", "param_shardings",
            "ring_attention", "ulysses_attention", "zigzag_order", "zigzag_permute", "zigzag_unpermute",
-           "sharded_decode_attention"]
+           "sharded_decode_attention", "sequence_parallel_linear_attention"]

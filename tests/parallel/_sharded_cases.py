@@ -127,6 +127,16 @@ def test_sharded_decode_equals_single_device():
     _check_parity(sharded, lambda q, k, v: decode_attention(q, k, v, lengths=lengths, return_lse=True), (q, k, v))
 
 
+# ----------------------------------------------------------------------------- LASP-2 linear attention
+
+
+def test_sequence_parallel_linear_attention_equals_single_device():
+    mesh = parallel.make_mesh(sequence=8)
+    q, k, v = tk.random_qkv_compiled(jax.random.key(3), B=1, T=32, H=4, K=2, Dk=8)
+    _check_parity(lambda q, k, v: parallel.sequence_parallel_linear_attention(q, k, v, mesh=mesh),
+                  lambda q, k, v: aj.linear.linear_attention(q, k, v, causal=True)[0], (q, k, v))
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -166,3 +176,5 @@ def test_op_validation():
         parallel.sharded_decode_attention(x, x[:, :20], x[:, :20], lengths=jnp.array([3]), mesh=mesh)
     with pytest.raises(ValueError, match=r"lengths: expected an integer array of shape \[B\] = \(1,\)"):
         parallel.sharded_decode_attention(x, x, x, lengths=jnp.array([3, 4]), mesh=mesh)
+    with pytest.raises(ValueError, match=r"q: expected the sequence length T divisible by the 'sequence' axis size 8"):
+        parallel.sequence_parallel_linear_attention(x[:, :20], x[:, :20], x[:, :20], mesh=mesh)
