@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from attn_jax.analysis.capture import attention_layers, capturing, path_name
+from attn_jax.core.array_types import ArrayLike
 from attn_jax.nn.attention import HeadMask, MultiHeadAttention
 
 __all__ = ["head_masks", "set_head_mask", "head_importance", "pruning_curve", "attention_gradients"]
@@ -44,7 +45,7 @@ def head_masks(model: nnx.Module) -> Iterator[dict[str, MultiHeadAttention]]:
             m.head_mask = before[p]
 
 
-def set_head_mask(model: nnx.Module, values: dict[str, Sequence[float]]) -> None:
+def set_head_mask(model: nnx.Module, values: dict[str, ArrayLike | Sequence[float]]) -> None:
     """Set the head masks ``{layer path: [H]}`` (inside :func:`head_masks`)."""
     layers = attention_layers(model)
     for path, v in values.items():

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from attn_jax.core.array_types import ArrayLike  # noqa: E402
+
 __all__ = ["heatmap", "head_grid", "layer_head_bars", "series_over_training", "pruning_curve"]
 
 
@@ -80,7 +82,7 @@ def head_grid(maps: Mapping[str, np.ndarray], path: str, *, batch: int = 0, titl
     return _save(fig, path)
 
 
-def layer_head_bars(values: Mapping[str, Sequence[float]], path: str, *, ylabel: str, title: str = "",
+def layer_head_bars(values: Mapping[str, ArrayLike | Sequence[float]], path: str, *, ylabel: str, title: str = "",
                     threshold: float | None = None) -> str:
     """Grouped bars: one group per layer, one bar per head (entropy, sink score, importance, ...)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(values) + 2), 3.6))

@@ -158,5 +158,5 @@ DECLARATION = declare(Declaration(
     layer="attn_jax.nn.local_mixers:axial_mixer",
     papers=(Paper("Axial Attention in Multidimensional Transformers", 2019, "1912.12180", "Ho et al."),),
     summary="o_x = Σ_{y: y_b = x_b, b != a} softmax(scale q_x·k_y) v_y  (causal: y_a <= x_a)",
-    op=axial, forms=("xla",), directions=("causal", "bidirectional"),
-    notes="one axis per call; a layer composes the axes"))
+    op=axial, forms=("xla",), directions=("bidirectional",),
+    notes="one axis per call; a layer composes the axes; the op also takes causal=True (the mixer is encoder-only)"))
