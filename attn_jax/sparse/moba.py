@@ -23,7 +23,6 @@ is dense attention under the materialised token mask (:func:`moba_reference`).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
