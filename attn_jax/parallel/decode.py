@@ -20,6 +20,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
+from attn_jax.parallel.mesh import check_mesh_inputs
 from attn_jax.core import masks
 from attn_jax.parallel.ring import AttentionOutput
 from attn_jax.softmax import attention, merge_attention
@@ -56,13 +57,7 @@ def sharded_decode_attention(q: Float[Array, "B T H Dk"], k: Float[Array, "B S K
 
     Returns ``o [B, T, H, Dv]`` (and ``lse``), replicated over ``axis_name``.
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh: expected a jax.sharding.Mesh (attn_jax.parallel.make_mesh), got {type(mesh).__name__}")
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"axis_name: expected one of the mesh axes {mesh.axis_names}, got {axis_name!r}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name}: expected rank 4 [B, T, H, D], got shape {getattr(x, 'shape', None)}")
+    check_mesh_inputs(mesh, axis_name, q, k, v)
     B, T = q.shape[:2]
     n = mesh.shape[axis_name]
     if k.shape[1] % n or v.shape[:2] != k.shape[:2]:

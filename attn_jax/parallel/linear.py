@@ -27,6 +27,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Float
 
+from attn_jax.parallel.mesh import check_mesh_inputs
 from attn_jax.linear import linear_attention
 
 __all__ = ["sequence_parallel_linear_attention"]
@@ -51,13 +52,7 @@ def sequence_parallel_linear_attention(q: Float[Array, "B T H Dk"], k: Float[Arr
     divisible by the size of ``axis_name``; ``feature_map``, ``normalize``, ``eps``, ``scale`` and
     ``impl`` are passed to every block's call.
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh: expected a jax.sharding.Mesh (attn_jax.parallel.make_mesh), got {type(mesh).__name__}")
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"axis_name: expected one of the mesh axes {mesh.axis_names}, got {axis_name!r}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name}: expected rank 4 [B, T, H, D], got shape {getattr(x, 'shape', None)}")
+    check_mesh_inputs(mesh, axis_name, q, k, v)
     n = mesh.shape[axis_name]
     if q.shape[1] % n:
         raise ValueError(f"q: expected the sequence length T divisible by the {axis_name!r} axis size {n}, "

@@ -25,7 +25,8 @@ from flax import nnx
 from flax.core.spmd import logical_axis_rules
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["MESH_AXES", "PARAM_RULES", "ACTIVATION_RULES", "make_mesh", "param_shardings", "activation_spec"]
+__all__ = ["MESH_AXES", "PARAM_RULES", "ACTIVATION_RULES", "make_mesh", "param_shardings", "activation_spec",
+           "check_mesh_inputs"]
 
 #: The mesh's axis names, outermost first.
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -106,3 +107,15 @@ def activation_spec(*logical_axes: str | None, rules=ACTIVATION_RULES) -> Partit
         if name is not None and name not in table:
             raise ValueError(f"logical_axes[{i}]: expected one of {sorted(table)} or None, got {name!r}")
     return PartitionSpec(*(None if n is None else table[n] for n in logical_axes))
+
+
+def check_mesh_inputs(mesh, axis_name: str, q, k, v) -> None:
+    """The checks every sharded attention op makes first: ``mesh`` is a :class:`Mesh` holding
+    ``axis_name``, and ``q``, ``k``, ``v`` are rank-4 ``[B, T, H, D]`` arrays (errors name the argument)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh (attn_jax.parallel.make_mesh), got {type(mesh).__name__}")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name: expected one of the mesh axes {mesh.axis_names}, got {axis_name!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name}: expected rank 4 [B, T, H, D], got shape {getattr(x, 'shape', None)}")
