@@ -31,7 +31,7 @@ class StructuredBias:
     num_heads: int | None = None
 
     def tile(self, q_idx, k_idx, T: int, S: int):  # pragma: no cover - interface
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define tile(q_idx, k_idx, T, S) (the bias of one tile)")
 
     def materialize(self, T: int, S: int):
         return self.tile(jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32), T, S)
@@ -136,7 +136,8 @@ class QueryDependentBias(StructuredBias):
                          "(backends call tile_q(q, q_idx, k_idx, T, S))")
 
     def tile_q(self, q, q_idx, k_idx, T: int, S: int):  # pragma: no cover - interface
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define tile_q(q, q_idx, k_idx, T, S) "
+                                  "(the bias of one tile from its scaled queries)")
 
     def materialize_q(self, q, T: int, S: int):
         return self.tile_q(q, jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32), T, S)

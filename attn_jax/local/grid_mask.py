@@ -24,6 +24,7 @@ import numpy as np
 from attn_jax.core import masks as M
 from attn_jax.core.bias import StructuredBias
 from attn_jax.local.neighborhood import from_order, tile_shape, to_order, token_order
+from attn_jax.softmax import attention
 from attn_jax.softmax.xla import attention_blockwise
 
 __all__ = ["GridMask", "GridRelativeBias", "tiled_attention", "dense_grid_mask"]
@@ -41,7 +42,7 @@ class GridMask(M.Mask):
 
     def rule(self, xq, xk, xp):
         """``bool`` visibility of keys at coordinates ``xk [d, ...]`` to queries at ``xq [d, ...]``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define rule(xq, xk, xp) (its visibility rule)")
 
     @property
     def tokens(self) -> int:
@@ -90,6 +91,17 @@ def dense_grid_mask(mask: GridMask) -> np.ndarray:
     """``bool[N, N]`` (NumPy) of ``mask`` over raster-flattened tokens (references and tests)."""
     c = replace(mask, block=None)._coords(np.arange(mask.tokens), np)
     return mask.rule(c[:, :, None], c[:, None, :], np)
+
+
+def dense_grid_attention(mask, q, k, v, *, scale: float | None):
+    """Reference attention of grid tokens ``[B, *spatial, H|K, D]`` under the dense visibility
+    ``mask`` (``bool[N, N]`` over raster-flattened tokens): the materialised form every local
+    reference shares; returns ``[B, *spatial, H, Dv]``."""
+    B, N = q.shape[0], int(np.shape(mask)[-1])
+    flat = lambda x: x.reshape(B, N, *x.shape[-2:])  # noqa: E731
+    m = M.dense(jnp.asarray(mask)[None, None])
+    o = attention(flat(q), flat(k), flat(v), mask=m, scale=scale, impl="reference")
+    return o.reshape(*q.shape[:-1], v.shape[-1])
 
 
 def tiled_attention(mask: GridMask, q, k, v, *, scale: float, tile: int = 64, bias=None, return_lse: bool = False):

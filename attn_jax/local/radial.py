@@ -26,7 +26,6 @@ Forms: ``"reference"`` -- dense attention with :func:`radial_mask`; ``"tiled"`` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
@@ -34,12 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from attn_jax.core import masks as M
 from attn_jax.core.array_types import ArrayLike
 from attn_jax.core.dispatch import Registry, register_explainer
-from attn_jax.local.grid_mask import GridMask, dense_grid_mask, tiled_attention
+from attn_jax.local.grid_mask import GridMask, dense_grid_attention, dense_grid_mask, tiled_attention
 from attn_jax.local.neighborhood import check_grid_inputs
-from attn_jax.softmax import attention
 
 __all__ = ["radial_attention", "radial_attention_reference", "RadialMask", "radial_mask", "RADIAL"]
 
@@ -102,11 +99,7 @@ class _Problem:
 
 
 def _reference(p: _Problem, q, k, v):
-    B, N = q.shape[0], math.prod(p.spatial)
-    m = M.dense(jnp.asarray(radial_mask(p.spatial, sink=p.sink))[None, None])
-    flat = lambda x: x.reshape(B, N, *x.shape[-2:])  # noqa: E731
-    o = attention(flat(q), flat(k), flat(v), mask=m, scale=p.scale, impl="reference")
-    return o.reshape(*q.shape[:-1], v.shape[-1])
+    return dense_grid_attention(radial_mask(p.spatial, sink=p.sink), q, k, v, scale=p.scale)
 
 
 def _tiled(p: _Problem, q, k, v):

@@ -32,7 +32,7 @@ from jaxtyping import Array, Bool, Float
 from attn_jax.core import masks as M
 from attn_jax.core.array_types import ArrayLike
 from attn_jax.core.dispatch import Registry, register_explainer
-from attn_jax.local.grid_mask import GridMask
+from attn_jax.local.grid_mask import GridMask, dense_grid_attention
 from attn_jax.local.neighborhood import check_grid_inputs
 from attn_jax.softmax import attention
 
@@ -96,11 +96,7 @@ class _Problem:
 
 
 def _reference(p: _Problem, q, k, v):
-    B, N = q.shape[0], math.prod(p.spatial)
-    m = jnp.asarray(window_mask(p.spatial, p.window, p.shift))[None, None]
-    flat = lambda x: x.reshape(B, N, *x.shape[-2:])  # noqa: E731
-    o = attention(flat(q), flat(k), flat(v), mask=M.dense(m), scale=p.scale, impl="reference")
-    return o.reshape(*q.shape[:-1], v.shape[-1])
+    return dense_grid_attention(window_mask(p.spatial, p.window, p.shift), q, k, v, scale=p.scale)
 
 
 def _region_mask(p: _Problem) -> np.ndarray:
