@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,17 +38,6 @@ def _fwd_bwd(fn):
     def loss(q, k, v, ct):
         return jnp.sum(fn(q, k, v).astype(jnp.float32) * ct)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
-def _time(fn, args, repeats: int) -> tuple[list, list]:
-    jax.block_until_ready(fn(*args))
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn(*args))
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    return wall, cpu
 
 
 def run(grid, kernels, H: int, Dh: int, repeats: int, rounds: int) -> dict:
@@ -71,9 +59,9 @@ def run(grid, kernels, H: int, Dh: int, repeats: int, rounds: int) -> dict:
         cpu = {n: [] for n in fns}
         for _ in range(rounds):
             for n, f in fns.items():
-                w, c = _time(f, args, repeats)
-                wall[n] += w
-                cpu[n] += c
+                t = common.time_call(f, *args, repeats=repeats)
+                wall[n] += t["times_s"]
+                cpu[n] += t["cpu_times_s"]
         block, bs = tiled_order(spec)
         cls = NeighborhoodMask(spec, block).classify(N, N, bs, bs)
         bound = N / spec.window

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -58,18 +56,6 @@ def _with_grad(fwd):
     return f
 
 
-def _time(fn, args, repeats: int) -> dict:
-    jax.block_until_ready(fn(*args))
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn(*args))
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    return {"median_s": statistics.median(wall), "min_s": min(wall), "cpu_median_s": statistics.median(cpu),
-            "times_s": wall}
-
-
 def run(seq_lens, repeats: int, budget_bytes: int) -> dict:
     rows = []
     for T in seq_lens:
@@ -92,7 +78,8 @@ def run(seq_lens, repeats: int, budget_bytes: int) -> dict:
                                       f"{common.fmt_bytes(budget_bytes)}")
                 rows.append(row)
             for name, (fn, args, row) in runnable.items():
-                row.update(_time(fn, args, repeats))
+                t = common.time_call(fn, *args, repeats=repeats)
+                row.update({k: t[k] for k in ("median_s", "min_s", "cpu_median_s", "times_s")})
             for row in rows[-3:]:
                 print(f"T={T:5d} {mode:7s} {row['variant']:12s} wall {common.fmt_time(row['median_s']):>11s} "
                       f"(min {common.fmt_time(row['min_s'])}) cpu {common.fmt_time(row['cpu_median_s']):>11s}  "

@@ -41,17 +41,12 @@ import attn_jax as aj
 from attn_jax import masks
 from attn_jax.sparse import block_sparse_attention, block_sparse_tile_count, moba, nsa
 from attn_jax.sparse.moba import moba_gate, moba_lists
-from benchmarks.common import environment, format_table, results_dir, time_peers, write_json
+from benchmarks.common import environment, format_table, results_dir, time_call, time_peers, write_json
 
 
 def _cpu_time(fn, *args, repeats: int) -> float:
     """Median process CPU seconds of ``fn(*args)`` (after the timing runs have warmed it up)."""
-    out = []
-    for _ in range(repeats):
-        c0 = time.process_time()
-        jax.block_until_ready(fn(*args))
-        out.append(time.process_time() - c0)
-    return float(np.median(out))
+    return time_call(fn, *args, repeats=repeats, warmup=0)["cpu_median_s"]
 
 
 def _lists(rng, nq: int, nk: int, n_sel: int, heads: int) -> np.ndarray:
