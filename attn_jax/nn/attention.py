@@ -73,8 +73,8 @@ from attn_jax.softmax.kv_cache import KVCache, PagedKVCache, RingKVCache
 from attn_jax.variants import dense_scores
 from attn_jax.variants.gated import output_gate
 from attn_jax.variants.stability import attention_statistics
-from attn_jax.nn.layers import (check_mixer_input, check_positive_int, check_segment_ids, default_kernel_init,
-                                mixer_positions, param)
+from attn_jax.nn.layers import (check_mixer_input, check_positive_int, check_segment_ids, default_head_dim,
+                                default_kernel_init, mixer_positions, param)
 
 __all__ = ["MultiHeadAttention", "CrossAttentionCache", "HeadMask", "sliding_window_attention", "POSITIONAL",
            "QK_NORMS", "GATES", "SINKS"]
@@ -145,13 +145,7 @@ class MultiHeadAttention(nnx.Module):
                  softcap: float | None = None, sinks: bool = False, gate: str | None = None,
                  dropout_rate: float = 0.0, cross: bool = False, ring_cache: bool = True, monitor: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, impl="auto", attention_fn=None, rngs: nnx.Rngs):
-        check_positive_int("d_model", d_model)
-        check_positive_int("num_heads", num_heads)
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(f"num_heads: {num_heads} heads do not divide d_model={d_model} "
-                                 "(or pass head_dim explicitly)")
-            head_dim = d_model // num_heads
+        head_dim = default_head_dim(d_model, num_heads, head_dim)
         check_positive_int("head_dim", head_dim)
         value_head_dim = head_dim if value_head_dim is None else check_positive_int("value_head_dim",
                                                                                     value_head_dim)

@@ -41,6 +41,18 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def default_head_dim(d_model: int, num_heads: int, head_dim: int | None) -> int | None:
+    """Check ``d_model`` and ``num_heads`` (positive ints); ``head_dim`` if given (its own checks
+    are the caller's), else ``d_model / num_heads``, which must divide."""
+    check_positive_int("d_model", d_model)
+    check_positive_int("num_heads", num_heads)
+    if head_dim is not None:
+        return head_dim
+    if d_model % num_heads:
+        raise ValueError(f"num_heads: {num_heads} heads do not divide d_model={d_model} (or pass head_dim explicitly)")
+    return d_model // num_heads
+
+
 def check_segment_ids(segment_ids, B: int, T: int, name: str = "segment_ids"):
     """``segment_ids`` as int32 ``[B, T]`` (None stays None); errors name ``name``."""
     if segment_ids is None:

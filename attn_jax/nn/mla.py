@@ -26,7 +26,8 @@ from flax import nnx
 
 from attn_jax.core import masks
 from attn_jax.nn.attention import MultiHeadAttention
-from attn_jax.nn.layers import check_mixer_input, check_positive_int, default_kernel_init, mixer_positions, param
+from attn_jax.nn.layers import (check_mixer_input, check_positive_int, default_head_dim, default_kernel_init,
+                                mixer_positions, param)
 from attn_jax.variants.mla import (LatentKVCache, apply_grouped_rope, mha_to_mla, mla_attention, mla_prefill,
                                    rope_inv_freq, select_rope_pairs)
 
@@ -88,15 +89,9 @@ class MultiHeadLatentAttention(nnx.Module):
                  rope_pairs: Sequence[Sequence[int]] | None = None, rope_ref_dim: int | None = None,
                  latent_norm: bool = True, rope_base: float = 10000.0, causal: bool = True, dtype=jnp.float32,
                  param_dtype=jnp.float32, impl="auto", rngs: nnx.Rngs):
-        check_positive_int("d_model", d_model)
-        check_positive_int("num_heads", num_heads)
+        head_dim = default_head_dim(d_model, num_heads, head_dim)
         if causal is not True:
             raise ValueError(f"causal: MultiHeadLatentAttention is a causal decoder mixer, got causal={causal!r}")
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(f"num_heads: {num_heads} heads do not divide d_model={d_model} "
-                                 "(or pass head_dim explicitly)")
-            head_dim = d_model // num_heads
         Dn = _check_nonneg_int("head_dim", head_dim)
         Dr = (Dn // 2) // 2 * 2 if rope_head_dim is None else _check_nonneg_int("rope_head_dim", rope_head_dim)
         if Dr % 2:

@@ -39,7 +39,7 @@ from flax import nnx
 
 from attn_jax.core import masks
 from attn_jax.nn.attention import MultiHeadAttention
-from attn_jax.nn.layers import check_mixer_input, check_positive_int, default_kernel_init, param
+from attn_jax.nn.layers import check_mixer_input, check_positive_int, default_head_dim, default_kernel_init, param
 from attn_jax.nn.short_conv import causal_conv1d
 from attn_jax.positional.fire import FIRE
 from attn_jax.positional.relative import RelativeEmbedding
@@ -111,13 +111,7 @@ class RCMHA(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
                  max_distance: int = 64, causal: bool = True, kernel_size: int = 3, dtype=jnp.float32,
                  param_dtype=jnp.float32, impl="auto", rngs: nnx.Rngs):
-        check_positive_int("d_model", d_model)
-        check_positive_int("num_heads", num_heads)
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(f"num_heads: {num_heads} heads do not divide d_model={d_model} "
-                                 "(or pass head_dim explicitly)")
-            head_dim = d_model // num_heads
+        head_dim = default_head_dim(d_model, num_heads, head_dim)
         K = num_heads if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
         if num_heads % K:
             raise ValueError(f"num_kv_heads: {K} kv heads do not divide num_heads={num_heads}")
